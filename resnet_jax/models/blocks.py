@@ -1,0 +1,114 @@
+"""Residual blocks: ``BasicBlock`` (two 3x3) and ``Bottleneck`` (1x1-3x3-1x1).
+
+Both take the same options so that the generic :class:`~resnet_jax.models.resnet.ResNet`
+can swap them: stride placement (v1 / v1.5), groups and base width (ResNeXt, Wide
+ResNet), squeeze-and-excitation, stochastic depth, the shortcut kind (projection,
+ResNet-D average-pool, the paper's zero-padding option A, or none for the plain
+networks of the degradation experiment) and a zero-initialised last BatchNorm.
+
+Parameter names follow torchvision/timm (``conv1``, ``bn1``, ..., ``se/fc1``,
+``downsample/conv``, ``downsample/bn``) so that a state_dict maps one to one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+
+from resnet_jax.models.layers import Shortcut, SqueezeExcite
+
+Array = jax.Array
+
+
+class _Block(nn.Module):
+    """Options common to both blocks.
+
+    Attributes:
+      planes: base width of the block; the output has ``planes * expansion`` channels.
+      strides: spatial stride of the block (1 or 2).
+      conv: conv factory (``layers.conv`` with dtype bound).
+      norm: BatchNorm factory (``layers.BatchNorm`` with momentum, epsilon, dtype bound).
+      act: activation function.
+      groups: grouped-conv groups of the 3x3 conv (ResNeXt cardinality).
+      base_width: width per group at ``planes=64`` (64 plain, 4 for ResNeXt-32x4d,
+        128 for Wide ResNet-50-2).
+      stride_on_1x1: put the stride on the first 1x1 conv (v1, the original paper)
+        instead of the 3x3 (v1.5, torchvision). Bottleneck only.
+      se_ratio: squeeze-and-excitation reduction ratio of the output channels, or 0.
+      drop_path_rate: stochastic-depth probability of dropping the residual branch.
+      shortcut: ``projection``, ``avg_down``, ``zero_pad`` (used when the shape
+        changes; identity otherwise) or ``none`` (no shortcut at all: plain network).
+      zero_init_last: initialise the last BatchNorm scale to zero.
+    """
+
+    planes: int
+    strides: int
+    conv: Callable[..., nn.Module]
+    norm: Callable[..., nn.Module]
+    act: Callable[[Array], Array]
+    groups: int = 1
+    base_width: int = 64
+    stride_on_1x1: bool = False
+    se_ratio: float = 0.0
+    drop_path_rate: float = 0.0
+    shortcut: str = "projection"
+    zero_init_last: bool = True
+
+    expansion = 1
+
+    def residual(self, x: Array, train: bool) -> Array:
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        out_features = self.planes * self.expansion
+        y = self.residual(x, train)
+        if self.se_ratio:
+            y = SqueezeExcite(self.se_ratio, dtype=y.dtype, name="se")(y)
+        if self.drop_path_rate:
+            # Per-example drop of the whole branch, rescaled by 1 / (1 - rate).
+            y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3), name="drop_path")(
+                y, deterministic=not train
+            )
+        if self.shortcut == "none":
+            return self.act(y)
+        if self.strides != 1 or x.shape[-1] != out_features:
+            x = Shortcut(
+                self.shortcut, out_features, self.strides, self.conv, self.norm, name="downsample"
+            )(x, train)
+        return self.act(y + x.astype(y.dtype))
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convolutions (ResNet-18/34 and the CIFAR networks); expansion 1."""
+
+    expansion = 1
+
+    def residual(self, x: Array, train: bool) -> Array:
+        if self.groups != 1 or self.base_width != 64:
+            raise ValueError("BasicBlock supports only groups=1 and base_width=64")
+        y = self.conv(self.planes, 3, self.strides, name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y, train))
+        y = self.conv(self.planes, 3, 1, name="conv2")(y)
+        return self.norm(name="bn2", zero_init_scale=self.zero_init_last)(y, train)
+
+
+class Bottleneck(_Block):
+    """1x1 reduce, 3x3 (grouped), 1x1 expand (ResNet-50 and deeper); expansion 4."""
+
+    expansion = 4
+
+    def residual(self, x: Array, train: bool) -> Array:
+        width = int(self.planes * (self.base_width / 64.0)) * self.groups
+        s1, s3 = (self.strides, 1) if self.stride_on_1x1 else (1, self.strides)
+        y = self.conv(width, 1, s1, name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y, train))
+        y = self.conv(width, 3, s3, groups=self.groups, name="conv2")(y)
+        y = self.act(self.norm(name="bn2")(y, train))
+        y = self.conv(self.planes * self.expansion, 1, 1, name="conv3")(y)
+        return self.norm(name="bn3", zero_init_scale=self.zero_init_last)(y, train)
+
+
+BLOCKS: dict[str, type[_Block]] = {"basic": BasicBlock, "bottleneck": Bottleneck}

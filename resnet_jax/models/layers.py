@@ -1,0 +1,289 @@
+"""Building parts shared by every ResNet: conv/norm factories, BatchNorm, SE, stems, shortcuts.
+
+Layout is NHWC throughout (what XLA prefers on TPU and GPU). Convolutions use
+explicit symmetric padding ``k // 2`` so that outputs equal PyTorch's for the
+same weights (``'SAME'`` would pad stride-2 convolutions asymmetrically).
+
+Parameter names are part of the public contract (checkpoints and the torch
+converter in :mod:`resnet_jax.models.convert` rely on them); see
+``docs/parameter_names.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# Kaiming normal, fan_out, untruncated: torch.nn.init.kaiming_normal_(mode="fan_out",
+# nonlinearity="relu") as torchvision and timm initialise every convolution.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear's default kernel init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": nn.relu,
+    "swish": nn.swish,
+    "silu": nn.swish,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    """Returns the activation function called ``name`` (relu, swish/silu)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+def conv(
+    features: int,
+    kernel_size: int = 3,
+    strides: int = 1,
+    groups: int = 1,
+    use_bias: bool = False,
+    *,
+    name: str,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> nn.Conv:
+    """A 2-D convolution with PyTorch-style symmetric padding ``kernel_size // 2``.
+
+    Bias-free by default (every ResNet conv is followed by BatchNorm; only the SE
+    layers use a bias). ``groups`` is the feature-group count (ResNeXt). Kernels are
+    HWIO, initialised Kaiming-normal fan_out. Call it inside a compact module.
+    """
+    pad = kernel_size // 2
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=use_bias,
+        kernel_init=conv_kernel_init,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over N, H, W with statistics in float32, optionally per group of examples.
+
+    With ``group_size=None`` the statistics are taken over the whole batch. Under
+    ``jit`` with the batch sharded across devices this is the *global* batch
+    (synchronised BatchNorm): XLA inserts the cross-device reduction. With
+    ``group_size=G`` the batch is split into ``N // G`` groups of ``G`` consecutive
+    examples and each group is normalised with its own statistics ("ghost" BatchNorm,
+    the paper's per-GPU BatchNorm); the running statistics then move towards the mean
+    of the group means and the mean of the group (biased) variances.
+
+    Running statistics are ``batch_stats/mean`` and ``batch_stats/var`` (the unbiased
+    batch variance is *not* used, as in flax; PyTorch stores the unbiased one, which
+    differs by a factor ``n / (n - 1)``). ``momentum`` follows flax's convention:
+    ``running = momentum * running + (1 - momentum) * batch`` (PyTorch's 0.1 is 0.9
+    here).
+
+    Attributes:
+      momentum: running-average decay (0.9 is PyTorch's 0.1).
+      epsilon: added to the variance.
+      zero_init_scale: initialise the scale (gamma) with zeros instead of ones; used
+        on the last BatchNorm of each residual block so that blocks start as identity.
+      group_size: examples per statistics group, or None for the whole batch.
+      dtype: output dtype; statistics and normalisation run in float32.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    zero_init_scale: bool = False
+    group_size: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        features = x.shape[-1]
+        scale_init = nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones
+        scale = self.param("scale", scale_init, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+
+        x32 = x.astype(jnp.float32)
+        if train:
+            batch = x.shape[0]
+            group = self.group_size or batch
+            if batch % group:
+                raise ValueError(
+                    f"BatchNorm group_size={group} does not divide the batch of {batch}; "
+                    "choose a bn_group_size that divides the per-step batch"
+                )
+            grouped = x32.reshape((batch // group, group) + x.shape[1:])
+            reduce_axes = tuple(range(1, grouped.ndim - 1))
+            # One pass over the data: E[x] and E[x^2] together (as flax's fast variance).
+            mean = jnp.mean(grouped, axis=reduce_axes, keepdims=True)
+            mean_sq = jnp.mean(jnp.square(grouped), axis=reduce_axes, keepdims=True)
+            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(-1, features).mean(0)
+                ra_var.value = m * ra_var.value + (1 - m) * var.reshape(-1, features).mean(0)
+            inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+            y = (grouped - mean) * inv + bias.astype(jnp.float32)
+            y = y.reshape(x.shape)
+        else:
+            inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale.astype(jnp.float32)
+            y = (x32 - ra_mean.value) * inv + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018) as timm's ``SEModule``.
+
+    Global average pool -> 1x1 conv (``fc1``, with bias) -> ReLU -> 1x1 conv
+    (``fc2``, with bias) -> sigmoid gate on the input channels. The reduced width is
+    ``make_divisible(channels * ratio, 8)`` as in timm.
+    """
+
+    ratio: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        channels = x.shape[-1]
+        reduced = make_divisible(channels * self.ratio, 8)
+        make = functools.partial(
+            conv, kernel_size=1, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+        s = nn.relu(make(reduced, name="fc1")(s))
+        s = make(channels, name="fc2")(s)
+        return x * nn.sigmoid(s).astype(x.dtype)
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Rounds ``value`` to the nearest multiple of ``divisor`` (at least ``divisor``), as timm."""
+    return max(divisor, int(value + divisor / 2) // divisor * divisor)
+
+
+def avg_pool_ceil(x: Array, stride: int) -> Array:
+    """2x2 average pool, ``ceil_mode=True, count_include_pad=False`` as timm's ResNet-D shortcut."""
+    if stride == 1:
+        return x
+    pad = ((0, x.shape[1] % 2), (0, x.shape[2] % 2))
+    return nn.avg_pool(x, (2, 2), strides=(2, 2), padding=pad, count_include_pad=False)
+
+
+def max_pool_3x3_s2(x: Array) -> Array:
+    """3x3 max pool, stride 2, padding 1 (PyTorch's ``MaxPool2d(3, 2, 1)``)."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class Stem(nn.Module):
+    """The network's input layers, from the image to the first stage.
+
+    ``kind``:
+      * ``classic``: 7x7/2 conv (``conv1``) + BN (``bn1``) + act (He et al. 2015).
+      * ``deep``: three 3x3 convs, the first stride 2, widths ``(stem_width,
+        stem_width, 2 * stem_width)`` (ResNet-C/D/RS; names ``conv1_0``, ``bn1_0``,
+        ``conv1_1``, ``bn1_1``, ``conv1_2``, then ``bn1``).
+      * ``cifar``: one 3x3/1 conv + BN + act, no pooling (the paper's CIFAR nets).
+    ``pool``: ``max`` (3x3/2 max pool), ``conv`` (a 3x3/2 conv ``pool_conv`` + BN
+    ``pool_bn`` + act, ResNet-RS) or ``none``.
+    """
+
+    kind: str
+    width: int
+    pool: str
+    conv: Callable[..., nn.Module]
+    norm: Callable[..., nn.Module]
+    act: Callable[[Array], Array]
+
+    @property
+    def out_features(self) -> int:
+        return 2 * self.width if self.kind == "deep" else self.width
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        if self.kind == "classic":
+            x = self.conv(self.width, kernel_size=7, strides=2, name="conv1")(x)
+        elif self.kind == "deep":
+            widths = (self.width, self.width, 2 * self.width)
+            for i, w in enumerate(widths):
+                x = self.conv(w, kernel_size=3, strides=2 if i == 0 else 1, name=f"conv1_{i}")(x)
+                if i < 2:
+                    x = self.act(self.norm(name=f"bn1_{i}")(x, train))
+        elif self.kind == "cifar":
+            x = self.conv(self.width, kernel_size=3, strides=1, name="conv1")(x)
+        else:
+            raise ValueError(f"unknown stem {self.kind!r}; choose classic, deep or cifar")
+        x = self.act(self.norm(name="bn1")(x, train))
+        if self.pool == "max":
+            x = max_pool_3x3_s2(x)
+        elif self.pool == "conv":
+            x = self.conv(x.shape[-1], kernel_size=3, strides=2, name="pool_conv")(x)
+            x = self.act(self.norm(name="pool_bn")(x, train))
+        elif self.pool != "none":
+            raise ValueError(f"unknown stem pool {self.pool!r}; choose max, conv or none")
+        return x
+
+
+class Shortcut(nn.Module):
+    """The identity path of a residual block when its shape changes.
+
+    ``kind``:
+      * ``projection``: 1x1 conv with the block's stride (``conv``) + BN (``bn``):
+        the paper's option B, torchvision's default.
+      * ``avg_down``: 2x2 average pool with the stride, then a 1x1/1 conv + BN
+        (ResNet-D, Bag of Tricks; timm's ``avg_down=True``).
+      * ``zero_pad``: the paper's option A for CIFAR: subsample by the stride and pad
+        the new channels with zeros; no parameters.
+    """
+
+    kind: str
+    features: int
+    strides: int
+    conv: Callable[..., nn.Module]
+    norm: Callable[..., nn.Module]
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        if self.kind == "zero_pad":
+            x = x[:, :: self.strides, :: self.strides, :]
+            extra = self.features - x.shape[-1]
+            return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        if self.kind == "avg_down":
+            x = avg_pool_ceil(x, self.strides)
+            x = self.conv(self.features, kernel_size=1, strides=1, name="conv")(x)
+        elif self.kind == "projection":
+            x = self.conv(self.features, kernel_size=1, strides=self.strides, name="conv")(x)
+        else:
+            raise ValueError(
+                f"unknown shortcut {self.kind!r}; choose projection, avg_down or zero_pad"
+            )
+        return self.norm(name="bn")(x, train)
+
+
+def stage_drop_path_rates(stage_sizes: Sequence[int], drop_path_rate: float) -> list[list[float]]:
+    """Per-block stochastic-depth rates rising linearly from 0 to ``drop_path_rate``.
+
+    Block ``i`` of ``n`` (counted over the whole network) gets ``rate * i / (n - 1)``,
+    as timm does.
+    """
+    total = sum(stage_sizes)
+    rates, index = [], 0
+    for size in stage_sizes:
+        rates.append([drop_path_rate * (index + j) / max(total - 1, 1) for j in range(size)])
+        index += size
+    return rates

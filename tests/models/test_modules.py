@@ -1,0 +1,244 @@
+"""Module behaviour: shapes, dtypes, BatchNorm train/eval, drop-path, shortcuts, init."""
+
+import zlib
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax.models import BatchNorm, ResNet, create_model
+from resnet_jax.models.layers import Shortcut, avg_pool_ceil, conv
+
+TINY = dict(widths=(16, 16, 32, 32), stem_width=8, num_classes=7)
+
+
+def _init(model, x, seed=0):
+    return model.init(jax.random.key(seed), x, train=False)
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet18", "resnet50", "resnet50d", "resnext50_32x4d", "seresnet50", "resnetrs50"]
+)
+def test_forward_shapes_dtypes_and_stages(name):
+    model = create_model(name, **TINY, dtype=jnp.bfloat16)
+    x = jnp.ones((2, 64, 64, 3))
+    variables = _init(model, x)
+    chex.assert_trees_all_equal_dtypes(
+        variables["params"], jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), variables["params"])
+    )
+    logits, stages = model.apply(variables, x, train=False, return_stages=True)
+    chex.assert_shape(logits, (2, 7))
+    assert logits.dtype == jnp.float32
+    expansion = 1 if name == "resnet18" else 4
+    widths = [w * expansion for w in TINY["widths"]]
+    # Stem /4, then /1, /2, /2, /2.
+    chex.assert_shape(stages, [(2, 16, 16, widths[0]), (2, 8, 8, widths[1]), (2, 4, 4, widths[2]), (2, 2, 2, widths[3])])
+    assert all(s.dtype == jnp.bfloat16 for s in stages)
+
+
+def test_num_classes_zero_returns_pooled_features():
+    model = create_model("resnet18", **{**TINY, "num_classes": 0})
+    x = jnp.ones((3, 32, 32, 3))
+    variables = _init(model, x)
+    assert "fc" not in variables["params"]
+    feats, stages = model.apply(variables, x, train=False, return_stages=True)
+    np.testing.assert_allclose(feats, stages[-1].mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_cifar_resnet_shapes():
+    model = create_model("resnet20")
+    x = jnp.ones((2, 32, 32, 3))
+    variables = _init(model, x)
+    _, stages = model.apply(variables, x, train=False, return_stages=True)
+    chex.assert_shape(stages, [(2, 32, 32, 16), (2, 16, 16, 32), (2, 8, 8, 64)])
+
+
+def test_jit_equals_eager():
+    model = create_model("resnet18", **TINY)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = _init(model, x)
+    eager = model.apply(variables, x, train=False)
+    jitted = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    np.testing.assert_allclose(eager, jitted, rtol=1e-5, atol=1e-5)
+
+
+def _random_stats(variables, key):
+    """Non-trivial running statistics (means ~ N(0, 0.5), variances ~ U(0.5, 1.5))."""
+
+    def draw(path, leaf):
+        k = jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode()))
+        if path[-1].key == "mean":
+            return 0.5 * jax.random.normal(k, leaf.shape)
+        return jax.random.uniform(k, leaf.shape, minval=0.5, maxval=1.5)
+
+    stats = jax.tree_util.tree_map_with_path(draw, variables["batch_stats"])
+    return {**variables, "batch_stats": stats}
+
+
+def test_batch_stats_update_only_in_train_and_eval_uses_them():
+    model = create_model("resnet18", **TINY)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    variables = _random_stats(_init(model, x), jax.random.key(2))
+    # Eval: batch_stats are read, not written; output depends on them.
+    _, updates = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    chex.assert_trees_all_close(updates["batch_stats"], variables["batch_stats"])
+    other = _random_stats(variables, jax.random.key(3))
+    assert not np.allclose(model.apply(variables, x, train=False), model.apply(other, x, train=False))
+    # Train: batch statistics are used (running ones don't matter) and running ones move.
+    y1, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    y2, _ = model.apply(other, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-5)
+    moved = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), upd["batch_stats"], variables["batch_stats"])
+    assert all(jax.tree_util.tree_leaves(moved))
+
+
+def test_batchnorm_matches_flax_batchnorm():
+    """Independent reference: flax.linen.BatchNorm with the same momentum and epsilon."""
+    x = jax.random.normal(jax.random.key(0), (6, 5, 5, 4)) * 3 + 1
+    ours = BatchNorm(momentum=0.9, epsilon=1e-5)
+    ref = nn.BatchNorm(momentum=0.9, epsilon=1e-5)
+    v = ours.init(jax.random.key(0), x, train=False)
+    v_ref = ref.init(jax.random.key(0), x, use_running_average=False)
+    y, upd = ours.apply(v, x, train=True, mutable=["batch_stats"])
+    y_ref, upd_ref = ref.apply(v_ref, x, use_running_average=False, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], upd_ref["batch_stats"]["mean"], rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], upd_ref["batch_stats"]["var"], rtol=1e-5)
+    y_eval = ours.apply({**v, **upd}, x, train=False)
+    y_eval_ref = ref.apply({**v_ref, **upd_ref}, x, use_running_average=True)
+    np.testing.assert_allclose(y_eval, y_eval_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ghost_batchnorm_normalises_each_group_separately():
+    x = np.asarray(jax.random.normal(jax.random.key(0), (8, 3, 3, 2))) * np.arange(1, 9)[:, None, None, None]
+    bn = BatchNorm(group_size=4, epsilon=1e-5)
+    v = bn.init(jax.random.key(0), x, train=False)
+    y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
+    for g in range(2):
+        part = x[4 * g : 4 * g + 4]
+        ref = (part - part.mean((0, 1, 2))) / np.sqrt(part.var((0, 1, 2)) + 1e-5)
+        np.testing.assert_allclose(y[4 * g : 4 * g + 4], ref, rtol=1e-4, atol=1e-4)
+    groups = x.reshape(2, 4 * 9, 2)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * groups.mean(1).mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * groups.var(1).mean(0), rtol=1e-4)
+    with pytest.raises(ValueError, match="does not divide"):
+        BatchNorm(group_size=3).apply(v, x, train=True, mutable=["batch_stats"])
+
+
+def test_drop_path_and_dropout_active_only_in_train():
+    model = create_model("resnet18", **TINY, drop_path_rate=0.5, dropout_rate=0.5)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    variables = _init(model, x)
+    variables = {**variables, "params": jax.tree_util.tree_map(lambda p: p + 0.1, variables["params"])}
+    e1 = model.apply(variables, x, train=False, rngs={"dropout": jax.random.key(1)})
+    e2 = model.apply(variables, x, train=False, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(e1, e2)
+    t1, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+    t2, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
+    assert not np.allclose(t1, t2)
+
+
+def test_drop_path_rates_rise_linearly():
+    model = create_model("resnet18", **TINY, drop_path_rate=0.7)
+    x = jnp.ones((1, 32, 32, 3))
+    rates = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dropout) and context.module.name == "drop_path":
+            rates.append(context.module.rate)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: _init(model, x))
+    # 8 blocks: block 0 has rate 0 (no drop layer), then k * 0.7 / 7.
+    np.testing.assert_allclose(rates, [0.1 * k for k in range(1, 8)], rtol=1e-6)
+
+
+def test_drop_path_drops_whole_examples():
+    """A dropped residual branch leaves relu(shortcut) for that example exactly."""
+    from resnet_jax.models.blocks import BasicBlock
+
+    block = BasicBlock(
+        planes=4, strides=1, conv=conv, norm=BatchNorm, act=nn.relu, drop_path_rate=0.5, zero_init_last=False
+    )
+    x = jax.random.normal(jax.random.key(0), (64, 4, 4, 4))
+    v = block.init(jax.random.key(0), x, train=False)
+    y, _ = block.apply(v, x, train=True, rngs={"dropout": jax.random.key(3)}, mutable=["batch_stats"])
+    identity = np.all(np.isclose(y, nn.relu(x)), axis=(1, 2, 3))
+    assert 16 < identity.sum() < 48  # about half the examples, each all-or-nothing
+
+
+def test_zero_init_last_and_kaiming_fan_out_init():
+    model = create_model("resnet50", num_classes=10)
+    v = _init(model, jnp.ones((1, 32, 32, 3)))
+    assert np.all(v["params"]["layer1_0"]["bn3"]["scale"] == 0)
+    assert np.all(v["params"]["layer1_0"]["bn1"]["scale"] == 1)
+    off = create_model("resnet50", num_classes=10, zero_init_last=False)
+    assert np.all(_init(off, jnp.ones((1, 32, 32, 3)))["params"]["layer1_0"]["bn3"]["scale"] == 1)
+    # Kaiming normal, fan_out: std = sqrt(2 / (k * k * C_out)), untruncated.
+    kernel = np.asarray(v["params"]["layer4_0"]["conv2"]["kernel"])  # 3x3x512x512
+    assert kernel.std() == pytest.approx(np.sqrt(2 / (9 * 512)), rel=0.02)
+    assert np.abs(kernel).max() > 3 * kernel.std()  # a truncated normal would stop at 2 std
+    fc = np.asarray(v["params"]["fc"]["kernel"])  # torch Linear default: U(+-1/sqrt(fan_in))
+    assert np.abs(fc).max() <= 1 / np.sqrt(2048) + 1e-7
+
+
+def test_v1_puts_stride_on_first_1x1():
+    x = jnp.ones((1, 32, 32, 3))
+    for on_1x1, (s1, s2) in ((True, (2, 1)), (False, (1, 2))):
+        model = create_model("resnet50", **TINY, stride_on_1x1=on_1x1)
+        strides = {}
+
+        def record(next_fun, args, kwargs, context):
+            m = context.module
+            if isinstance(m, nn.Conv) and m.scope.path[-2:-1] == ("layer2_0",):
+                strides[m.name] = m.strides[0]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            jax.eval_shape(lambda: _init(model, x))
+        assert (strides["conv1"], strides["conv2"], strides["conv3"]) == (s1, s2, 1)
+
+
+def test_option_a_zero_pad_shortcut_closed_form():
+    x = np.arange(2 * 4 * 4 * 16, dtype=np.float32).reshape(2, 4, 4, 16)
+    y = Shortcut("zero_pad", 32, 2, conv, BatchNorm).apply({}, jnp.asarray(x), train=False)
+    ref = np.zeros((2, 2, 2, 32), np.float32)
+    ref[..., 8:24] = x[:, ::2, ::2, :]  # torch: F.pad(x[:, :, ::2, ::2], (..., planes//4, planes//4))
+    np.testing.assert_array_equal(y, ref)
+
+
+def test_avg_down_pool_is_ceil_mode_without_padding_counts():
+    x = np.arange(25, dtype=np.float32).reshape(1, 5, 5, 1)
+    y = np.asarray(avg_pool_ceil(jnp.asarray(x), 2))[0, :, :, 0]
+    g = x[0, :, :, 0]
+    # torch.nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) on a 5x5 input.
+    ref = np.array([[g[i : i + 2, j : j + 2].mean() for j in (0, 2, 4)] for i in (0, 2, 4)])
+    np.testing.assert_allclose(y, ref)
+
+
+def test_plain_network_has_no_shortcut():
+    """Plain nets: zeroing a block's residual branch zeroes its output (no identity path)."""
+    model = create_model("plain20")
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    v = _init(model, x)
+    params = jax.tree_util.tree_map(lambda a: a, v["params"])
+    params["layer1_0"]["bn2"]["scale"] = jnp.zeros_like(params["layer1_0"]["bn2"]["scale"])
+    params["layer1_0"]["bn2"]["bias"] = jnp.zeros_like(params["layer1_0"]["bn2"]["bias"])
+    _, stages = model.apply({**v, "params": params}, x, train=False, return_stages=True)
+    residual = create_model("resnet20")
+    _, stages_res = residual.apply({**v, "params": params}, x, train=False, return_stages=True)
+    assert not np.allclose(stages[0], stages_res[0])
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = jnp.ones((1, 32, 32, 3))
+    with pytest.raises(ValueError, match="same length"):
+        _init(ResNet(stage_sizes=(1, 1), widths=(8, 8, 8)), x)
+    with pytest.raises(ValueError, match="unknown block"):
+        _init(ResNet(stage_sizes=(1,), widths=(8,), block="bottle"), x)
+    with pytest.raises(ValueError, match="unknown activation"):
+        _init(ResNet(stage_sizes=(1,), widths=(8,), activation="gelu2"), x)
