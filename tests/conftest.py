@@ -6,3 +6,42 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+import pytest  # noqa: E402
+
+
+def tiny_config(**changes):
+    """A seconds-fast training config: a narrow ResNet-18 on 16x16 `fake` images."""
+    from resnet_jax.train.config import base_config
+
+    c = base_config()
+    c.model.name = "resnet18"
+    c.model.overrides.widths = (8, 8, 8, 8)
+    c.model.overrides.stem_width = 8
+    c.data.name = "fake"
+    c.data.image_size = 16
+    c.data.num_classes = 5
+    c.data.batch_size = 16
+    c.data.eval_batch_size = 16
+    c.data.fake_train_size = 64
+    c.data.fake_eval_size = 37  # not divisible by the batch or the device count
+    c.num_epochs = 2
+    c.log_every_steps = 2
+    c.eval_every_epochs = 1
+    c.checkpoint_every_steps = 3
+    c.async_checkpoints = False
+    c.compilation_cache_dir = ""
+    c.schedule.name = "cosine"
+    for key, value in changes.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+@pytest.fixture
+def make_config():
+    return tiny_config

@@ -1,0 +1,55 @@
+"""absl/ml_collections flag handling for the config-driven commands (train, eval).
+
+``resnet-jax train --config configs/FILE.py[:variant] --workdir DIR [--config.a.b=v ...]``
+``resnet-jax eval --workdir DIR [--checkpoint latest|best]``
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags(command: str) -> None:
+    flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the config", required=True)
+    if command == "train":
+        config_flags.DEFINE_config_file(
+            "config", None, "recipe file: configs/FILE.py[:variant]", lock_config=True
+        )
+        flags.mark_flags_as_required(["config"])
+    if command == "eval":
+        flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "which checkpoint to evaluate")
+
+
+def run(command: str, argv: list[str]) -> int:
+    """Parses ``argv`` for ``command`` and runs it; returns the process exit code."""
+    _define_flags(command)
+    result = {"code": 0}
+
+    def main(_):
+        logging.set_verbosity(logging.WARNING)
+        from resnet_jax.train import distributed
+
+        distributed.maybe_initialize()
+        if command == "train":
+            from resnet_jax.train.loop import train_and_evaluate
+
+            train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        elif command == "eval":
+            from resnet_jax.train.evaluate import evaluate_workdir
+
+            evaluate_workdir(FLAGS.workdir, FLAGS.checkpoint)
+
+    try:
+        app.run(main, argv=[f"resnet-jax {command}", *argv])
+    except SystemExit as e:
+        result["code"] = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return result["code"]
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1], sys.argv[2:]))

@@ -1,0 +1,1 @@
+"""Training: the sharded step, optimizer, state, checkpoints and the outer loop."""

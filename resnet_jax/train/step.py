@@ -1,0 +1,141 @@
+"""Pure train and eval steps: ``(state, batch) -> (state, metrics)``.
+
+They close over static objects only (the model, the optax transformation, a few
+floats) and are jitted once by :func:`compile_steps` with explicit shardings and
+the state donated. Loss, softmax and metrics are computed in float32 whatever the
+compute dtype. Metrics stay on the device; the loop reads them at log steps.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from resnet_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy in float32 with uniform label smoothing.
+
+    The smoothed target is ``(1 - s) * one_hot + s / num_classes``.
+    """
+    logits = logits.astype(jnp.float32)
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where ``labels`` is among the ``k`` largest logits (k capped at the class count)."""
+    k = min(k, logits.shape[-1])
+    _, top = jax.lax.top_k(logits, k)
+    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """``min(decay, (1 + t) / (10 + t))``: tf.train.ExponentialMovingAverage with
+    ``num_updates`` (as ResNet-RS), so early averages are not dominated by the init."""
+    t = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    label_smoothing: float = 0.0,
+    ema_decay: float = 0.0,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer step on a global batch ``{"image": (N,H,W,C), "label": (N,)}``.
+
+    Returns the new state and the step's metrics: ``loss`` (mean, before weight
+    decay), ``top1``, ``top5`` (fractions of the batch) and ``nonfinite`` (1.0 if the
+    loss is NaN/inf; the loop stops the run then).
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": rng},
+        )
+        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
+    if ema_decay:
+        step_size = 1.0 - ema_decay_at(state.step, ema_decay)
+        ema_params = optax.incremental_update(params, ema_params, step_size)
+        ema_batch_stats = optax.incremental_update(batch_stats, ema_batch_stats, step_size)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        ema_params=ema_params,
+        ema_batch_stats=ema_batch_stats,
+    )
+    metrics = {
+        "loss": loss,
+        "top1": topk_correct(logits, batch["label"], 1).mean(),
+        "top5": topk_correct(logits, batch["label"], 5).mean(),
+        "nonfinite": (~jnp.isfinite(loss)).astype(jnp.float32),
+    }
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, model: nn.Module, use_ema: bool = False) -> Metrics:
+    """Sums over the real (``mask == 1``) examples of a padded eval batch.
+
+    Returns ``loss_sum``, ``top1_sum``, ``top5_sum`` and ``count``; divide by
+    ``count`` after summing over all batches.
+    """
+    logits = model.apply(state.eval_variables(use_ema), batch["image"], train=False)
+    mask = batch["mask"].astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+        "top1_sum": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
+        "top5_sum": jnp.sum(topk_correct(logits, batch["label"], 5) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def compile_steps(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    state_sharding: Any,
+    batch_sharding: jax.sharding.NamedSharding,
+    replicated: jax.sharding.NamedSharding,
+    label_smoothing: float,
+    ema_decay: float,
+) -> tuple[Any, Any]:
+    """``jax.jit``-wrapped train and eval steps with explicit shardings; state donated."""
+    train = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing, ema_decay=ema_decay),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+    evaluate = jax.jit(
+        functools.partial(eval_step, model=model, use_ema=bool(ema_decay)),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=replicated,
+    )
+    return train, evaluate
