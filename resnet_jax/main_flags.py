@@ -31,7 +31,7 @@ def run(command: str, argv: list[str]) -> int:
     result = {"code": 0}
 
     def main(_):
-        logging.set_verbosity(logging.WARNING)
+        logging.set_verbosity(logging.ERROR)  # orbax and tfds are chatty at WARNING
         from resnet_jax.train import distributed
 
         distributed.maybe_initialize()
@@ -44,8 +44,17 @@ def run(command: str, argv: list[str]) -> int:
 
             evaluate_workdir(FLAGS.workdir, FLAGS.checkpoint)
 
+    def main_with_clean_errors(argv_rest):
+        from resnet_jax.train.checkpoint import IncompatibleCheckpointError
+
+        try:
+            main(argv_rest)
+        except (FileNotFoundError, IncompatibleCheckpointError, FloatingPointError, ValueError) as e:
+            print(f"resnet-jax {command}: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2 if not isinstance(e, FloatingPointError) else 3)
+
     try:
-        app.run(main, argv=[f"resnet-jax {command}", *argv])
+        app.run(main_with_clean_errors, argv=[f"resnet-jax {command}", *argv])
     except SystemExit as e:
         result["code"] = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return result["code"]

@@ -101,8 +101,16 @@ def create_pipeline(
     device_count = jax.device_count() if device_count is None else device_count
     check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, process_count, device_count)
     if cfg.name == FAKE:
-        return _fake_pipeline(cfg, seed, process_index, process_count)
-    return _tfds_pipeline(cfg, seed, process_index, process_count)
+        pipeline = _fake_pipeline(cfg, seed, process_index, process_count)
+    else:
+        pipeline = _tfds_pipeline(cfg, seed, process_index, process_count)
+    if pipeline.train_examples_per_process < pipeline.local_batch_size:
+        raise ValueError(
+            f"{pipeline.info.name} has {pipeline.train_examples_per_process} training examples per process, "
+            f"fewer than the per-process batch of {pipeline.local_batch_size} "
+            f"(config.data.batch_size={cfg.batch_size}); lower config.data.batch_size"
+        )
+    return pipeline
 
 
 # --------------------------------------------------------------------------- fake
@@ -187,11 +195,6 @@ def _tfds_pipeline(cfg: Any, seed: int, process_index: int, process_count: int) 
     if dropped:
         log.info("training reads %d x %d examples; %d left out for equal shares", process_count, n_train, dropped)
     local = cfg.batch_size // process_count
-    if n_train < local:
-        raise ValueError(
-            f"{info.name} has {n_train} training examples per process, fewer than the per-process "
-            f"batch {local}; lower config.data.batch_size"
-        )
     train_fn = preprocess.make_preprocess(cfg, info, train=True)
     eval_fn = preprocess.make_preprocess(cfg, info, train=False)
     fits = n_train <= cfg.shuffle_buffer

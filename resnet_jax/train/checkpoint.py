@@ -90,7 +90,7 @@ def check_compatible(saved: dict, current: dict, workdir: str) -> None:
 class Checkpointer:
     """Saves and restores ``(state, data position, config)`` under ``workdir/checkpoints``."""
 
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = epath.Path(workdir) / "checkpoints"
         preservation = policies.AnyPreservationPolicy(
             [
@@ -106,7 +106,9 @@ class Checkpointer:
             save_decision_policy=policies.FixedIntervalPolicy(1),
             best_fn=lambda m: m["eval_top1"],  # for best_step(); preservation is set above
             best_mode="max",
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+            create=not read_only,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config")
@@ -177,7 +179,7 @@ class PreemptionWatcher:
         return self._event.is_set()
 
     def _handle(self, signum, frame):  # noqa: ARG002
-        log.warning("received signal %d: saving a checkpoint and stopping", signum)
+        print(f"received signal {signum}: saving a checkpoint and stopping", flush=True)
         self._event.set()
 
     def __enter__(self) -> PreemptionWatcher:

@@ -75,11 +75,6 @@ def setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Set
     mesh = sharding.create_mesh(devices)
     pipeline = create_pipeline(config.data, config.seed, device_count=mesh.size)
     info = pipeline.info
-    if config.data.batch_size > info.num_train:
-        raise ValueError(
-            f"config.data.batch_size={config.data.batch_size} exceeds the {info.num_train} training "
-            f"examples of {info.name}; lower it"
-        )
     model = build_model(config, info.num_classes)
     steps_per_epoch = pipeline.steps_per_epoch
     total_steps = config.num_train_steps or int(math.ceil(config.num_epochs * steps_per_epoch))

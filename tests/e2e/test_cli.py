@@ -1,0 +1,80 @@
+"""The commands a user runs, as subprocesses: the README's main job, eval, SIGTERM."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+
+def _cli(*args, timeout=600, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "resnet_jax.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+        timeout=timeout, **kwargs,
+    )
+
+
+@pytest.mark.slow
+def test_readme_main_command_reaches_97_percent_and_eval_agrees(tmp_path):
+    """The README's main job, unchanged: default digits config, full length."""
+    workdir = str(tmp_path / "digits")
+    run = _cli("train", "--config", "configs/digits.py", "--workdir", workdir)
+    assert run.returncode == 0, run.stderr[-3000:]
+    match = re.search(r"test accuracy \(top-1\) ([\d.]+)%", run.stdout)
+    assert match, run.stdout[-2000:]
+    accuracy = float(match.group(1))
+    assert accuracy >= 97.0, run.stdout[-2000:]
+    assert "(359 examples)" in run.stdout
+    for name in ("metrics.jsonl", "config.json", "tensorboard", "checkpoints"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    evaluated = _cli("eval", "--workdir", workdir)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"top-1 {accuracy:.2f}%" in evaluated.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_restorable_checkpoint_and_exits_zero(tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resnet_jax.cli", "train", "--config", "configs/digits.py", "--workdir", workdir,
+         "--config.log_every_steps=5", "--config.checkpoint_every_steps=100000", "--config.eval_every_epochs=1000"],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = []
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step ") and "/330" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines)
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, out
+    assert "preempted at step" in out, out
+    step = int(re.search(r"preempted at step (\d+)/330", out).group(1))
+    assert 0 < step < 330
+    assert str(step) in os.listdir(os.path.join(workdir, "checkpoints"))
+    resumed = _cli("train", "--config", "configs/digits.py", "--workdir", workdir, "--config.stop_after_steps=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {workdir}/checkpoints/{step}" in resumed.stdout
+    assert f"stopped at step {step + 2}/330" in resumed.stdout
+
+
+def test_bad_input_gives_a_clear_error_without_traceback(tmp_path):
+    run = _cli("train", "--config", "configs/digits.py:smoke", "--workdir", str(tmp_path),
+               "--config.data.batch_size=100000")
+    assert run.returncode == 2
+    assert "1438 training examples per process, fewer than the per-process batch of 100000" in run.stderr
+    assert "Traceback" not in run.stderr
+    run = _cli("train", "--config", "configs/digits.py:smoke", "--workdir", str(tmp_path),
+               "--config.data.name=not_a_dataset")
+    assert run.returncode == 2 and "unknown dataset 'not_a_dataset'" in run.stderr
+    assert "digits" in run.stderr and "Traceback" not in run.stderr
+    run = _cli("eval", "--workdir", str(tmp_path / "nothing"))
+    assert run.returncode == 2 and "no checkpoints in" in run.stderr

@@ -1,0 +1,92 @@
+"""The outer loop: determinism, exact resume, resharding, eval coverage, bad states."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax.train import checkpoint as ckpt_lib
+from resnet_jax.train.loop import setup, train_and_evaluate
+from tests.conftest import tiny_config
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+
+
+def _restore(workdir, config, step, devices=None):
+    s = setup(config, devices=devices)
+    abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_sharding)
+    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+    state, position = checkpointer.restore(step, abstract)
+    checkpointer.close()
+    return state, position
+
+
+def _assert_same_state(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_same_seed_same_losses_and_resume_equals_uninterrupted(tmp_path):
+    full, again, resumed = (str(tmp_path / n) for n in ("full", "again", "resumed"))
+    summary = train_and_evaluate(tiny_config(), full)
+    train_and_evaluate(tiny_config(), again)
+    assert _losses(full) == _losses(again)
+    # 3 steps, a new process-level start (fresh setup, restore), then the rest.
+    first = train_and_evaluate(tiny_config(stop_after_steps=3), resumed)
+    assert first["status"] == "stopped" and first["step"] == 3
+    second = train_and_evaluate(tiny_config(), resumed)
+    assert second["status"] == "finished" and second["step"] == summary["step"] == 8
+    state_full, pos_full = _restore(full, tiny_config(), 8)
+    state_resumed, pos_resumed = _restore(resumed, tiny_config(), 8)
+    _assert_same_state(state_full, state_resumed)
+    assert pos_full == pos_resumed == {"examples_seen": 8 * 16, "epoch": 2.0}
+    assert second["eval"] == summary["eval"]
+
+
+@pytest.mark.slow
+def test_eval_counts_every_example_of_an_uneven_split(tmp_path):
+    # 37 eval examples, eval batch 16 over 8 devices: 3 batches, the last with 5 real ones.
+    summary = train_and_evaluate(tiny_config(num_train_steps=1), str(tmp_path))
+    assert summary["eval"]["examples"] == 37
+
+
+@pytest.mark.slow
+def test_checkpoint_restores_onto_a_different_device_count(tmp_path):
+    workdir = str(tmp_path)
+    train_and_evaluate(tiny_config(stop_after_steps=3), workdir, devices=jax.devices()[:8])
+    on_eight, _ = _restore(workdir, tiny_config(), 3, devices=jax.devices()[:8])
+    on_one, _ = _restore(workdir, tiny_config(shard_params=True), 3, devices=jax.devices()[:2])
+    _assert_same_state(on_eight, on_one)
+    summary = train_and_evaluate(tiny_config(), workdir, devices=jax.devices()[:2])
+    assert summary["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_incompatible_config_is_refused_naming_the_field(tmp_path):
+    workdir = str(tmp_path)
+    train_and_evaluate(tiny_config(stop_after_steps=2), workdir)
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match="model.name"):
+        train_and_evaluate(tiny_config(**{"model.name": "resnet26"}), workdir)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(
+        **{"optimizer.base_lr": 1e30, "schedule.name": "constant", "checkpoint_every_steps": 1,
+           "log_every_steps": 1}
+    )
+    with pytest.raises(FloatingPointError, match=r"NaN/inf at step (\d+)") as err:
+        train_and_evaluate(config, str(tmp_path))
+    bad = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
+    assert checkpointer.latest_step() == bad - 1
+    checkpointer.close()

@@ -1,0 +1,99 @@
+"""The jitted, sharded train step: learning, device-count invariance, ghost BatchNorm."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from resnet_jax.models import create_model
+from resnet_jax.train import sharding
+from resnet_jax.train.loop import create_state, setup
+from tests.conftest import tiny_config
+
+
+def _batch(seed, n=16, size=16, classes=5):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.standard_normal((n, size, size, 3)).astype(np.float32),
+        "label": rng.integers(0, classes, n).astype(np.int32),
+    }
+
+
+def _put(batch, mesh):
+    return {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+
+
+def test_train_step_lowers_the_loss_on_a_batch():
+    s = setup(tiny_config(**{"optimizer.base_lr": 0.4, "schedule.name": "constant"}), devices=jax.devices()[:1])
+    state = create_state(s)
+    batch = _put(_batch(0), s.mesh)
+    losses = []
+    for _ in range(8):
+        state, metrics = s.train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+@pytest.mark.parametrize("shard_params", [False, True])
+def test_eight_devices_give_the_same_update_as_one(shard_params):
+    """Global BatchNorm: statistics over the whole batch whatever the device count."""
+    assert jax.device_count() >= 8, "tests/conftest.py sets 8 virtual CPU devices"
+    config = tiny_config(**{"schedule.name": "constant", "shard_params": shard_params})
+    one = setup(tiny_config(**{"schedule.name": "constant"}), devices=jax.devices()[:1])
+    eight = setup(config, devices=jax.devices()[:8])
+    s1, s8 = create_state(one), create_state(eight)
+    if shard_params:
+        kernel = s8.params["layer4_1"]["conv2"]["kernel"]  # 3x3x8x8 = 576 < threshold: replicated
+        assert kernel.sharding.spec == P()
+    for seed in range(3):
+        b = _batch(seed)
+        s1, m1 = one.train_step(s1, _put(b, one.mesh))
+        s8, m8 = eight.train_step(s8, _put(b, eight.mesh))
+        np.testing.assert_allclose(float(m1["loss"]), float(m8["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s8)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+
+
+def test_fsdp_shards_large_arrays_along_the_data_axis():
+    spec = sharding.fsdp_spec((3, 3, 256, 512), 8)
+    assert spec == P(None, None, None, "data")
+    assert sharding.fsdp_spec((4096, 8), 8) == P("data", None)
+    assert sharding.fsdp_spec((512,), 8) == P()  # small: replicated
+    assert sharding.fsdp_spec((7, 7, 3, 4097), 8) == P()  # nothing divisible
+
+
+def test_ghost_batchnorm_equals_separate_batches_under_sharded_jit():
+    """bn_group_size=G normalises each group of G consecutive examples on its own, as the
+    paper's per-GPU BatchNorm; here each of 8 devices holds one group of 2."""
+    mesh = sharding.create_mesh(jax.devices()[:8])
+    model = create_model("resnet18", widths=(8, 8, 8, 8), stem_width=8, num_classes=5, bn_group_size=2)
+    plain = create_model("resnet18", widths=(8, 8, 8, 8), stem_width=8, num_classes=5)
+    x = _batch(0, size=32)["image"]
+    variables = plain.init(jax.random.key(0), x[:1], train=False)
+    apply = jax.jit(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+        in_shardings=(NamedSharding(mesh, P()), sharding.batch_sharding(mesh)),
+    )
+    y, updates = apply(variables, x)
+    parts = [plain.apply(variables, x[i : i + 2], train=True, mutable=["batch_stats"]) for i in range(0, 16, 2)]
+    np.testing.assert_allclose(np.asarray(y), np.concatenate([p[0] for p in parts]), rtol=1e-3, atol=1e-4)
+    # Running statistics move towards the average of the groups' statistics (stem BN).
+    mean = np.mean([p[1]["batch_stats"]["stem"]["bn1"]["mean"] for p in parts], axis=0)
+    np.testing.assert_allclose(updates["batch_stats"]["stem"]["bn1"]["mean"], mean, rtol=1e-4, atol=1e-6)
+    # ... which differs from global statistics: the group variances miss the between-group part.
+    _, global_updates = plain.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert np.all(
+        np.asarray(updates["batch_stats"]["stem"]["bn1"]["var"])
+        <= np.asarray(global_updates["batch_stats"]["stem"]["bn1"]["var"]) + 1e-6
+    )
+
+
+def test_bf16_compute_keeps_float32_params_and_loss():
+    s = setup(tiny_config(**{"model.dtype": "bfloat16"}), devices=jax.devices()[:1])
+    state = create_state(s)
+    state, metrics = s.train_step(state, _put(_batch(0), s.mesh))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.batch_stats))
+    assert metrics["loss"].dtype == jnp.float32
