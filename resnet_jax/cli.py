@@ -4,6 +4,8 @@ Subcommands:
   models      table of registered models (params, GFLOPs, input size)
   train       train a config (ml_collections flags: --config FILE.py[:variant] --config.x=y)
   eval        evaluate a workdir's newest or best checkpoint on the full eval split
+  convert     import torchvision / timm weights into an Orbax checkpoint
+  experiment  reproduce a paper experiment (degradation: plain vs residual, Fig. 6)
 """
 
 from __future__ import annotations
@@ -36,6 +38,42 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from resnet_jax.models import convert
+
+    if args.model not in convert.SOURCES[args.source]:
+        print(
+            f"resnet-jax convert: error: {args.model} is not a {args.source} model; "
+            f"{args.source} has: {', '.join(convert.SOURCES[args.source])}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        state_dict = convert.read_weights(args.weights)
+        print(f"read {len(state_dict)} tensors from {args.weights}", flush=True)
+        classes = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else 0
+        variables = convert.convert_state_dict(state_dict, args.model, num_classes=classes)
+        convert.save_converted(variables, args.out, args.model, args.source)
+    except (convert.ConversionError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"resnet-jax convert: error: {e}", file=sys.stderr)
+        return 2
+    meta = convert.preprocessing_metadata(args.model)
+    print(
+        f"wrote {args.out}: {args.model} ({classes} classes) from {args.source}; evaluate at "
+        f"{meta['test_input_size']}px, crop {meta['crop_pct']}, {meta['interpolation']}, "
+        f"mean {meta['mean']}, std {meta['std']}\n"
+        f"load with: resnet_jax.load_pretrained({args.model!r}, {args.out!r})"
+    )
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from resnet_jax.train.experiments import run_degradation
+
+    run_degradation(args.out, dataset=args.dataset, epochs=args.epochs, repo_root=args.repo_root)
+    return 0
+
+
 def _absl_command(command: str, argv: Sequence[str]) -> int:
     """Runs a config-driven command (train / eval) under absl flag parsing."""
     from resnet_jax import main_flags
@@ -53,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", default=None, help="shell-style pattern, e.g. 'resnetrs*'")
     p.add_argument("--no-flops", action="store_true", help="skip the GFLOPs column (faster)")
     p.set_defaults(func=_models)
+    p = sub.add_parser("convert", help="import torchvision/timm weights as an Orbax checkpoint")
+    p.add_argument("--model", required=True, help="registry name, e.g. resnet50")
+    p.add_argument("--source", required=True, choices=["torchvision", "timm"])
+    p.add_argument("--weights", required=True, help=".safetensors or .pth/.pt state_dict file")
+    p.add_argument("--out", required=True, help="output directory (must not exist yet)")
+    p.set_defaults(func=_convert)
+    p = sub.add_parser("experiment", help="reproduce a paper experiment")
+    p.add_argument("name", choices=["degradation"], help="degradation: plain vs residual nets (Fig. 6)")
+    p.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
+    p.add_argument("--epochs", type=float, default=None, help="default: the recipe's length")
+    p.add_argument("--out", default="workdirs/degradation", help="output directory")
+    p.add_argument("--repo-root", default=".", help="where configs/ lives")
+    p.set_defaults(func=_experiment)
     for name, text in (
         ("train", "train a config: --config configs/FILE.py[:variant] --workdir DIR [--config.k=v]"),
         ("eval", "evaluate a workdir's checkpoint on the full eval split"),

@@ -14,6 +14,10 @@ std`` in the configured dtype.
   the shorter side, resize.
 * CIFAR train (the paper): pad 4 pixels, random crop back, horizontal flip.
 * plain: resize to the configured size if needed (``digits``, tiny tests).
+* RandAugment (``randaugment_layers`` > 0), after the crop, in training only.
+
+Mixup and CutMix act on batches and labels and run on the device inside the train
+step (:mod:`resnet_jax.data.mixing`).
 """
 
 from __future__ import annotations
@@ -122,7 +126,8 @@ def make_preprocess(cfg: Any, info: Any, train: bool) -> Callable[[Example, tf.T
     """Returns ``fn(example, seed) -> {"image", "label"}`` for ``cfg.preprocess``.
 
     ``cfg`` is the ``data`` config (fields: preprocess, image_size, crop_fraction,
-    color_jitter, flip, cifar_pad, mean, std, dtype, interpolation).
+    color_jitter, flip, cifar_pad, randaugment_layers, randaugment_magnitude, mean,
+    std, dtype, interpolation).
     """
     kind = cfg.preprocess
     if kind not in PREPROCESSORS:
@@ -156,7 +161,123 @@ def make_preprocess(cfg: Any, info: Any, train: bool) -> Callable[[Example, tf.T
                 image = random_flip(image, flip_seed)
             if cfg.color_jitter:
                 image = color_jitter(image, jitter_seed, cfg.color_jitter)
+            if cfg.randaugment_layers:
+                ra_seed = tf.random.experimental.stateless_fold_in(seed, 7)
+                image = randaugment(image, ra_seed, cfg.randaugment_layers, cfg.randaugment_magnitude)
         image = normalize(image, cfg.mean, cfg.std, cfg.dtype)
         return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
     return fn
+
+
+# ----------------------------------------------------------------------------- RandAugment
+# Cubuk et al. 2020, as ResNet-RS trains with it: each of `num_layers` layers picks one
+# op uniformly and applies it with probability 0.5 at a fixed `magnitude` on a 0-10
+# scale (values above 10, like ResNet-RS's 15, extrapolate linearly). Images are float
+# 0-255; geometric ops fill with grey (128).
+MAX_LEVEL = 10.0
+RANDAUGMENT_OPS = (
+    "identity", "autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add",
+    "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y",
+)
+
+
+def _blend(a: tf.Tensor, b: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """``a + factor * (b - a)``, clipped to 0-255 (PIL ImageEnhance semantics)."""
+    return tf.clip_by_value(a + factor * (b - a), 0.0, 255.0)
+
+
+def _grayscale(image: tf.Tensor) -> tf.Tensor:
+    return tf.image.rgb_to_grayscale(image) if image.shape[-1] == 3 else image
+
+
+def _transform(image: tf.Tensor, matrix: list) -> tf.Tensor:
+    """Projective transform mapping output (x, y) to input ``matrix @ (x, y, 1)``."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    transforms = tf.reshape(tf.cast(tf.stack(matrix + [0.0, 0.0]), tf.float32), [1, 8])
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transforms, output_shape=tf.stack([h, w]),
+        interpolation="BILINEAR", fill_mode="CONSTANT", fill_value=128.0,
+    )
+    return out[0]
+
+
+def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
+    values = tf.cast(tf.clip_by_value(channel, 0, 255), tf.int32)
+    hist = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256)
+    nonzero = tf.boolean_mask(hist, hist > 0)
+    step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
+    lut = tf.clip_by_value((tf.cumsum(hist) + step // 2) // tf.maximum(step, 1), 0, 255)
+    lut = tf.concat([[0], lut[:-1]], 0)
+    return tf.cond(step > 0, lambda: tf.cast(tf.gather(lut, values), tf.float32), lambda: channel)
+
+
+def _sharpness_blur(image: tf.Tensor) -> tf.Tensor:
+    kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
+    channels = image.shape[-1]
+    kernel = tf.tile(kernel[:, :, None, None], [1, 1, channels, 1])
+    blurred = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "SAME")[0]
+    # PIL leaves the border pixels unchanged.
+    mask = tf.pad(tf.ones(tf.shape(image)[:2] - 2), [[1, 1], [1, 1]])[..., None]
+    return mask * blurred + (1 - mask) * image
+
+
+def apply_randaugment_op(index: tf.Tensor, image: tf.Tensor, magnitude: float, sign: tf.Tensor) -> tf.Tensor:
+    """Applies ``RANDAUGMENT_OPS[index]`` at ``magnitude`` (0-10 scale); ``sign`` is +-1."""
+    level = magnitude / MAX_LEVEL
+    h = tf.cast(tf.shape(image)[0], tf.float32)
+    w = tf.cast(tf.shape(image)[1], tf.float32)
+    enhance = 1.0 + sign * 0.9 * level
+
+    def rotate():
+        angle = sign * 30.0 * level * 3.141592653589793 / 180.0
+        c, s = tf.cos(angle), tf.sin(angle)
+        cx, cy = (w - 1) / 2, (h - 1) / 2
+        return _transform(image, [c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy])
+
+    def posterize():
+        shift = tf.cast(tf.minimum(4.0 * level, 7.0), tf.int32)
+        as_int = tf.cast(image, tf.uint8)
+        return tf.cast(tf.bitwise.left_shift(tf.bitwise.right_shift(as_int, tf.cast(shift, tf.uint8)),
+                                             tf.cast(shift, tf.uint8)), tf.float32)
+
+    def autocontrast():
+        lo = tf.reduce_min(image, axis=[0, 1], keepdims=True)
+        hi = tf.reduce_max(image, axis=[0, 1], keepdims=True)
+        scaled = (image - lo) * 255.0 / tf.maximum(hi - lo, 1e-3)
+        return tf.where(hi > lo, scaled, image)
+
+    def equalize():
+        return tf.stack([_equalize_channel(image[..., i]) for i in range(image.shape[-1])], -1)
+
+    branches = {
+        "identity": lambda: image,
+        "autocontrast": autocontrast,
+        "equalize": equalize,
+        "invert": lambda: 255.0 - image,
+        "rotate": rotate,
+        "posterize": posterize,
+        "solarize": lambda: tf.where(image >= 256.0 - 256.0 * tf.minimum(level, 1.0), 255.0 - image, image),
+        "solarize_add": lambda: tf.where(image < 128.0, tf.minimum(image + 110.0 * level, 255.0), image),
+        "color": lambda: _blend(_grayscale(image) * tf.ones_like(image), image, enhance),
+        "contrast": lambda: _blend(tf.reduce_mean(_grayscale(image)) * tf.ones_like(image), image, enhance),
+        "brightness": lambda: _blend(tf.zeros_like(image), image, enhance),
+        "sharpness": lambda: _blend(_sharpness_blur(image), image, enhance),
+        "shear_x": lambda: _transform(image, [1.0, sign * 0.3 * level, 0.0, 0.0, 1.0, 0.0]),
+        "shear_y": lambda: _transform(image, [1.0, 0.0, 0.0, sign * 0.3 * level, 1.0, 0.0]),
+        "translate_x": lambda: _transform(image, [1.0, 0.0, sign * 0.45 * level * w, 0.0, 1.0, 0.0]),
+        "translate_y": lambda: _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, sign * 0.45 * level * h]),
+    }
+    out = tf.switch_case(tf.cast(index, tf.int32), [branches[name] for name in RANDAUGMENT_OPS])
+    return tf.ensure_shape(out, image.shape)
+
+
+def randaugment(image: tf.Tensor, seed: tf.Tensor, num_layers: int, magnitude: float) -> tf.Tensor:
+    """RandAugment on a float 0-255 image (any static H, W; 1 or 3 channels)."""
+    for layer_seed in split_seed(seed, num_layers):
+        pick, apply, sign = split_seed(layer_seed, 3)
+        index = tf.random.stateless_uniform([], pick, 0, len(RANDAUGMENT_OPS), tf.int32)
+        sign_value = tf.where(tf.random.stateless_uniform([], sign) < 0.5, -1.0, 1.0)
+        augmented = apply_randaugment_op(index, image, magnitude, sign_value)
+        image = tf.where(tf.random.stateless_uniform([], apply) < 0.5, augmented, image)
+    return image

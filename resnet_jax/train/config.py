@@ -41,6 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.flip = True  # random horizontal flip in training
     c.data.color_jitter = 0.0  # brightness/contrast/saturation strength, 0: off
     c.data.cifar_pad = 4  # pad-and-crop pixels (cifar)
+    c.data.randaugment_layers = 0  # RandAugment ops per image, 0: off (ResNet-RS: 2)
+    c.data.randaugment_magnitude = 10.0  # 0-10 scale (ResNet-RS: 10 or 15)
+    c.data.mixup_alpha = 0.0  # Beta(alpha, alpha) mixup of batch pairs, 0: off
+    c.data.cutmix_alpha = 0.0  # CutMix; with both on, one of the two per batch
     c.data.mean = (0.485, 0.456, 0.406)  # of [0, 1] RGB
     c.data.std = (0.229, 0.224, 0.225)
     c.data.dtype = "float32"  # dtype of the images handed to the model

@@ -87,7 +87,7 @@ def setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Set
     state_sharding = sharding.state_shardings(abstract_state, mesh, config.shard_params)
     train_step, eval_step = compile_steps(
         model, tx, state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh),
-        config.label_smoothing, config.ema_decay,
+        config.label_smoothing, config.ema_decay, config.data.mixup_alpha, config.data.cutmix_alpha,
     )
     return Setup(
         config, mesh, pipeline, model, schedule, tx, abstract_state, state_sharding,

@@ -16,19 +16,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from resnet_jax.data.mixing import mix_batch
 from resnet_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0, targets: jax.Array | None = None
+) -> jax.Array:
     """Per-example softmax cross-entropy in float32 with uniform label smoothing.
 
-    The smoothed target is ``(1 - s) * one_hot + s / num_classes``.
+    The smoothed target is ``(1 - s) * one_hot + s / num_classes``; ``targets``
+    (soft, e.g. from mixup) replaces ``one_hot(labels)`` when given.
     """
     logits = logits.astype(jnp.float32)
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if targets is None:
+        targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits, targets)
@@ -56,6 +61,8 @@ def train_step(
     tx: optax.GradientTransformation,
     label_smoothing: float = 0.0,
     ema_decay: float = 0.0,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on a global batch ``{"image": (N,H,W,C), "label": (N,)}``.
 
@@ -64,16 +71,22 @@ def train_step(
     loss is NaN/inf; the loop stops the run then).
     """
     rng = jax.random.fold_in(state.rng, state.step)
+    images, targets = batch["image"], None
+    if mixup_alpha or cutmix_alpha:
+        num_classes = model.num_classes
+        images, targets = mix_batch(
+            jax.random.fold_in(rng, 1), images, batch["label"], num_classes, mixup_alpha, cutmix_alpha
+        )
 
     def loss_fn(params):
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
             mutable=["batch_stats"],
             rngs={"dropout": rng},
         )
-        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        loss = cross_entropy(logits, batch["label"], label_smoothing, targets).mean()
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -125,10 +138,15 @@ def compile_steps(
     replicated: jax.sharding.NamedSharding,
     label_smoothing: float,
     ema_decay: float,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
 ) -> tuple[Any, Any]:
     """``jax.jit``-wrapped train and eval steps with explicit shardings; state donated."""
     train = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing, ema_decay=ema_decay),
+        functools.partial(
+            train_step, model=model, tx=tx, label_smoothing=label_smoothing, ema_decay=ema_decay,
+            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+        ),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),

@@ -98,3 +98,50 @@ def test_unknown_preprocess_is_an_error():
     cfg.preprocess = "fancy"
     with pytest.raises(ValueError, match="unknown preprocess 'fancy'"):
         preprocess.make_preprocess(cfg, None, True)
+
+
+def _op(name, image, magnitude=10.0, sign=1.0):
+    index = preprocess.RANDAUGMENT_OPS.index(name)
+    return preprocess.apply_randaugment_op(tf.constant(index), tf.constant(image), magnitude, tf.constant(sign)).numpy()
+
+
+def test_randaugment_ops_against_closed_forms():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (12, 16, 3)).astype(np.float32)
+    np.testing.assert_array_equal(_op("identity", image), image)
+    np.testing.assert_array_equal(_op("invert", image), 255 - image)
+    # Solarize at magnitude 5: invert pixels >= 128.
+    np.testing.assert_array_equal(_op("solarize", image, 5.0), np.where(image >= 128, 255 - image, image))
+    # Posterize at magnitude 5: drop the 2 low bits.
+    np.testing.assert_array_equal(_op("posterize", image, 5.0), (image.astype(np.uint8) >> 2 << 2).astype(np.float32))
+    # Brightness: blend with black by factor 1 + 0.9 * level.
+    np.testing.assert_allclose(_op("brightness", image, 5.0, -1.0), np.clip(image * 0.55, 0, 255), rtol=1e-6)
+    # Autocontrast stretches each channel to 0..255.
+    out = _op("autocontrast", image * 0.5 + 20)
+    np.testing.assert_allclose(out.min(axis=(0, 1)), 0, atol=1e-3)
+    np.testing.assert_allclose(out.max(axis=(0, 1)), 255, atol=1e-3)
+    # Translate by 0.45 * width * level: columns move right, grey fill on the left.
+    out = _op("translate_x", image, 10.0 / 0.45 * 4 / 16, -1.0)  # 4 pixels
+    np.testing.assert_allclose(out[:, 4:], image[:, :-4], atol=1e-3)
+    np.testing.assert_allclose(out[:, :4], 128.0)
+    # Rotation by 0 (magnitude 0) and shear by 0 are identities.
+    np.testing.assert_allclose(_op("rotate", image, 0.0), image, atol=1e-3)
+    np.testing.assert_allclose(_op("shear_x", image, 0.0), image, atol=1e-3)
+
+
+def test_equalize_matches_pil():
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(1)
+    image = (rng.beta(2, 5, (20, 24, 3)) * 255).astype(np.uint8)
+    ref = np.asarray(ImageOps.equalize(Image.fromarray(image)), np.float32)
+    np.testing.assert_array_equal(_op("equalize", image.astype(np.float32)), ref)
+
+
+def test_randaugment_is_seeded_and_changes_images():
+    image = tf.constant(_gradient_image(16, 16).astype(np.float32))
+    outs = [preprocess.randaugment(image, tf.constant([3, i], tf.int64), 2, 15.0).numpy() for i in range(40)]
+    again = preprocess.randaugment(image, tf.constant([3, 0], tf.int64), 2, 15.0).numpy()
+    np.testing.assert_array_equal(outs[0], again)
+    assert sum(not np.array_equal(o, image.numpy()) for o in outs) >= 20
+    assert all(o.shape == (16, 16, 3) and o.min() >= 0 and o.max() <= 255 for o in outs)
