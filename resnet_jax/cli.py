@@ -4,7 +4,10 @@ Subcommands:
   models      table of registered models (params, GFLOPs, input size)
   train       train a config (ml_collections flags: --config FILE.py[:variant] --config.x=y)
   eval        evaluate a workdir's newest or best checkpoint on the full eval split
+  predict     top-5 class names and probabilities of image files
   convert     import torchvision / timm weights into an Orbax checkpoint
+  benchmark   images/s, MFU and memory of the train step (synthetic data on device)
+  bench-input images/s of the input pipeline on this host (no accelerator)
   experiment  reproduce a paper experiment (degradation: plain vs residual, Fig. 6)
 """
 
@@ -74,6 +77,18 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_input(args: argparse.Namespace) -> int:
+    from resnet_jax.data import bench_input
+
+    return bench_input.main(args)
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from resnet_jax.train import benchmark
+
+    return benchmark.main(args)
+
+
 def _absl_command(command: str, argv: Sequence[str]) -> int:
     """Runs a config-driven command (train / eval) under absl flag parsing."""
     from resnet_jax import main_flags
@@ -104,9 +119,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="workdirs/degradation", help="output directory")
     p.add_argument("--repo-root", default=".", help="where configs/ lives")
     p.set_defaults(func=_experiment)
+    p = sub.add_parser("bench-input", help="images/s of the ImageNet preprocessing on this host")
+    p.add_argument("--num-images", type=int, default=2000)
+    p.add_argument("--threads", default="1,2", help="comma-separated tf.data thread counts to measure")
+    p.add_argument("--seconds", type=float, default=15.0, help="timed seconds per measurement")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.set_defaults(func=_bench_input)
+    p = sub.add_parser("benchmark", help="time the trainer's train step on synthetic on-device data")
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--steps", type=int, default=50, help="timed steps (split into 5 windows)")
+    p.add_argument("--find-max-batch", action="store_true", help="also search the largest batch that fits")
+    p.add_argument("--with-input", action="store_true", help="feed the step from the real tfds pipeline")
+    p.add_argument("--dataset", default="imagenet2012", help="with --with-input: dataset name")
+    p.add_argument("--data-dir", default=None, help="with --with-input: tfds data_dir")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=_benchmark)
     for name, text in (
         ("train", "train a config: --config configs/FILE.py[:variant] --workdir DIR [--config.k=v]"),
         ("eval", "evaluate a workdir's checkpoint on the full eval split"),
+        ("predict", "top-5 classes of image files: --workdir DIR IMAGE..."),
     ):
         sub.add_parser(name, help=text, add_help=False)
     return parser
@@ -114,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "eval"):
+    if argv and argv[0] in ("train", "eval", "predict"):
         return _absl_command(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -2,6 +2,7 @@
 
 ``resnet-jax train --config configs/FILE.py[:variant] --workdir DIR [--config.a.b=v ...]``
 ``resnet-jax eval --workdir DIR [--checkpoint latest|best]``
+``resnet-jax predict --workdir DIR [--checkpoint best|latest] IMAGE...``
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def _define_flags(command: str) -> None:
         flags.mark_flags_as_required(["config"])
     if command == "eval":
         flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "which checkpoint to evaluate")
+    if command == "predict":
+        flags.DEFINE_enum("checkpoint", "best", ["latest", "best"], "which checkpoint to use")
 
 
 def run(command: str, argv: list[str]) -> int:
@@ -30,7 +33,7 @@ def run(command: str, argv: list[str]) -> int:
     _define_flags(command)
     result = {"code": 0}
 
-    def main(_):
+    def main(argv_rest):
         logging.set_verbosity(logging.ERROR)  # orbax and tfds are chatty at WARNING
         from resnet_jax.train import distributed
 
@@ -43,6 +46,12 @@ def run(command: str, argv: list[str]) -> int:
             from resnet_jax.train.evaluate import evaluate_workdir
 
             evaluate_workdir(FLAGS.workdir, FLAGS.checkpoint)
+        elif command == "predict":
+            from resnet_jax.train.evaluate import predict_images
+
+            if len(argv_rest) < 2:
+                raise ValueError("give one or more image files: resnet-jax predict --workdir DIR IMAGE...")
+            predict_images(FLAGS.workdir, list(argv_rest[1:]), FLAGS.checkpoint)
 
     def main_with_clean_errors(argv_rest):
         from resnet_jax.train.checkpoint import IncompatibleCheckpointError

@@ -132,7 +132,9 @@ def default_data_dir(data_dir: str | None) -> str:
     return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
 
 
-def get_builder(name: str, data_dir: str | None = None, download: bool = True) -> Any:
+def get_builder(
+    name: str, data_dir: str | None = None, download: bool = True, strict_images: bool = False
+) -> Any:
     """The prepared tfds builder for ``name``.
 
     ``digits`` and image folders are prepared on first use (no network). Catalog
@@ -153,7 +155,7 @@ def get_builder(name: str, data_dir: str | None = None, download: bool = True) -
     if name.startswith(IMAGE_FOLDER_PREFIX):
         from resnet_jax.data.image_folder import prepare_image_folder
 
-        return prepare_image_folder(name[len(IMAGE_FOLDER_PREFIX) :], data_dir)
+        return prepare_image_folder(name[len(IMAGE_FOLDER_PREFIX) :], data_dir, strict=strict_images)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:

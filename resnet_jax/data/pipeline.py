@@ -119,9 +119,10 @@ def create_pipeline(
 def _fake_pipeline(cfg: Any, seed: int, process_index: int, process_count: int) -> InputPipeline:
     """Synthetic Gaussian images and uniform labels, no TensorFlow.
 
-    Example ``k`` of the stream is generated from ``(seed, process_index, k)``, so it
-    is cheap to resume; a fixed pool of ``fake_pool_batches`` batches is cycled so
-    that benchmarks do not measure the random generator.
+    The *global* batches are a function of ``seed`` alone (a pool of
+    ``fake_pool_batches`` cycled, so benchmarks do not time the generator); each
+    process takes its slice, so any process count sees the same global batches.
+    The eval split is ``fake_eval_size`` examples, split into even shares.
     """
     size, classes, channels = int(cfg.image_size), int(cfg.num_classes), int(cfg.get("channels", 3))
     info = DatasetInfo(
@@ -138,7 +139,13 @@ def _fake_pipeline(cfg: Any, seed: int, process_index: int, process_count: int) 
             "label": rng.integers(0, classes, n, dtype=np.int32),
         }
 
-    pool = [make(np.random.default_rng((seed, process_index, i)), local) for i in range(cfg.fake_pool_batches)]
+    def mine(batch: Batch, start: int, count: int) -> Batch:
+        return {k: v[start : start + count] for k, v in batch.items()}
+
+    pool = [
+        mine(make(np.random.default_rng((seed, i)), cfg.batch_size), process_index * local, local)
+        for i in range(cfg.fake_pool_batches)
+    ]
 
     def train(start_example: int) -> Iterator[Batch]:
         index = start_example // local
@@ -147,17 +154,17 @@ def _fake_pipeline(cfg: Any, seed: int, process_index: int, process_count: int) 
             index += 1
 
     shares = _even_shares(info.num_eval, process_count)
+    offset = sum(shares[:process_index])
     eval_local = cfg.eval_batch_size // process_count
     num_eval_batches = math.ceil(max(shares) / eval_local)
 
     def evaluate() -> Iterator[Batch]:
-        rng = np.random.default_rng((seed, process_index, 10**9))
-        remaining = shares[process_index]
-        for _ in range(num_eval_batches):
-            batch = make(rng, eval_local)
-            real = min(max(remaining, 0), eval_local)
+        everything = mine(make(np.random.default_rng((seed, 10**9)), info.num_eval), offset, shares[process_index])
+        for b in range(num_eval_batches):
+            batch = mine(everything, b * eval_local, eval_local)
+            real = len(batch["label"])
+            batch = {k: np.concatenate([v, np.zeros((eval_local - real, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
             batch["mask"] = (np.arange(eval_local) < real).astype(np.float32)
-            remaining -= eval_local
             yield batch
 
     return InputPipeline(
@@ -181,7 +188,7 @@ def _tfds_pipeline(cfg: Any, seed: int, process_index: int, process_count: int) 
     tf = import_tf()
     import tensorflow_datasets as tfds
 
-    builder = get_builder(cfg.name, cfg.data_dir, download=cfg.download)
+    builder = get_builder(cfg.name, cfg.data_dir, download=cfg.download, strict_images=cfg.strict_images)
     info = info_from_builder(cfg.name, builder, cfg.train_split, cfg.eval_split)
     decoders = {"image": tfds.decode.SkipDecoding()} if info.encoded else None
     options = tf.data.Options()

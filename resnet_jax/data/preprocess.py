@@ -281,3 +281,18 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, num_layers: int, magnitude: f
         augmented = apply_randaugment_op(index, image, magnitude, sign_value)
         image = tf.where(tf.random.stateless_uniform([], apply) < 0.5, augmented, image)
     return image
+
+
+def predict_preprocess(image_bytes: bytes, cfg: Any, channels: int) -> tf.Tensor:
+    """An image file (JPEG/PNG/GIF/BMP) prepared as evaluation prepares it: decoded to
+    ``channels``, centre-cropped to ``crop_fraction`` of the shorter side for the
+    ``imagenet`` preprocessing, resized to ``image_size``, normalised."""
+    image = tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
+    if cfg.preprocess == "imagenet":
+        shape = tf.shape(image)
+        side = tf.cast(cfg.crop_fraction * tf.cast(tf.minimum(shape[0], shape[1]), tf.float32), tf.int32)
+        image = tf.image.crop_to_bounding_box(image, (shape[0] - side + 1) // 2, (shape[1] - side + 1) // 2, side, side)
+    image = tf.cast(image, tf.float32)
+    if image.shape[0] != cfg.image_size or image.shape[1] != cfg.image_size:
+        image = resize(image, int(cfg.image_size), cfg.get("interpolation", "bilinear"))
+    return normalize(image, cfg.mean, cfg.std, cfg.dtype)

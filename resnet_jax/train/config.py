@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.name = "imagenet2012"  # tfds name, `digits`, `fake` or `image_folder:PATH`
     c.data.data_dir = Placeholder(str)  # local path or gs:// bucket; None: tfds default
     c.data.download = True  # let tfds download catalog datasets that are not prepared
+    c.data.strict_images = False  # image_folder: fail on an unreadable file instead of skipping it
     c.data.train_split = Placeholder(str)  # None: "train"
     c.data.eval_split = Placeholder(str)  # None: validation, else test
     c.data.preprocess = "imagenet"  # imagenet | cifar | plain
@@ -94,3 +95,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.shard_params = False  # FSDP-style: shard params and optimizer state on the data axis
     c.stop_after_steps = Placeholder(int)  # stop early (tests, preemption drills); resumable
     return c
+
+
+def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """A config from a checkpoint's saved dict, on top of today's defaults, so fields
+    added since the checkpoint was written take their default values."""
+    config = base_config()
+
+    def merge(target: ml_collections.ConfigDict, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and key in target and isinstance(target[key], ml_collections.ConfigDict):
+                merge(target[key], value)
+                continue
+            if isinstance(value, list):
+                value = tuple(value)
+            with target.unlocked():
+                target[key] = value
+
+    merge(config, saved)
+    return config

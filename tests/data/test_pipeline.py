@@ -111,3 +111,50 @@ print('ok-without-tf')
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ok-without-tf" in run.stdout
+
+
+def _write_folder(root, layout, size=(40, 30)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for rel in layout:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(array).save(path, format="PNG" if rel.endswith(".png") else "JPEG", quality=90)
+
+
+def test_image_folder_prepares_splits_and_reports_corrupt_files(tmp_path, capsys):
+    root = tmp_path / "pets"
+    files = [f"train/{c}/{i}.jpg" for c in ("cat", "dog") for i in range(6)] + ["train/dog/extra.png"]
+    files += [f"val/{c}/{i}.jpg" for c in ("cat", "dog") for i in range(3)]
+    _write_folder(root, files)
+    (root / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "val" / "dog" / "notes.txt").write_text("ignored: not an image extension")
+    cfg = digits_config(name=f"image_folder:{root}", data_dir=str(tmp_path / "tfds"), preprocess="imagenet",
+                        image_size=24, batch_size=4, eval_batch_size=4, mean=(0.5,) * 3, std=(0.5,) * 3)
+    p = create_pipeline(cfg, seed=0, process_index=0, process_count=1, device_count=1)
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable file" in out and "broken.jpg" in out
+    assert (p.info.num_train, p.info.num_eval, p.info.num_classes) == (13, 6, 2)
+    assert p.info.class_names == ("cat", "dog")
+    batch = next(p.train_batches(0))
+    assert batch["image"].shape == (4, 24, 24, 3)
+    assert sum(float(b["mask"].sum()) for b in p.eval_batches()) == 6
+    cfg.strict_images = True
+    cfg.data_dir = str(tmp_path / "tfds_strict")
+    with pytest.raises(ValueError, match="broken.jpg: not a readable image"):
+        create_pipeline(cfg, seed=0, process_index=0, process_count=1, device_count=1)
+
+
+def test_image_folder_without_splits_uses_a_fixed_fraction(tmp_path):
+    from resnet_jax.data.image_folder import scan_folder
+
+    root = tmp_path / "flat"
+    _write_folder(root, [f"{c}/{i}.jpg" for c in ("a", "b", "c") for i in range(30)], size=(8, 8))
+    splits, classes = scan_folder(str(root), val_fraction=0.2)
+    assert classes == ["a", "b", "c"]
+    assert len(splits["train"]) + len(splits["val"]) == 90 and 8 <= len(splits["val"]) <= 30
+    assert splits == scan_folder(str(root), val_fraction=0.2)[0]  # deterministic
+    with pytest.raises(ValueError, match="no images in class sub-folders"):
+        scan_folder(str(tmp_path / "flat" / "a"))

@@ -36,6 +36,21 @@ def test_readme_main_command_reaches_97_percent_and_eval_agrees(tmp_path):
     evaluated = _cli("eval", "--workdir", workdir)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert f"top-1 {accuracy:.2f}%" in evaluated.stdout
+    # predict: three held-out test digits (indices 4, 9, 14 of scikit-learn's order) as PNG files.
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    paths = []
+    for i in (4, 9, 14):
+        path = str(tmp_path / f"digit{i}.png")
+        Image.fromarray((digits.images[i] * 255 / 16).round().astype("uint8")).save(path)
+        paths.append(path)
+    predicted = _cli("predict", "--workdir", workdir, *paths)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    for path, i in zip(paths, (4, 9, 14)):
+        line = next(line for line in predicted.stdout.splitlines() if line.startswith(path))
+        assert line.split(": ")[1].split()[0] == str(digits.target[i]), line
 
 
 @pytest.mark.slow

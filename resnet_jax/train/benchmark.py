@@ -1,0 +1,169 @@
+"""``resnet-jax benchmark``: the trainer's own train step on synthetic data already on the device.
+
+Reports compile time, images/s (median over timed windows after warm-up, with min
+and max), step time, achieved model TFLOP/s and MFU against the device's peak
+(3 x 2 x multiply-adds per image: forward plus two backward products), peak device
+memory, and optionally the largest batch that fits. ``--with-input`` feeds the same
+step from the real tf.data pipeline instead, to show whether input is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+# Dense bf16 peak TFLOP/s by device kind (vendor datasheets), for MFU.
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
+}
+
+
+def device_peak_tflops(device: Any) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    for name, peak in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+def benchmark_config(model: str, batch_size: int, image_size: int, dtype: str, num_classes: int = 1000):
+    """The trainer's config for a synthetic-data benchmark of ``model``."""
+    from resnet_jax.train.config import base_config
+
+    c = base_config()
+    c.model.name = model
+    c.model.dtype = dtype
+    c.data.name = "fake"
+    c.data.dtype = dtype
+    c.data.image_size = image_size
+    c.data.num_classes = num_classes
+    c.data.batch_size = c.data.eval_batch_size = batch_size
+    c.data.fake_train_size = batch_size * 1000
+    c.data.fake_pool_batches = 1
+    c.optimizer.nesterov = True
+    c.schedule.name = "cosine"
+    c.num_train_steps = 10**6
+    c.compilation_cache_dir = ""
+    return c
+
+
+def _peak_memory_bytes() -> int | None:
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+def measure(config: Any, steps: int = 50, windows: int = 5, warmup: int = 5, with_input: bool = False) -> dict:
+    """Compiles and times ``config``'s train step; returns the figures as a dict."""
+    from resnet_jax.data.pipeline import to_global_batches
+    from resnet_jax.models import model_macs
+    from resnet_jax.train import sharding
+    from resnet_jax.train.loop import create_state, setup
+
+    s = setup(config)
+    state = create_state(s)
+    batches = to_global_batches(s.pipeline.train_batches(0), sharding.batch_sharding(s.mesh), config.data.prefetch)
+    batch = next(batches)
+    t0 = time.perf_counter()
+    compiled = s.train_step.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - t0
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch if not with_input else next(batches))
+    jax.block_until_ready(metrics)
+    per_window = max(1, steps // windows)
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(per_window):
+            state, metrics = compiled(state, batch if not with_input else next(batches))
+        jax.block_until_ready((state.step, metrics))
+        rates.append(per_window * config.data.batch_size / (time.perf_counter() - start))
+    median = statistics.median(rates)
+    macs = model_macs(s.model, config.data.image_size)
+    tflops = 6 * macs * median / 1e12
+    peak = device_peak_tflops(jax.devices()[0])
+    return {
+        "model": config.model.name,
+        "batch_size": config.data.batch_size,
+        "image_size": config.data.image_size,
+        "dtype": config.model.dtype,
+        "devices": s.mesh.size,
+        "device_kind": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "with_input": with_input,
+        "compile_seconds": compile_seconds,
+        "images_per_second": median,
+        "images_per_second_min": min(rates),
+        "images_per_second_max": max(rates),
+        "step_ms": 1000 * config.data.batch_size / median,
+        "model_tflops": tflops,
+        "mfu": tflops / (peak * s.mesh.size) if peak else None,
+        "peak_memory_gib": (_peak_memory_bytes() or 0) / 2**30 or None,
+        "final_loss": float(metrics["loss"]),
+    }
+
+
+def find_max_batch(model: str, image_size: int, dtype: str, start: int = 64, limit: int = 8192) -> int:
+    """The largest power-of-two-then-bisected batch whose train step compiles and runs."""
+
+    def fits(batch: int) -> bool:
+        try:
+            measure(benchmark_config(model, batch, image_size, dtype), steps=1, windows=1, warmup=1)
+            return True
+        except Exception as e:  # XLA raises RESOURCE_EXHAUSTED as XlaRuntimeError / JaxRuntimeError
+            if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+                return False
+            raise
+
+    ok, bad = 0, None
+    batch = start
+    while batch <= limit and fits(batch):
+        ok, batch = batch, batch * 2
+    bad = batch if batch <= limit else None
+    if bad is None:
+        return ok
+    while bad - ok > max(8, ok // 16):
+        mid = (ok + bad) // 2 // 8 * 8
+        ok, bad = (mid, bad) if fits(mid) else (ok, mid)
+    return ok
+
+
+def main(args: Any) -> int:
+    config = benchmark_config(args.model, args.batch_size, args.image_size, args.dtype)
+    if args.with_input:
+        config.data.name = args.dataset
+        config.data.data_dir = args.data_dir
+        config.data.preprocess = "imagenet"
+    result = measure(config, steps=args.steps, with_input=args.with_input)
+    if args.find_max_batch:
+        result["max_batch"] = find_max_batch(args.model, args.image_size, args.dtype)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        mem = f"{result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] else "n/a"
+        mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a (unknown peak)"
+        print(
+            f"{result['model']} batch {result['batch_size']} @{result['image_size']}px {result['dtype']} on "
+            f"{result['devices']}x {result['device_kind']} (jax {result['jax']})\n"
+            f"  compile            {result['compile_seconds']:.1f} s\n"
+            f"  images/s           {result['images_per_second']:.1f} (min {result['images_per_second_min']:.1f}, "
+            f"max {result['images_per_second_max']:.1f})\n"
+            f"  step time          {result['step_ms']:.2f} ms\n"
+            f"  model TFLOP/s      {result['model_tflops']:.2f}   MFU {mfu}\n"
+            f"  peak memory        {mem}"
+            + (f"\n  largest batch      {result['max_batch']}" if "max_batch" in result else "")
+        )
+    return 0 if np.isfinite(result["final_loss"]) else 1
