@@ -22,7 +22,7 @@ Hardware time (estimate): 64k steps of batch 128 = 8.2M images; ResNet-56 costs
 the wall time is bounded by step dispatch (a few ms per step) at 10-20 minutes.
 """
 
-from resnet_jax.train.config import base_config
+from resnet_jax.train.config import base_config, shrink_for_smoke
 
 DEPTHS = (20, 32, 44, 56, 110)
 
@@ -55,14 +55,7 @@ def get_config(arg: str | None = "resnet20"):
     c.checkpoint_every_steps = 4000
     if arg == "smoke":
         c.model.name = "resnet20"
-        c.data.name = "fake"
-        c.data.num_classes = 10
-        c.data.batch_size = c.data.eval_batch_size = 8
-        c.data.fake_train_size = 32
-        c.data.fake_eval_size = 12
-        c.num_train_steps = 2
-        c.log_every_steps = 1
-        return c
+        return shrink_for_smoke(c, narrow=False)
     depth = arg.removeprefix("resnet").removeprefix("plain")
     if not depth.isdigit() or int(depth) not in DEPTHS or not arg.startswith(("resnet", "plain")):
         raise ValueError(f"unknown variant {arg!r}; use resnet|plain + one of {DEPTHS}, or smoke")

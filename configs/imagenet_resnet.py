@@ -34,7 +34,7 @@ pipeline keeps up, and about 1/8 of that on 8 accelerators.
 
 import re
 
-from resnet_jax.train.config import base_config
+from resnet_jax.train.config import base_config, shrink_for_smoke
 
 DEPTHS = (18, 34, 50, 101, 152, 200)
 
@@ -55,17 +55,7 @@ def get_config(arg: str | None = "resnet50"):
     c.checkpoint_every_steps = 2000
     if arg == "smoke":
         c.model.name = "resnet18"
-        c.model.overrides.widths = (8, 8, 8, 8)
-        c.model.overrides.stem_width = 8
-        c.data.name = "fake"
-        c.data.image_size = 32
-        c.data.num_classes = 10
-        c.data.batch_size = c.data.eval_batch_size = 8
-        c.data.fake_train_size = 32
-        c.data.fake_eval_size = 12
-        c.num_train_steps = 2
-        c.log_every_steps = 1
-        return c
+        return shrink_for_smoke(c)
     match = re.fullmatch(r"resnet(\d+)(_v1|d)?(?:-(paper|modern))?", arg)
     if not match or int(match.group(1)) not in DEPTHS:
         raise ValueError(

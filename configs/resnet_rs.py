@@ -47,7 +47,7 @@ multiply-adds per image fit a budget.
 
 import re
 
-from resnet_jax.train.config import base_config
+from resnet_jax.train.config import base_config, shrink_for_smoke
 
 DEPTHS = (50, 101, 152, 200, 270, 350, 420)
 PUBLISHED = ("rs50-160", "rs101-160", "rs101-192", "rs152-192", "rs152-224", "rs152-256",
@@ -107,16 +107,7 @@ def get_config(arg: str | None = "rs50-160"):
     c.checkpoint_every_steps = 1000
     if arg == "smoke":
         depth, size = 50, 32
-        c.model.overrides.widths = (8, 8, 8, 8)
-        c.model.overrides.stem_width = 8
-        c.data.name = "fake"
-        c.data.num_classes = 10
-        c.data.preprocess = "plain"
-        c.data.batch_size = c.data.eval_batch_size = 8
-        c.data.fake_train_size = 32
-        c.data.fake_eval_size = 12
-        c.num_train_steps = 2
-        c.log_every_steps = 1
+        shrink_for_smoke(c, image_size=size)
     else:
         match = re.fullmatch(r"(?:rs|scaled-)(\d+)-(\d+)", arg)
         if not match or (arg.startswith("rs") and arg not in PUBLISHED):
