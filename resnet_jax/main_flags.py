@@ -38,6 +38,8 @@ def run(command: str, argv: list[str]) -> int:
         from resnet_jax.train import distributed
 
         distributed.maybe_initialize()
+        if command in ("train", "eval") and len(argv_rest) > 1:
+            raise ValueError(f"unexpected arguments {argv_rest[1:]}; config fields are set as --config.a.b=value")
         if command == "train":
             from resnet_jax.train.loop import train_and_evaluate
 
@@ -61,6 +63,14 @@ def run(command: str, argv: list[str]) -> int:
         except (FileNotFoundError, IncompatibleCheckpointError, FloatingPointError, ValueError) as e:
             print(f"resnet-jax {command}: error: {e}", file=sys.stderr, flush=True)
             sys.exit(2 if not isinstance(e, FloatingPointError) else 3)
+        except Exception as e:
+            # tf.data errors (an unreadable or corrupt record mid-epoch) carry the file name
+            # in their message; show that instead of a C++ stack. Checkpoints are untouched.
+            if type(e).__module__.startswith("tensorflow"):
+                message = getattr(e, "message", str(e)).split("[Op:")[0].split("}}")[-1].strip()
+                print(f"resnet-jax {command}: input error: {type(e).__name__}: {message}", file=sys.stderr, flush=True)
+                sys.exit(4)
+            raise
 
     try:
         app.run(main_with_clean_errors, argv=[f"resnet-jax {command}", *argv])

@@ -7,6 +7,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# triton (pulled in by timm) segfaults when it is first imported after TensorFlow in the
+# same process (TF 2.21 / triton of torch 2.14); the suite imports both, so load timm first.
+try:
+    import timm  # noqa: F401
+except ImportError:
+    pass
+
 
 import pytest  # noqa: E402
 

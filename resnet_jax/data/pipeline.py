@@ -197,6 +197,8 @@ def _tfds_pipeline(cfg: Any, seed: int, process_index: int, process_count: int) 
     options.experimental_optimization.map_parallelization = True
 
     train_split = tfds.even_splits(info.train_split, n=process_count, drop_remainder=True)[process_index]
+    eval_splits = tfds.even_splits(info.eval_split, n=process_count)
+    _check_files_exist(builder, [train_split, eval_splits[process_index]], tf)
     n_train = builder.info.splits[train_split].num_examples
     dropped = info.num_train - n_train * process_count
     if dropped:
@@ -231,7 +233,6 @@ def _tfds_pipeline(cfg: Any, seed: int, process_index: int, process_count: int) 
         ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(options)
         return iter(tfds.as_numpy(ds))
 
-    eval_splits = tfds.even_splits(info.eval_split, n=process_count)
     shares = [builder.info.splits[s].num_examples for s in eval_splits]
     eval_local = cfg.eval_batch_size // process_count
     num_eval_batches = math.ceil(max(shares) / eval_local)
@@ -256,6 +257,20 @@ def _tfds_pipeline(cfg: Any, seed: int, process_index: int, process_count: int) 
         info, cfg.batch_size, cfg.eval_batch_size, process_index, process_count,
         train, lambda: iter(tfds.as_numpy(eval_ds)), num_eval_batches, n_train,
     )
+
+
+def _check_files_exist(builder: Any, splits: list, tf: Any) -> None:
+    """Fails before training, naming the file, when a prepared dataset lost a shard."""
+    names = set(tf.io.gfile.listdir(str(builder.data_dir)))
+    for split in splits:
+        for instruction in builder.info.splits[split].file_instructions:
+            filename = str(instruction.filename)
+            if filename.rsplit("/", 1)[-1] not in names:
+                raise FileNotFoundError(
+                    f"data file {filename} of {builder.name} is missing. The prepared dataset in "
+                    f"{builder.data_dir} is incomplete: restore the file, or delete that directory "
+                    "to prepare the dataset again."
+                )
 
 
 # --------------------------------------------------------------------------- device

@@ -300,5 +300,6 @@ def predict_preprocess(image_bytes: bytes, cfg: Any, channels: int) -> tf.Tensor
         image = tf.image.crop_to_bounding_box(image, (shape[0] - side + 1) // 2, (shape[1] - side + 1) // 2, side, side)
     image = tf.cast(image, tf.float32)
     if image.shape[0] != cfg.image_size or image.shape[1] != cfg.image_size:
-        image = resize(image, int(cfg.image_size), cfg.get("interpolation", "bilinear"), bool(cfg.get("antialias", False)))
+        method = cfg.get("interpolation", "bilinear")
+        image = resize(image, int(cfg.image_size), method, bool(cfg.get("antialias", False)))
     return normalize(image, cfg.mean, cfg.std, cfg.dtype)

@@ -80,10 +80,9 @@ def setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Set
     total_steps = config.num_train_steps or int(math.ceil(config.num_epochs * steps_per_epoch))
     schedule = optim.create_schedule(config, steps_per_epoch, total_steps)
     tx = optim.create_optimizer(config, schedule)
-    channels = info.image_shape[-1] if info.image_shape else 3
-    image_shape = (config.data.image_size, config.data.image_size, channels)
-    use_ema = bool(config.ema_decay)
-    abstract_state = jax.eval_shape(lambda: init_state(model, tx, config.seed, image_shape, use_ema))
+    abstract_state = jax.eval_shape(
+        lambda: init_state(model, tx, config.seed, model_input_shape(config, info), bool(config.ema_decay))
+    )
     state_sharding = sharding.state_shardings(abstract_state, mesh, config.shard_params)
     train_step, eval_step = compile_steps(
         model, tx, state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh),
@@ -95,11 +94,16 @@ def setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Set
     )
 
 
+def model_input_shape(config: ml_collections.ConfigDict, info: Any) -> tuple[int, int, int]:
+    """(H, W, C) of one model input: the configured size, the dataset's channels."""
+    channels = info.image_shape[-1] if info.image_shape else 3
+    return (config.data.image_size, config.data.image_size, channels)
+
+
 def create_state(s: Setup) -> TrainState:
     """A freshly initialised state, created directly with its shardings."""
     c = s.config
-    channels = s.pipeline.info.image_shape[-1] if s.pipeline.info.image_shape else 3
-    shape = (c.data.image_size, c.data.image_size, channels)
+    shape = model_input_shape(c, s.pipeline.info)
     init = jax.jit(
         lambda: init_state(s.model, s.tx, c.seed, shape, bool(c.ema_decay)), out_shardings=s.state_sharding
     )

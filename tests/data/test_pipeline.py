@@ -45,8 +45,8 @@ def test_digits_is_scikit_learns_digits_with_the_documented_split():
     images, labels = np.concatenate(images), np.concatenate(labels)
     test = np.arange(1797) % 5 == 4
     expected = np.round(digits.images[test] * 255 / 16)
-    ours = {_key(i): int(l) for i, l in zip(images[..., 0], labels)}
-    ref = {_key(i): int(l) for i, l in zip(expected, digits.target[test])}
+    ours = {_key(i): int(lab) for i, lab in zip(images[..., 0], labels)}
+    ref = {_key(i): int(lab) for i, lab in zip(expected, digits.target[test])}
     assert ours == ref
 
 
@@ -59,7 +59,7 @@ def test_process_shares_are_disjoint_and_eval_covers_every_example_once():
         assert p.train_examples_per_process == 479 and p.local_batch_size == 21
         it = p.train_batches(0)
         batches = [next(it) for _ in range(479 // 21)]
-        seen.append({_key(im) + str(l) for b in batches for im, l in zip(b["image"], b["label"])})
+        seen.append({_key(im) + str(lab) for b in batches for im, lab in zip(b["image"], b["label"])})
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
     # Eval: 359 = 120 + 120 + 119; every process yields the same number of batches.
     counts, keys = [], []

@@ -1,6 +1,5 @@
 """Preprocessing ops against closed-form numpy references."""
 
-import io
 
 import numpy as np
 import pytest

@@ -93,3 +93,17 @@ def test_bad_input_gives_a_clear_error_without_traceback(tmp_path):
     assert "digits" in run.stderr and "Traceback" not in run.stderr
     run = _cli("eval", "--workdir", str(tmp_path / "nothing"))
     assert run.returncode == 2 and "no checkpoints in" in run.stderr
+
+
+def test_missing_data_file_is_named_and_checkpoints_are_untouched(tmp_path):
+    data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
+    args = ["train", "--config", "configs/digits.py:smoke", "--workdir", workdir, f"--config.data.data_dir={data_dir}"]
+    assert _cli(*args).returncode == 0
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    shard = next(f for f in os.listdir(os.path.join(data_dir, "digits", "1.0.0")) if "train.tfrecord" in f)
+    os.remove(os.path.join(data_dir, "digits", "1.0.0", shard))
+    run = _cli(*args, "--config.num_train_steps=4")
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert f"data file {os.path.join(data_dir, 'digits', '1.0.0', shard)} of digits is missing" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from resnet_jax.models import create_model, model_params
+from resnet_jax.models import model_params
 from resnet_jax.train.loop import build_model, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -144,3 +144,36 @@ def test_ema_tracks_params_with_tf_style_warmup():
         ema = d * ema + (1 - d) * np.asarray(state.params["w"])
     np.testing.assert_allclose(np.asarray(state.ema_params["w"]), ema, rtol=1e-6)
     assert float(ema_decay_at(jnp.asarray(10**6), 0.9999)) == pytest.approx(0.9999)
+
+
+class TwoByOneKernel(nn.Module):
+    """logits = x @ K with K of shape (1, 2): a 2-D kernel, so LARS applies its trust ratio."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return x[:, :1] @ self.param("kernel", lambda k: jnp.array([[0.3, -0.2]]))
+
+
+def test_lars_update_closed_form():
+    """LARS (You et al. 2017, optax's form): u = trust * (g + wd w) with
+    trust = 0.001 ||w|| / ||g + wd w||, scaled by lr, then momentum."""
+    c = _config(**{"optimizer.name": "lars", "optimizer.base_lr": 2.0, "optimizer.scale_lr_with_batch": False,
+                   "optimizer.momentum": 0.9, "optimizer.weight_decay": 0.01, "schedule.name": "constant"})
+    tx = optim.create_optimizer(c, optim.create_schedule(c, 1, 3))
+    model = TwoByOneKernel()
+    params = {"kernel": jnp.array([[0.3, -0.2]])}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params),
+                       ema_params={}, ema_batch_stats={}, rng=jax.random.PRNGKey(0))
+    rng = np.random.default_rng(1)
+    w, buf = np.array([0.3, -0.2], np.float64), np.zeros(2)
+    for _ in range(3):
+        x, y = rng.normal(size=4), rng.integers(0, 2, 4)
+        state, _ = train_step(state, {"image": jnp.asarray(x, jnp.float32)[:, None], "label": jnp.asarray(y, jnp.int32)},
+                              model=model, tx=tx)
+        logits = x[:, None] * w[None]
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        g = ((p - np.eye(2)[y]) * x[:, None]).mean(0) + 0.01 * w
+        buf = 0.9 * buf + 2.0 * (0.001 * np.linalg.norm(w) / np.linalg.norm(g)) * g
+        w = w - buf
+    np.testing.assert_allclose(np.asarray(state.params["kernel"])[0], w, rtol=1e-5)
