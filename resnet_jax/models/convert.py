@@ -262,16 +262,16 @@ def load_pretrained(
         variables = convert_state_dict(state_dict, name, skip_head=not keep_head, num_classes=weights_classes)
     num_classes = weights_classes if num_classes is None else num_classes
     model = create_model(name, num_classes=num_classes, **model_overrides)
-    reference = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32), train=False)
-    flat_ref = flax.traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, reference))
+    flat_ref = flax.traverse_util.flatten_dict(abstract_variables(model, 64))
     flat = flax.traverse_util.flatten_dict(variables)
-    if num_classes != weights_classes:
+    if num_classes != weights_classes:  # fine-tuning: drop the old head, initialise a new one
         flat = {k: v for k, v in flat.items() if k[1] != "fc"}
-    missing = [k for k in flat_ref if k not in flat]
-    if any(k[1] != "fc" for k in missing):
-        raise ConversionError(f"{path} lacks variables of {name}: {['/'.join(k) for k in missing[:8]]}")
-    for k in missing:  # a fresh head for fine-tuning
-        flat[k] = flat_ref[k]
+        if num_classes:
+            fresh = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32), train=False)
+            flat.update({k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(fresh).items() if k[1] == "fc"})
+    missing = ["/".join(k) for k in flat_ref if k not in flat]
+    if missing:
+        raise ConversionError(f"{path} lacks variables of {name}: {missing[:8]}")
     for k in flat_ref:
         if flat[k].shape != flat_ref[k].shape:
             raise ConversionError(f"{path}: {'/'.join(k)} has shape {flat[k].shape}, {name} needs {flat_ref[k].shape}")

@@ -128,13 +128,12 @@ def find_max_batch(model: str, image_size: int, dtype: str, start: int = 64, lim
                 return False
             raise
 
-    ok, bad = 0, None
-    batch = start
+    ok, batch = 0, start
     while batch <= limit and fits(batch):
         ok, batch = batch, batch * 2
-    bad = batch if batch <= limit else None
-    if bad is None:
+    if batch > limit:
         return ok
+    bad = batch
     while bad - ok > max(8, ok // 16):
         mid = (ok + bad) // 2 // 8 * 8
         ok, bad = (mid, bad) if fits(mid) else (ok, mid)

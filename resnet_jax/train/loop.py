@@ -110,9 +110,13 @@ def create_state(s: Setup) -> TrainState:
     return init()
 
 
+AVERAGED = ("loss", "top1", "top5")
+
+
 @jax.jit
 def _accumulate(acc: dict, metrics: dict, step: jax.Array) -> dict:
-    out = {k: acc[k] + metrics[k] for k in metrics}
+    """Sums the averaged metrics and remembers the first step whose loss was NaN/inf."""
+    out = {k: acc[k] + metrics[k] for k in AVERAGED}
     bad = jnp.where(metrics["nonfinite"] > 0, step, NO_STEP)
     out["first_nonfinite_step"] = jnp.minimum(acc["first_nonfinite_step"], bad)
     out["steps"] = acc["steps"] + 1
@@ -121,10 +125,7 @@ def _accumulate(acc: dict, metrics: dict, step: jax.Array) -> dict:
 
 def _empty_accumulator() -> dict:
     zero = jnp.zeros((), jnp.float32)
-    return {
-        "loss": zero, "top1": zero, "top5": zero, "nonfinite": zero,
-        "first_nonfinite_step": jnp.asarray(NO_STEP, jnp.int32), "steps": zero,
-    }
+    return {**{k: zero for k in AVERAGED}, "first_nonfinite_step": jnp.asarray(NO_STEP, jnp.int32), "steps": zero}
 
 
 def evaluate(s: Setup, state: TrainState) -> dict[str, float]:
@@ -222,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
             batch = next(batches)
             state, metrics = s.train_step(state, batch)
             step += 1
-            acc = _accumulate(acc, metrics, jnp.asarray(step, jnp.int32))
+            acc = _accumulate(acc, metrics, state.step)  # state.step is on the device: no transfer
             images_since_log += c.data.batch_size
             if t_compile_end is None:
                 jax.block_until_ready(metrics)
