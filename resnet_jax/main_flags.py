@@ -56,13 +56,17 @@ def run(command: str, argv: list[str]) -> int:
             predict_images(FLAGS.workdir, list(argv_rest[1:]), FLAGS.checkpoint)
 
     def main_with_clean_errors(argv_rest):
-        from resnet_jax.train.checkpoint import IncompatibleCheckpointError
+        from resnet_jax.train.checkpoint import CheckpointWriteError, IncompatibleCheckpointError
 
         try:
             main(argv_rest)
         except (FileNotFoundError, IncompatibleCheckpointError, FloatingPointError, ValueError) as e:
             print(f"resnet-jax {command}: error: {e}", file=sys.stderr, flush=True)
             sys.exit(2 if not isinstance(e, FloatingPointError) else 3)
+        except OSError as e:  # a checkpoint or log that cannot be written: full disk, permissions
+            message = e.strerror if isinstance(e, CheckpointWriteError) else str(e)
+            print(f"resnet-jax {command}: write error: {message}", file=sys.stderr, flush=True)
+            sys.exit(5)
         except Exception as e:
             # tf.data errors (an unreadable or corrupt record mid-epoch) carry the file name
             # in their message; show that instead of a C++ stack. Checkpoints are untouched.

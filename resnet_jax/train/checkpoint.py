@@ -10,17 +10,31 @@ A run restarted on the same workdir resumes from the newest checkpoint; restorin
 takes the target's shardings, so a checkpoint written on N devices restores on M.
 A SIGTERM (how Cloud TPU VMs and spot VMs announce preemption) is caught by
 :class:`PreemptionWatcher`; the loop then saves and exits cleanly.
+
+A save that cannot be written (a full disk, no permission) raises
+:class:`CheckpointWriteError` naming the step, the directory and the cause.
+Before each save on a local filesystem the free space is compared with the
+checkpoint's size, so a full disk is usually refused before a byte is written;
+a write that fails part-way has its temporary directory removed. Either way the
+complete checkpoints already in the workdir are untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
+import re
+import shutil
 import signal
+import sys
 import threading
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
@@ -52,6 +66,54 @@ SHAPE_FIELDS = (
 
 class IncompatibleCheckpointError(ValueError):
     """The workdir holds checkpoints of a config whose state has another shape."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, no permission); earlier ones are intact."""
+
+
+# Room required beyond the arrays (JSON items, Orbax metadata, filesystem blocks):
+# a fixed amount plus a fraction of the array bytes.
+SPACE_MARGIN_BYTES = 256 << 10
+SPACE_MARGIN_FRACTION = 0.02
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def checkpoint_bytes(state: Any) -> int:
+    """Bytes the arrays of ``state`` take in one checkpoint (each shard counted once)."""
+    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state)))
+
+
+def _os_error_code(exc: BaseException) -> int | None:
+    """The errno behind ``exc`` or its causes: OSError, or tensorstore's ``os_error_code='N'``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        match = re.search(r"os_error_code='?(\d+)", str(exc))
+        if match:
+            return int(match.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _quiet_orphaned_save_callbacks() -> None:
+    """After a failed save, tensorstore still completes the orphaned writes of Orbax's
+    closed event loop; each would print a traceback ('Event loop is closed', 'exception
+    was never retrieved') after our error. Those say nothing new, so they are dropped."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
 
 
 def _get(tree: dict, dotted: str) -> Any:
@@ -113,6 +175,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config")
         )
+        self._last_step: int | None = None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -134,7 +197,83 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_position),
             config=ocp.args.JsonSave(config),
         )
-        return self.manager.save(step, args=args, metrics=metrics, force=True)
+        self._last_step = step
+        with self._write_errors(step):
+            self.manager.wait_until_finished()  # Orbax's save() waits for the previous one anyway
+            self._check_free_space(step, state)
+            return self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def _check_free_space(self, step: int, state: Any) -> None:
+        """Refuses the save before writing anything when the filesystem lacks room for it."""
+        path = os.fspath(self.directory)
+        if "://" in path:  # gs:// and other object stores: no free-space figure to read
+            return
+        needed = int(checkpoint_bytes(state) * (1 + SPACE_MARGIN_FRACTION)) + SPACE_MARGIN_BYTES
+        free = shutil.disk_usage(path).free
+        if jax.process_count() > 1:  # Orbax needs one shared directory: all processes decide alike
+            from jax.experimental import multihost_utils
+
+            free_mib = np.asarray(min(free >> 20, 2**31 - 1), np.int32)  # int32: jax has no x64 by default
+            free = int(np.min(multihost_utils.process_allgather(free_mib))) << 20
+        if free < needed:
+            raise CheckpointWriteError(
+                errno.ENOSPC,
+                f"not enough disk space to save the checkpoint of step {step} in {path}: it needs about "
+                f"{_megabytes(needed)}, {_megabytes(free)} is free. Nothing was written. "
+                + self._recovery_hint(),
+            )
+
+    def _newest_complete_step(self) -> int | None:
+        """Newest finished checkpoint on disk (the manager may already list a failed one)."""
+        path = os.fspath(self.directory)
+        if "://" in path:
+            return self.manager.latest_step()
+        steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
+        return max(steps, default=None)
+
+    def _recovery_hint(self) -> str:
+        latest = self._newest_complete_step()
+        return (
+            f"The newest complete checkpoint, step {latest}, is untouched; after freeing space "
+            "(or lowering config.keep_checkpoints, or moving --workdir to a larger disk) run the same "
+            f"command again to resume from step {latest}."
+            if latest is not None
+            else "There is no earlier checkpoint; free space or choose a --workdir on a larger disk."
+        )
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None):
+        """Turns an OS-level write failure (here or from an earlier async save) into a
+        :class:`CheckpointWriteError` and removes the partial temporary directories."""
+        try:
+            yield
+        except CheckpointWriteError:
+            raise
+        except Exception as e:  # Orbax/tensorstore raise ValueError carrying the OS error code
+            code = _os_error_code(e)
+            if code is None:
+                raise
+            _quiet_orphaned_save_callbacks()
+            failed = self._remove_partial_saves()
+            steps = ", ".join(failed) if failed else str(step if step is not None else "?")
+            raise CheckpointWriteError(
+                code,
+                f"could not write the checkpoint of step {steps} in {self.directory}: "
+                f"{os.strerror(code)} (errno {code}). The partial files were removed. " + self._recovery_hint(),
+            ) from e
+
+    def _remove_partial_saves(self) -> list[str]:
+        """Deletes ``<step>.orbax-checkpoint-tmp*`` directories; returns their steps."""
+        path = os.fspath(self.directory)
+        if "://" in path or not os.path.isdir(path):
+            return []
+        steps = []
+        for name in sorted(os.listdir(path)):
+            if _TMP_SUFFIX in name:
+                steps.append(name.split(".")[0])
+                if jax.process_index() == 0:
+                    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+        return steps
 
     def saved_config(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -151,8 +290,9 @@ class Checkpointer:
         return restored["state"], restored["data"]
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are complete."""
-        self.manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are complete (raising their write errors)."""
+        with self._write_errors(self._last_step):
+            self.manager.wait_until_finished()
 
     def reached_preemption(self, step: int) -> bool:
         """Orbax's multi-host preemption sync (True on every process once any is told)."""

@@ -107,3 +107,67 @@ def test_missing_data_file_is_named_and_checkpoints_are_untouched(tmp_path):
     assert f"data file {os.path.join(data_dir, 'digits', '1.0.0', shard)} of digits is missing" in run.stderr
     assert "Traceback" not in run.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+FULL_DISK_SCRIPT = """
+set -u
+mount -t tmpfs -o size=5m tmpfs "$DISK"
+"$PYTHON" -c "$ENTRY" train $ARGS --config.num_train_steps=6
+echo "first exit $?"
+ls "$DISK/run/checkpoints"
+mount -o remount,size=64m "$DISK"   # the user frees space
+"$PYTHON" -c "$ENTRY" train $ARGS --config.num_train_steps=6
+echo "second exit $?"
+"""
+# Runs the CLI; with PATCH_SIZE=1 the free-space check is told the checkpoint is empty, so the
+# save starts and the write itself fails part-way with ENOSPC from the filesystem.
+ENTRY = """
+import os, sys
+import resnet_jax.train.checkpoint as checkpoint
+if os.environ.get("PATCH_SIZE") == "1":
+    checkpoint.checkpoint_bytes = lambda state: 0
+from resnet_jax.main_flags import run
+sys.exit(run(sys.argv[1], sys.argv[2:]))
+"""
+
+
+def _run_on_small_disk(tmp_path, patch_size: bool) -> str:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    args = (f"--config configs/digits.py:smoke --workdir {disk}/run --config.checkpoint_every_steps=1 "
+            "--config.log_every_steps=1")
+    env = {**ENV, "DISK": str(disk), "PYTHON": sys.executable, "ENTRY": ENTRY, "ARGS": args,
+           "PATCH_SIZE": "1" if patch_size else "0"}
+    run = subprocess.run(["unshare", "-m", "bash", "-c", FULL_DISK_SCRIPT], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    return run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root to mount a small tmpfs in a mount namespace")
+@pytest.mark.parametrize("where", ["refused before writing", "failed while writing"])
+def test_a_full_disk_on_save_is_named_and_keeps_earlier_checkpoints(tmp_path, where):
+    """A 5 MB filesystem holds two checkpoints of the digits ResNet-20 (2.2 MB each), not three."""
+    out = _run_on_small_disk(tmp_path, patch_size=where == "failed while writing")
+    assert "first exit 5" in out, out[-4000:]
+    if where == "refused before writing":
+        assert "not enough disk space to save the checkpoint of step 3" in out, out[-4000:]
+        assert "Nothing was written" in out
+    else:
+        assert "could not write the checkpoint of step 3" in out, out[-4000:]
+        assert "No space left on device (errno 28). The partial files were removed." in out
+    assert "The newest complete checkpoint, step 2, is untouched" in out
+    first_run_stderr = out.split("write error:")[1].split("second exit")[0]
+    assert "Traceback" not in first_run_stderr, first_run_stderr[:3000]
+    listing = out.split("first exit 5\n")[1].split("\n")
+    assert listing[:2] == ["1", "2"] and "orbax-checkpoint-tmp" not in listing[2], listing
+    # After the user frees space the same command resumes from step 2 and finishes.
+    assert "second exit 0" in out, out[-4000:]
+    assert f"resumed from {tmp_path}/disk/run/checkpoints/2" in out
+    assert "stopped at step 6/" in out or "finished at step 6/" in out, out[-3000:]

@@ -90,3 +90,34 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     checkpointer = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
     assert checkpointer.latest_step() == bad - 1
     checkpointer.close()
+
+
+def test_free_space_estimate_covers_what_orbax_writes(tmp_path):
+    """The pre-save check compares free space with ``checkpoint_bytes``; it must not
+    undercount what actually lands on disk (nor overcount grossly and refuse good saves)."""
+    config = tiny_config(num_train_steps=1, **{"model.overrides.widths": (32, 32, 32, 32)})
+    train_and_evaluate(config, str(tmp_path))
+    state, _ = _restore(str(tmp_path), config, 1)
+    estimate = ckpt_lib.checkpoint_bytes(state)
+    on_disk = sum(
+        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(tmp_path / "checkpoints" / "1")
+        for f in files
+    )
+    arrays = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(state))  # independent count
+    assert estimate == arrays
+    budget = estimate * (1 + ckpt_lib.SPACE_MARGIN_FRACTION) + ckpt_lib.SPACE_MARGIN_BYTES
+    assert 0.9 * estimate < on_disk <= budget, (estimate, on_disk, budget)
+
+
+def test_os_error_codes_are_found_in_orbax_and_tensorstore_errors():
+    tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "params.fc.bias/0" in OCDBT database: '
+                             "Failed to write 37180 bytes to file 5: No space left on device [os_error_code='28']")
+    assert ckpt_lib._os_error_code(tensorstore) == 28
+    try:
+        try:
+            raise PermissionError(13, "Permission denied", "/ckpt")
+        except PermissionError as inner:
+            raise RuntimeError("save failed") from inner
+    except RuntimeError as outer:
+        assert ckpt_lib._os_error_code(outer) == 13
+    assert ckpt_lib._os_error_code(ValueError("shapes do not match")) is None
