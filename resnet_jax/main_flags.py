@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -55,25 +57,39 @@ def run(command: str, argv: list[str]) -> int:
                 raise ValueError("give one or more image files: resnet-jax predict --workdir DIR IMAGE...")
             predict_images(FLAGS.workdir, list(argv_rest[1:]), FLAGS.checkpoint)
 
+    def fail(code: int, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+        import jax
+
+        if jax.process_count() > 1:
+            # A graceful exit would wait in JAX's shutdown barrier for peers that are
+            # themselves waiting for this process (up to 5 minutes). Exit now: the peers
+            # stop at their heartbeat timeout, or at once under srun --kill-on-bad-exit.
+            sys.stdout.flush()
+            os._exit(code)
+        sys.exit(code)
+
     def main_with_clean_errors(argv_rest):
         from resnet_jax.train.checkpoint import CheckpointWriteError, IncompatibleCheckpointError
 
         try:
             main(argv_rest)
         except (FileNotFoundError, IncompatibleCheckpointError, FloatingPointError, ValueError) as e:
-            print(f"resnet-jax {command}: error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2 if not isinstance(e, FloatingPointError) else 3)
+            fail(2 if not isinstance(e, FloatingPointError) else 3, f"resnet-jax {command}: error: {e}")
         except OSError as e:  # a checkpoint or log that cannot be written: full disk, permissions
             message = e.strerror if isinstance(e, CheckpointWriteError) else str(e)
-            print(f"resnet-jax {command}: write error: {message}", file=sys.stderr, flush=True)
-            sys.exit(5)
+            fail(5, f"resnet-jax {command}: write error: {message}")
         except Exception as e:
             # tf.data errors (an unreadable or corrupt record mid-epoch) carry the file name
             # in their message; show that instead of a C++ stack. Checkpoints are untouched.
             if type(e).__module__.startswith("tensorflow"):
                 message = getattr(e, "message", str(e)).split("[Op:")[0].split("}}")[-1].strip()
-                print(f"resnet-jax {command}: input error: {type(e).__name__}: {message}", file=sys.stderr, flush=True)
-                sys.exit(4)
+                fail(4, f"resnet-jax {command}: input error: {type(e).__name__}: {message}")
+            import jax
+
+            if jax.process_count() > 1:  # the traceback, then the same prompt exit as above
+                traceback.print_exc()
+                fail(1, f"resnet-jax {command}: process {jax.process_index()} failed: {type(e).__name__}")
             raise
 
     try:

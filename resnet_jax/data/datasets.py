@@ -27,7 +27,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 FAKE = "fake"
 DIGITS = "digits"
@@ -132,6 +133,30 @@ def default_data_dir(data_dir: str | None) -> str:
     return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
 
 
+T = TypeVar("T")
+
+
+def _prepare_in_process_order(prepare: Callable[[], T]) -> T:
+    """Runs ``prepare`` in process 0, then, after a barrier, in the other processes.
+
+    ``prepare`` must build the builder itself: one made before the barrier would keep
+    the unprepared dataset's (empty) info.
+
+    With a data_dir that all hosts share, concurrent preparation races on tfds'
+    final rename ("Destination ... already exists"); this way the others find the
+    dataset prepared. With per-host data dirs each host still prepares its own.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return prepare()
+    from jax.experimental import multihost_utils
+
+    result = prepare() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("resnet_jax: dataset prepared by process 0")
+    return result if jax.process_index() == 0 else prepare()
+
+
 def get_builder(
     name: str, data_dir: str | None = None, download: bool = True, strict_images: bool = False
 ) -> Any:
@@ -145,17 +170,31 @@ def get_builder(
     if name == FAKE:
         raise ValueError("the `fake` dataset has no tfds builder; use the pipeline directly")
     import_tf()
-    import tensorflow_datasets as tfds
-
     data_dir = default_data_dir(data_dir)
     if name == DIGITS:
-        builder = _digits_builder_class()(data_dir=data_dir)
-        builder.download_and_prepare()
-        return builder
-    if name.startswith(IMAGE_FOLDER_PREFIX):
+
+        def open_builder():
+            builder = _digits_builder_class()(data_dir=data_dir)
+            builder.download_and_prepare()
+            return builder
+
+    elif name.startswith(IMAGE_FOLDER_PREFIX):
         from resnet_jax.data.image_folder import prepare_image_folder
 
-        return prepare_image_folder(name[len(IMAGE_FOLDER_PREFIX) :], data_dir, strict=strict_images)
+        def open_builder():
+            return prepare_image_folder(name[len(IMAGE_FOLDER_PREFIX) :], data_dir, strict=strict_images)
+
+    else:
+
+        def open_builder():
+            return _catalog_builder(name, data_dir, download)
+
+    return _prepare_in_process_order(open_builder)
+
+
+def _catalog_builder(name: str, data_dir: str, download: bool) -> Any:
+    import tensorflow_datasets as tfds
+
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
