@@ -66,8 +66,17 @@ def _peak_memory_bytes() -> int | None:
     return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
 
 
-def measure(config: Any, steps: int = 50, windows: int = 5, warmup: int = 5, with_input: bool = False) -> dict:
-    """Compiles and times ``config``'s train step; returns the figures as a dict."""
+def measure(
+    config: Any, steps: int = 50, windows: int = 5, warmup: int = 5, with_input: bool = False,
+    profile_dir: str | None = None,
+) -> dict:
+    """Compiles and times ``config``'s train step; returns the figures as a dict.
+
+    ``losses`` holds the loss of every step run (warm-up included), read from the
+    device only at the end, so a faster variant's loss curve can be compared with the
+    baseline's on the same seed. ``profile_dir``: a ``jax.profiler`` trace of the last
+    timed window.
+    """
     from resnet_jax.data.pipeline import to_global_batches
     from resnet_jax.models import model_macs
     from resnet_jax.train import sharding
@@ -80,17 +89,25 @@ def measure(config: Any, steps: int = 50, windows: int = 5, warmup: int = 5, wit
     t0 = time.perf_counter()
     compiled = s.train_step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0
+    losses = []  # device scalars; reading them per step would put the host on the critical path
     for _ in range(warmup):
         state, metrics = compiled(state, batch if not with_input else next(batches))
+        losses.append(metrics["loss"])
     jax.block_until_ready(metrics)
     per_window = max(1, steps // windows)
     rates = []
-    for _ in range(windows):
+    for window in range(windows):
+        tracing = profile_dir is not None and window == windows - 1
+        if tracing:
+            jax.profiler.start_trace(profile_dir)
         start = time.perf_counter()
         for _ in range(per_window):
             state, metrics = compiled(state, batch if not with_input else next(batches))
+            losses.append(metrics["loss"])
         jax.block_until_ready((state.step, metrics))
         rates.append(per_window * config.data.batch_size / (time.perf_counter() - start))
+        if tracing:
+            jax.profiler.stop_trace()
     median = statistics.median(rates)
     macs = model_macs(s.model, config.data.image_size)
     tflops = 6 * macs * median / 1e12
@@ -113,6 +130,7 @@ def measure(config: Any, steps: int = 50, windows: int = 5, warmup: int = 5, wit
         "mfu": tflops / (peak * s.mesh.size) if peak else None,
         "peak_memory_gib": (_peak_memory_bytes() or 0) / 2**30 or None,
         "final_loss": float(metrics["loss"]),
+        "losses": [round(float(x), 5) for x in jax.device_get(losses)],
     }
 
 
@@ -146,7 +164,7 @@ def main(args: Any) -> int:
         config.data.name = args.dataset
         config.data.data_dir = args.data_dir
         config.data.preprocess = "imagenet"
-    result = measure(config, steps=args.steps, with_input=args.with_input)
+    result = measure(config, steps=args.steps, with_input=args.with_input, profile_dir=args.profile)
     if args.find_max_batch:
         result["max_batch"] = find_max_batch(args.model, args.image_size, args.dtype)
     if args.json:
