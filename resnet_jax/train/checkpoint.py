@@ -9,7 +9,9 @@ checkpoint that :meth:`Checkpointer.latest_step` would pick. The newest
 A run restarted on the same workdir resumes from the newest checkpoint; restoring
 takes the target's shardings, so a checkpoint written on N devices restores on M.
 A SIGTERM (how Cloud TPU VMs and spot VMs announce preemption) is caught by
-:class:`PreemptionWatcher`; the loop then saves and exits cleanly.
+:class:`PreemptionWatcher` in a single-process run, and by JAX's preemption service in
+a multi-process one, which makes every process save the same step even when only one
+of them was signalled; the loop then saves and exits cleanly.
 
 A save that cannot be written (a full disk, no permission) raises
 :class:`CheckpointWriteError` naming the step, the directory and the cause.
@@ -302,11 +304,26 @@ class Checkpointer:
         self.manager.close()
 
 
+def jax_preemption_sync_active() -> bool:
+    """True in a multi-process job whose JAX preemption service is on.
+
+    Then JAX's own SIGTERM notifier (installed by ``jax.distributed.initialize``) tells
+    the coordination service, and :meth:`Checkpointer.reached_preemption` turns true on
+    every process at the same step, however many of them got the signal.
+    """
+    return jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
+
+
 class PreemptionWatcher:
     """Catches SIGTERM so that the loop can save and exit 0 instead of dying mid-step.
 
     Use as a context manager; ``requested`` turns true after the signal. The
     previous handler is restored on exit.
+
+    In a multi-process job with JAX's preemption service (the default) no Python
+    handler is installed: it would replace JAX's notifier, and a process that acted on
+    its own signal would save alone while its peers wait in the next step's collective
+    (a hang). The loop then relies on :meth:`Checkpointer.reached_preemption`.
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
@@ -323,7 +340,7 @@ class PreemptionWatcher:
         self._event.set()
 
     def __enter__(self) -> PreemptionWatcher:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and not jax_preemption_sync_active():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)
         return self

@@ -147,3 +147,42 @@ def test_fault_injection_kills_and_restarts_reproduce_the_uninterrupted_run(tmp_
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "final state IDENTICAL" in run.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes_exactly(tmp_path):
+    """A preemption notice that reaches one host only (a maintenance event, a stray kill):
+    JAX's preemption service tells the others, all save the same step and exit 0 (a
+    process that saved alone would leave its peer hanging in the next collective), and
+    the restarted job ends with exactly the parameters of an uninterrupted one."""
+    args = ["--config.num_train_steps=12", "--config.log_every_steps=2", "--config.eval_every_epochs=100",
+            "--config.checkpoint_every_steps=1000"]
+    reference, preempted = tmp_path / "reference", tmp_path / "preempted"
+    _launch(reference, 2, 4, args)
+    procs = _launch(preempted, 2, 4, args, wait=False)
+    head = []
+    deadline = time.time() + 300
+    for line in procs[0].stdout:
+        head.append(line)
+        if line.startswith("step      2/12"):
+            break
+        assert time.time() < deadline, "".join(head)[-3000:]
+    procs[1].send_signal(signal.SIGTERM)  # process 1 only; process 0 is never signalled
+    start = time.time()
+    try:
+        outs = ["".join(head) + procs[0].communicate(timeout=120)[0], procs[1].communicate(timeout=120)[0]]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the job hung after SIGTERM reached one of its processes")
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert time.time() - start < 120
+    stopped_at = int(outs[0].split("preempted at step ")[1].split("/")[0])
+    assert 2 <= stopped_at < 12, outs[0][-2000:]
+    assert f"checkpoint of step {stopped_at} saved" in outs[0]
+    assert sorted(os.listdir(preempted / "checkpoints")) == [str(stopped_at)]
+    out = _launch(preempted, 2, 4, args)[0]
+    assert f"resumed from {preempted}/checkpoints/{stopped_at}" in out and "finished at step 12/12" in out
+    for x, y in zip(jax.tree_util.tree_leaves(_final_state(preempted, 12)),
+                    jax.tree_util.tree_leaves(_final_state(reference, 12))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
