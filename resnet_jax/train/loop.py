@@ -169,8 +169,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
 
     Returns a summary: ``status`` (``finished``, ``preempted`` or ``stopped``),
-    ``step``, ``eval`` (the final eval metrics, when evaluated), ``best_top1``,
-    ``best_step``, ``images_per_second``, ``seconds``.
+    ``step``, ``total_steps``, ``eval`` (the final eval metrics, when evaluated),
+    ``best_top1``, ``best_step``, ``images_per_second``, ``seconds``, ``workdir``;
+    process 0 also writes it to ``WORKDIR/summary.json`` (``launch/slurm_gpu.sbatch``
+    reads ``status`` there to requeue a job stopped by its time limit).
     """
     t_start = time.time()
     s = setup(config, devices)
@@ -300,8 +302,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         "seconds": seconds,
         "workdir": workdir,
     }
+    if jax.process_index() == 0:
+        _write_json_atomically(os.path.join(workdir, "summary.json"), summary)
     _print_summary(summary, c)
     return summary
+
+
+def _write_json_atomically(path: str, value: dict) -> None:
+    """Writes ``value`` to ``path`` via a temporary file and a rename: a reader never sees half."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, default=str)
+    os.replace(tmp, path)
 
 
 def _print_summary(summary: dict, c: ml_collections.ConfigDict) -> None:
@@ -323,6 +335,8 @@ def _print_summary(summary: dict, c: ml_collections.ConfigDict) -> None:
         f" wall time {_format_duration(summary['seconds'])}"
         + (f", {ips:.0f} images/s after compilation" if ips else "")
     )
-    lines.append(f" workdir {summary['workdir']}: checkpoints/, metrics.jsonl, tensorboard/, config.json")
+    lines.append(
+        f" workdir {summary['workdir']}: checkpoints/, metrics.jsonl, tensorboard/, config.json, summary.json"
+    )
     lines.append("=" * 64)
     log("\n".join(lines))

@@ -31,7 +31,7 @@ def test_readme_main_command_reaches_97_percent_and_eval_agrees(tmp_path):
     accuracy = float(match.group(1))
     assert accuracy >= 97.0, run.stdout[-2000:]
     assert "(359 examples)" in run.stdout
-    for name in ("metrics.jsonl", "config.json", "tensorboard", "checkpoints"):
+    for name in ("metrics.jsonl", "config.json", "summary.json", "tensorboard", "checkpoints"):
         assert os.path.exists(os.path.join(workdir, name)), name
     evaluated = _cli("eval", "--workdir", workdir)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

@@ -41,6 +41,8 @@ def test_same_seed_same_losses_and_resume_equals_uninterrupted(tmp_path):
     # 3 steps, a new process-level start (fresh setup, restore), then the rest.
     first = train_and_evaluate(tiny_config(stop_after_steps=3), resumed)
     assert first["status"] == "stopped" and first["step"] == 3
+    with open(os.path.join(resumed, "summary.json")) as f:  # what job scripts read
+        assert json.load(f) == json.loads(json.dumps(first, default=str))
     second = train_and_evaluate(tiny_config(), resumed)
     assert second["status"] == "finished" and second["step"] == summary["step"] == 8
     state_full, pos_full = _restore(full, tiny_config(), 8)
