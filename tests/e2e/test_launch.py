@@ -3,7 +3,9 @@
 ``launch/slurm_gpu.sbatch`` runs under a stand-in ``srun`` (tests/e2e/fake_srun) that
 starts SLURM_NTASKS local copies with SLURM's per-task variables, so JAX's own SLURM
 detection forms the cluster, and a stand-in ``scontrol`` that records requeue requests; ``launch/multinode.sh`` runs twice with an explicit
-localhost coordinator. The Cloud TPU script needs gcloud and a project: not run here.
+localhost coordinator. ``launch/tpu_vm.sh`` runs against a stand-in ``gcloud``
+(tests/e2e/fake_gcloud) that records each call and runs the ``ssh`` payload here, as one
+worker would; real Cloud TPUs are not reachable from here.
 """
 
 import os
@@ -137,3 +139,62 @@ def test_multinode_script_with_an_explicit_coordinator(tmp_path):
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "4 devices, 2 processes" in outs[0] and "finished at step 2/2" in outs[0]
+
+
+def _tpu_vm(tmp_path, *args, **extra_env):
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    shutil.copy(os.path.join(ROOT, "tests", "e2e", "fake_gcloud"), tmp_path / "bin" / "gcloud")
+    (tmp_path / "home").mkdir(exist_ok=True)
+    env = _env(tmp_path, HOME=tmp_path / "home", GCLOUD_LOG=tmp_path / "gcloud.log", GCLOUD_STATE=tmp_path / "qr",
+               PROJECT="proj", ZONE="us-central2-b", NAME="rn50", BUCKET=tmp_path / "bucket", RUN="r1", **extra_env)
+    run = subprocess.run(["bash", "launch/tpu_vm.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    calls = (tmp_path / "gcloud.log").read_text().splitlines() if (tmp_path / "gcloud.log").exists() else []
+    (tmp_path / "gcloud.log").unlink(missing_ok=True)
+    return run, calls
+
+
+def test_tpu_vm_create_picks_the_runtime_and_recreates_a_preempted_spot_slice(tmp_path):
+    where = "--project proj --zone us-central2-b"
+    run, calls = _tpu_vm(tmp_path, "create", TYPE="v6e-8", SPOT="1")
+    assert run.returncode == 0, run.stderr
+    assert (f"gcloud compute tpus queued-resources create rn50 {where} --node-id rn50 --accelerator-type v6e-8 "
+            "--runtime-version v2-alpha-tpuv6e --spot") in calls
+    assert "rn50 is ACTIVE" in run.stdout
+    run, calls = _tpu_vm(tmp_path, "create", TYPE="v6e-8", SPOT="1")  # already there: nothing created
+    assert run.returncode == 0 and "already ACTIVE" in run.stdout and not any(" create " in c for c in calls)
+    (tmp_path / "qr").write_text("SUSPENDED\n")  # spot preemption
+    run, calls = _tpu_vm(tmp_path, "create", TYPE="v6e-8", SPOT="1")
+    assert run.returncode == 0, run.stderr
+    kinds = [c.split()[4] for c in calls if "queued-resources" in c and "describe" not in c]
+    assert kinds == ["delete", "create"], calls
+    for tpu_type, runtime in (("v5litepod-8", "v2-alpha-tpuv5-lite"), ("v5p-8", "v2-alpha-tpuv5"),
+                              ("v4-32", "tpu-ubuntu2204-base")):
+        (tmp_path / "qr").unlink()
+        _, calls = _tpu_vm(tmp_path, "create", TYPE=tpu_type)
+        assert any(f"--accelerator-type {tpu_type} --runtime-version {runtime}" in c and "--spot" not in c
+                   for c in calls), calls
+
+
+@pytest.mark.slow
+def test_tpu_vm_install_ships_the_checkout_and_train_runs_the_trainer_on_every_worker(tmp_path):
+    run, calls = _tpu_vm(tmp_path, "install", GCLOUD_SSH_DRY="1")
+    assert run.returncode == 0, run.stderr
+    assert any(c.startswith("gcloud compute tpus tpu-vm scp /tmp/resnet-jax.tar.gz rn50:") and "--worker=all" in c
+               for c in calls)
+    assert any("--worker=all" in c and "pip install -e . 'jax[tpu]'" in c for c in calls), calls
+    listing = subprocess.run(["tar", "-tzf", str(tmp_path / "home" / "resnet-jax.tar.gz")], capture_output=True,
+                             text=True).stdout.split()
+    assert "pyproject.toml" in listing and "resnet_jax/train/loop.py" in listing
+    # train: the ssh payload, run here as one worker would, trains with the workdir and data in the bucket.
+    os.symlink(ROOT, tmp_path / "home" / "resnet-jax")
+    run, calls = _tpu_vm(tmp_path, "train", "configs/digits.py:smoke", "--config.compilation_cache_dir=")
+    assert run.returncode == 0, run.stderr
+    assert any("--worker=all" in c and "resnet-jax train --config configs/digits.py:smoke" in c for c in calls)
+    log = tmp_path / "home" / "train-r1.log"
+    deadline = time.time() + 300
+    while "finished at step 2/2" not in (log.read_text() if log.exists() else ""):
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "no log"
+        time.sleep(0.5)
+    assert os.path.isdir(tmp_path / "bucket" / "runs" / "rn50" / "checkpoints" / "2")
+    assert os.path.isdir(tmp_path / "bucket" / "tfds" / "digits")
