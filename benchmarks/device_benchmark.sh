@@ -1,17 +1,46 @@
 #!/usr/bin/env bash
 # One device call: our benchmark for the README table next to the torchvision peer.
-# Run on a lent H100/H200 from the repository root (jax, torch, torchvision are in its
-# image; ml-collections must be carried as a wheel, see /work/.library/device/README.md).
+#
+#   here:       bash benchmarks/prepare_device.sh          # .whl/: ml-collections + the peer script
+#   on device:  run(command="bash benchmarks/device_benchmark.sh", carry=[".whl"])
+#
+# jax, flax, optax, orbax, torch and torchvision are in the device image; TensorFlow is not
+# and is not needed (synthetic data). Writes one JSON line per measurement to $OUT and
+# prints a table last. MODELS="resnet50" limits the run to those models.
 set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD:${PYTHONPATH:-} XLA_PYTHON_CLIENT_PREALLOCATE=true
-run() { echo "== $*"; python3 -m resnet_jax.cli benchmark --json "$@" | tee -a "$OUT/ours.jsonl"; }
-run --model resnet50 --batch-size 256 --image-size 224 --dtype bfloat16 --steps 100
-run --model resnet18 --batch-size 256 --image-size 224 --dtype bfloat16 --steps 100
-run --model resnet101 --batch-size 256 --image-size 224 --dtype bfloat16 --steps 100
-run --model resnetrs50 --batch-size 256 --image-size 160 --dtype bfloat16 --steps 100
-PEER=${PEER:-../shared/bench/peer_torchvision.py}
-[ -f "$PEER" ] || PEER=shared/bench/peer_torchvision.py
-for model in resnet50 resnet18 resnet101; do
-  python3 "$PEER" --model "$model" --batch-size 256 | tee -a "$OUT/peer.jsonl"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+PEER=.whl/peer_torchvision.py
+[ -f "$PEER" ] || PEER=../shared/bench/peer_torchvision.py
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__)" | tee -a "$OUT/device.txt"
+for spec in ${MODELS:-resnet50:224 resnet18:224 resnet101:224 resnetrs50:160}; do
+  model=${spec%%:*}; size=${spec##*:}
+  [[ $spec == *:* ]] || size=224
+  echo "== ours $model @$size"
+  python3 -m resnet_jax.cli benchmark --json --model "$model" --batch-size 256 --image-size "$size" \
+    --dtype bfloat16 --steps 100 | tail -1 | tee -a "$OUT/ours.jsonl"
+  if python3 -c "import torchvision.models as m, sys; sys.exit(not hasattr(m, '$model'))"; then
+    echo "== torchvision $model @$size"
+    python3 "$PEER" --model "$model" --batch-size 256 --image-size "$size" | tee -a "$OUT/peer.jsonl"
+  fi
 done
+python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+ours = [json.loads(l) for l in open(f"{out}/ours.jsonl") if l.startswith("{")]
+peer = [json.loads(l) for l in open(f"{out}/peer.jsonl") if l.startswith("{")] if __import__("os").path.exists(f"{out}/peer.jsonl") else []
+print(f"{'model':<12}{'size':>5}{'ours img/s':>12}{'MFU':>7}{'mem GiB':>9}{'compile s':>10}{'tv eager':>10}{'tv compile':>11}{'ratio':>7}{'tv mem GiB':>11}")
+for r in ours:
+    p = {("compile" in q["peer"]): q for q in peer if q["peer"].split()[0] == f"torchvision.{r['model']}" and q["image_size"] == r["image_size"]}
+    best = max((q["images_per_s"] for q in p.values()), default=None)
+    mem = max((q["peak_memory_gib"] for q in p.values()), default=0)
+    f = lambda k: f"{p[k]['images_per_s']:.0f}" if k in p else "-"
+    print(f"{r['model']:<12}{r['image_size']:>5}{r['images_per_second']:>12.0f}{100 * (r['mfu'] or 0):>6.1f}%"
+          f"{r['peak_memory_gib'] or 0:>9.1f}{r['compile_seconds']:>10.1f}{f(False):>10}{f(True):>11}"
+          f"{(r['images_per_second'] / best if best else float('nan')):>7.2f}{mem:>11.1f}")
+PY
