@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 Dtype = Any
@@ -28,8 +29,31 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch.nn.Linear's default kernel init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
+@jax.custom_vjp
+def relu(x: Array) -> Array:
+    """``max(x, 0)`` whose backward pass reads its output instead of a saved mask.
+
+    Same values and gradients as ``jax.nn.relu`` (gradient 0 at 0). ``jax.nn.relu``
+    keeps a 1-byte ``x > 0`` mask per element for the backward pass; the output itself is
+    kept anyway (it is the next convolution's input), so deriving the mask from it saves
+    that memory, as PyTorch's in-place ReLU does (9 MiB per 224px image in ResNet-50).
+    """
+    return jnp.maximum(x, 0)
+
+
+def _relu_forward(x: Array) -> tuple[Array, Array]:
+    y = jnp.maximum(x, 0)
+    return y, y
+
+
+def _relu_backward(y: Array, g: Array) -> tuple[Array]:
+    return (jnp.where(y > 0, g, jnp.zeros_like(g)),)
+
+
+relu.defvjp(_relu_forward, _relu_backward)
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "relu": nn.relu,
+    "relu": relu,
     "swish": nn.swish,
     "silu": nn.swish,
 }
@@ -119,7 +143,6 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
 
-        x32 = x.astype(jnp.float32)
         if train:
             batch = x.shape[0]
             group = self.group_size or batch
@@ -128,23 +151,45 @@ class BatchNorm(nn.Module):
                     f"BatchNorm group_size={group} does not divide the batch of {batch}; "
                     "choose a bn_group_size that divides the per-step batch"
                 )
-            grouped = x32.reshape((batch // group, group) + x.shape[1:])
-            reduce_axes = tuple(range(1, grouped.ndim - 1))
-            # One pass over the data: E[x] and E[x^2] together (as flax's fast variance).
-            mean = jnp.mean(grouped, axis=reduce_axes, keepdims=True)
-            mean_sq = jnp.mean(jnp.square(grouped), axis=reduce_axes, keepdims=True)
-            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+            y, mean, var = _batch_norm_train(x, scale, bias, group, self.epsilon, self.dtype)
             if not self.is_initializing():
                 m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(-1, features).mean(0)
-                ra_var.value = m * ra_var.value + (1 - m) * var.reshape(-1, features).mean(0)
-            inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
-            y = (grouped - mean) * inv + bias.astype(jnp.float32)
-            y = y.reshape(x.shape)
-        else:
-            inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale.astype(jnp.float32)
-            y = (x32 - ra_mean.value) * inv + bias.astype(jnp.float32)
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
+                ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
+            return y
+        inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale.astype(jnp.float32)
+        y = (x.astype(jnp.float32) - ra_mean.value) * inv + bias.astype(jnp.float32)
         return y.astype(self.dtype)
+
+
+@functools.partial(
+    jax.checkpoint,
+    policy=jax.checkpoint_policies.save_only_these_names("batch_norm_mean", "batch_norm_var"),
+    static_argnums=(3, 4, 5),
+)
+def _batch_norm_train(
+    x: Array, scale: Array, bias: Array, group: int, epsilon: float, dtype: Dtype
+) -> tuple[Array, Array, Array]:
+    """Normalises ``x`` (N, ..., C) with the statistics of each group of ``group`` examples.
+
+    Returns the output in ``dtype`` and the float32 (N // group, C) means and biased
+    variances. Under ``jax.checkpoint`` the backward pass keeps only ``x`` (in its compute
+    dtype) and the statistics, and recomputes the float32 ``x - mean`` and ``x_hat``
+    elementwise where it needs them: otherwise both would be kept in float32 for every
+    BatchNorm (85 MiB per 224px image in ResNet-50, 4x the size of the bf16 input).
+    """
+    features = x.shape[-1]
+    grouped = x.astype(jnp.float32).reshape((x.shape[0] // group, group) + x.shape[1:])
+    reduce_axes = tuple(range(1, grouped.ndim - 1))
+    # One pass over the data: E[x] and E[x^2] together (as flax's fast variance).
+    mean = jnp.mean(grouped, axis=reduce_axes, keepdims=True)
+    mean_sq = jnp.mean(jnp.square(grouped), axis=reduce_axes, keepdims=True)
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    mean = checkpoint_name(mean, "batch_norm_mean")
+    var = checkpoint_name(var, "batch_norm_var")
+    inv = jax.lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)
+    y = ((grouped - mean) * inv + bias.astype(jnp.float32)).reshape(x.shape).astype(dtype)
+    return y, mean.reshape(-1, features), var.reshape(-1, features)
 
 
 class SqueezeExcite(nn.Module):
@@ -167,7 +212,7 @@ class SqueezeExcite(nn.Module):
             conv, kernel_size=1, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype
         )
         s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
-        s = nn.relu(make(reduced, name="fc1")(s))
+        s = relu(make(reduced, name="fc1")(s))
         s = make(channels, name="fc2")(s)
         return x * nn.sigmoid(s).astype(x.dtype)
 
