@@ -30,17 +30,23 @@ for spec in ${MODELS:-resnet50:224 resnet18:224 resnet101:224 resnetrs50:160}; d
   fi
 done
 python3 - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-ours = [json.loads(l) for l in open(f"{out}/ours.jsonl") if l.startswith("{")]
-peer = [json.loads(l) for l in open(f"{out}/peer.jsonl") if l.startswith("{")] if __import__("os").path.exists(f"{out}/peer.jsonl") else []
-print(f"{'model':<12}{'size':>5}{'ours img/s':>12}{'MFU':>7}{'mem GiB':>9}{'compile s':>10}{'tv eager':>10}{'tv compile':>11}{'ratio':>7}{'tv mem GiB':>11}")
+import json, os, sys
+
+def rows(path):
+    return [json.loads(line) for line in open(path) if line.startswith("{")] if os.path.exists(path) else []
+
+ours, peer = rows(f"{sys.argv[1]}/ours.jsonl"), rows(f"{sys.argv[1]}/peer.jsonl")
+print(f"{'model':<12}{'size':>5}{'ours img/s':>12}{'MFU':>7}{'mem GiB':>9}{'compile s':>10}"
+      f"{'tv eager':>10}{'tv compile':>11}{'ratio':>7}{'tv mem GiB':>11}")
 for r in ours:
-    p = {("compile" in q["peer"]): q for q in peer if q["peer"].split()[0] == f"torchvision.{r['model']}" and q["image_size"] == r["image_size"]}
-    best = max((q["images_per_s"] for q in p.values()), default=None)
-    mem = max((q["peak_memory_gib"] for q in p.values()), default=0)
-    f = lambda k: f"{p[k]['images_per_s']:.0f}" if k in p else "-"
+    # torchvision rows of the same model and size, keyed "eager" / "compile"
+    tv = {q["peer"].split()[-1].replace("torch.", ""): q for q in peer
+          if q["peer"].split()[0] == f"torchvision.{r['model']}" and q["image_size"] == r["image_size"]}
+    best = max((q["images_per_s"] for q in tv.values()), default=None)
+    tv_mem = max((q["peak_memory_gib"] for q in tv.values()), default=0)
+    rate = {k: f"{tv[k]['images_per_s']:.0f}" if k in tv else "-" for k in ("eager", "compile")}
+    ratio = r["images_per_second"] / best if best else float("nan")
     print(f"{r['model']:<12}{r['image_size']:>5}{r['images_per_second']:>12.0f}{100 * (r['mfu'] or 0):>6.1f}%"
-          f"{r['peak_memory_gib'] or 0:>9.1f}{r['compile_seconds']:>10.1f}{f(False):>10}{f(True):>11}"
-          f"{(r['images_per_second'] / best if best else float('nan')):>7.2f}{mem:>11.1f}")
+          f"{r['peak_memory_gib'] or 0:>9.1f}{r['compile_seconds']:>10.1f}{rate['eager']:>10}{rate['compile']:>11}"
+          f"{ratio:>7.2f}{tv_mem:>11.1f}")
 PY

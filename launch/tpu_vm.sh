@@ -33,10 +33,11 @@ state() { gcloud compute tpus queued-resources describe "$NAME" "${where[@]}" --
 
 case "${1:-}" in
   create)
-    case "$(state)" in
+    s=$(state)
+    case "$s" in
       ACTIVE) echo "$NAME is already ACTIVE"; exit 0 ;;
       SUSPENDED | SUSPENDING | FAILED)
-        echo "$NAME was preempted or failed ($(state)): deleting the old request, then creating it again"
+        echo "$NAME was preempted or failed ($s): deleting the old request, then creating it again"
         gcloud compute tpus queued-resources delete "$NAME" "${where[@]}" --force --quiet ;;
     esac
     gcloud compute tpus queued-resources create "$NAME" "${where[@]}" \

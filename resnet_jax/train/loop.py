@@ -182,8 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     writer = MetricWriter(workdir)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=2, default=str)
+        _write_json_atomically(os.path.join(workdir, "config.json"), config_dict)
 
     latest = ckpt.latest_step()
     if latest is not None:
