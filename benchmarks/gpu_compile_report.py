@@ -1,0 +1,161 @@
+"""Compile the trainer's train step for an NVIDIA GPU without one, and report what XLA built.
+
+    python3 -m pip install "jax-cuda12-plugin==$(python3 -c 'import jax; print(jax.__version__)')"
+    python3 benchmarks/gpu_compile_report.py --model resnet50 --batch-size 256 [--top 15] [--json]
+
+The CUDA plugin compiles for the target described by ``--target`` (a GpuTargetConfigProto,
+default ``benchmarks/gpu_specs/h100_sxm.txtpb``) on any Linux x86 machine: no GPU, driver
+or CUDA toolkit is needed. On a machine with a GPU attached the attached one is used.
+Reported, for the same ``train_step`` that ``resnet-jax train`` runs:
+
+- compile seconds (host side; without the device XLA skips autotuning, so a real
+  compile takes longer and may pick other convolution algorithms);
+- device memory from XLA's buffer assignment: arguments, temporaries (activations kept
+  for the backward pass, workspaces), outputs; their sum is the step's peak, before the
+  allocator's rounding;
+- HBM traffic per step (``hlo_traffic``) and the two floors it implies: the step cannot
+  run faster than traffic / bandwidth, nor than model FLOPs / peak FLOP/s;
+- with ``--top N`` the N kernels that move the most bytes, to find what to fuse next.
+
+Used in docs/performance.md to predict a change's effect before it is timed on a device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if not os.path.exists("/dev/nvidia0"):
+    # No GPU here: keep jax on the CPU backend so the CUDA plugin only compiles (it would
+    # otherwise fail to initialise without the CUDA runtime).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.hlo_traffic import entry_kernels, summarise  # noqa: E402
+
+DEFAULT_TARGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs", "h100_sxm.txtpb")
+# Dense bf16 tensor-core peak and HBM bandwidth of the default target (H100 SXM datasheet).
+TARGET_PEAK_TFLOPS = 989.0
+
+
+def target_devices(target: str) -> list:
+    """The attached GPU, or one compile-only device of the GPU that ``target`` describes."""
+    try:
+        return jax.devices("gpu")[:1]
+    except RuntimeError:
+        pass
+    from jax.experimental import topologies
+
+    try:
+        with open(target) as f:
+            config = f.read()
+        topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=config)
+    except (KeyError, RuntimeError, ValueError) as e:  # no CUDA plugin registered, or a bad spec
+        raise SystemExit(
+            f"gpu_compile_report: cannot compile for a CUDA target here ({e}).\n"
+            "Install the CUDA plugin matching jax (no GPU needed): python3 -m pip install "
+            f'"jax-cuda12-plugin=={jax.__version__}"'
+        ) from e
+    return list(topology.devices)[:1]
+
+
+def bandwidth_bytes_per_second(target: str) -> float:
+    with open(target) as f:
+        for line in f:
+            if line.strip().startswith("memory_bandwidth:"):
+                return float(line.split(":")[1])
+    raise ValueError(f"{target} has no gpu_device_info.memory_bandwidth")
+
+
+def compile_report(model: str, batch_size: int, image_size: int, dtype: str, target: str = DEFAULT_TARGET) -> tuple[dict, str]:
+    """Compiles ``model``'s train step for ``target``; returns (figures, optimised HLO text)."""
+    from resnet_jax.models import model_macs
+    from resnet_jax.train import sharding
+    from resnet_jax.train.benchmark import benchmark_config
+    from resnet_jax.train.loop import setup
+
+    devices = target_devices(target)
+    s = setup(benchmark_config(model, batch_size, image_size, dtype), devices=devices)
+    state = jax.tree_util.tree_map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s.abstract_state, s.state_sharding
+    )
+    on_batch = sharding.batch_sharding(s.mesh)
+    batch = {
+        "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.dtype(dtype), sharding=on_batch),
+        "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=on_batch),
+    }
+    t0 = time.perf_counter()
+    compiled = s.train_step.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - t0
+    hlo = compiled.as_text()
+    mem = compiled.memory_analysis()
+    traffic = summarise(entry_kernels(hlo))
+    flops = 6 * model_macs(s.model, image_size) * batch_size
+    memory_floor = traffic["traffic_bytes"] / bandwidth_bytes_per_second(target)
+    compute_floor = flops / (TARGET_PEAK_TFLOPS * 1e12)
+    peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    return {
+        "model": model, "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
+        "device_kind": devices[0].device_kind, "jax": jax.__version__,
+        "compile_seconds_host": compile_seconds,
+        "argument_gib": mem.argument_size_in_bytes / 2**30,
+        "temp_gib": mem.temp_size_in_bytes / 2**30,
+        "output_gib": (mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**30,
+        "peak_gib": peak / 2**30,
+        "temp_mib_per_image": mem.temp_size_in_bytes / 2**20 / batch_size,
+        "traffic_gib": traffic["traffic_bytes"] / 2**30,
+        "traffic_mib_per_image": traffic["traffic_bytes"] / 2**20 / batch_size,
+        "kernels": traffic["kernels"],
+        "traffic_by_phase_gib": {k: v / 2**30 for k, v in traffic["by_phase"].items()},
+        "traffic_by_kind_gib": {k: round(v["bytes"] / 2**30, 3) for k, v in traffic["by_kind"].items()},
+        "memory_floor_ms": 1e3 * memory_floor,
+        "compute_floor_ms": 1e3 * compute_floor,
+        "images_per_second_ceiling": batch_size / max(memory_floor, compute_floor),
+    }, hlo
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--target", default=DEFAULT_TARGET, help="GpuTargetConfigProto text file")
+    p.add_argument("--top", type=int, default=0, help="list the N kernels that move the most bytes")
+    p.add_argument("--dump-hlo", help="write the optimised HLO text here")
+    p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    args = p.parse_args(argv)
+    r, hlo = compile_report(args.model, args.batch_size, args.image_size, args.dtype, args.target)
+    if args.dump_hlo:
+        with open(args.dump_hlo, "w") as f:
+            f.write(hlo)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(
+        f"{r['model']} batch {r['batch_size']} @{r['image_size']}px {r['dtype']}, compiled for {r['device_kind']} "
+        f"(jax {r['jax']}) in {r['compile_seconds_host']:.1f} s on the host\n"
+        f"  memory      peak {r['peak_gib']:.2f} GiB = arguments {r['argument_gib']:.2f} + temporaries "
+        f"{r['temp_gib']:.2f} ({r['temp_mib_per_image']:.1f} MiB/image) + outputs {r['output_gib']:.2f}\n"
+        f"  traffic     {r['traffic_gib']:.1f} GiB per step ({r['traffic_mib_per_image']:.0f} MiB/image) in "
+        f"{r['kernels']} kernels; " + ", ".join(f"{k} {v:.1f}" for k, v in r["traffic_by_phase_gib"].items()) + "\n"
+        f"  floors      memory {r['memory_floor_ms']:.1f} ms, compute {r['compute_floor_ms']:.1f} ms per step: "
+        f"at most {r['images_per_second_ceiling']:.0f} images/s"
+    )
+    for kind, gib in list(r["traffic_by_kind_gib"].items())[:8]:
+        print(f"  {gib:8.2f} GiB  {kind}")
+    if args.top:
+        print(f"  the {args.top} kernels that move the most bytes:")
+        for k in sorted(entry_kernels(hlo), key=lambda k: -k.bytes)[: args.top]:
+            print(f"  {k.bytes / 2**20:8.0f} MiB  {k.phase:<8} {k.kind:<28} {k.op_name.split('jit(train_step)/')[-1][-80:]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

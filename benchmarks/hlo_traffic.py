@@ -1,0 +1,109 @@
+"""HBM traffic of a compiled XLA program, read from its optimised HLO text.
+
+Every top-level instruction of the entry computation that runs as a kernel (a
+fusion, a library call such as a cuDNN convolution, a copy, a collective) reads its
+operands from device memory and writes its result there. Summing operand and result
+bytes over those instructions gives the program's memory traffic per call, as XLA's
+own cost model counts it, before caches. Memory-bound programs (ResNet training on
+an H100 is one: BatchNorm, ReLU and residual passes dominate) run no faster than
+``traffic / memory bandwidth``; a change that cuts traffic should cut step time.
+
+Approximations: an operand is counted whole even where a fusion reads only a slice
+of it, and L2 hits are ignored, so this is an upper estimate of DRAM traffic.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+
+ELEMENT_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+    "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+    "f32": 4, "s32": 4, "u32": 4,
+    "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
+}
+_ARRAY = re.compile(r"\b(" + "|".join(ELEMENT_BYTES) + r")\[([0-9,]*)\]")
+# "%name = SHAPE opcode(operands), attributes"; SHAPE is an array or a (tuple, of, arrays).
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\([^=]*?\)|\S+) ([a-z][a-z0-9\-]*)\((.*)$")
+# Instructions that launch nothing: they name or regroup buffers.
+_FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id", "replica-id"}
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string, e.g. ``bf16[256,56,56,64]{3,2,1,0}`` or a tuple of them."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * ELEMENT_BYTES[dtype]
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel-launching instruction of the entry computation.
+
+    ``kind`` is the fusion kind (``fusion:kLoop``, ``fusion:kInput`` ...), the custom-call
+    target (``__cudnn$convForward`` ...) or the opcode; ``phase`` is ``forward``,
+    ``backward`` (under JAX's ``transpose(jvp(...))``) or ``other`` (optimizer, metrics);
+    ``op_name`` is JAX's name of the operation it came from.
+    """
+
+    name: str
+    kind: str
+    phase: str
+    op_name: str
+    read_bytes: int
+    write_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return self.read_bytes + self.write_bytes
+
+
+def entry_kernels(hlo_text: str) -> list[Kernel]:
+    """The kernels of the entry computation of optimised HLO text (``compiled.as_text()``)."""
+    start = hlo_text.index("\nENTRY ")
+    end = hlo_text.find("\n}", start)
+    sizes: dict[str, int] = {}
+    kernels = []
+    for line in hlo_text[start:end].splitlines()[1:]:
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        sizes[name] = shape_bytes(shape)
+        if opcode in _FREE:
+            continue
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        if opcode == "fusion":
+            kind = "fusion:" + re.search(r"kind=(\w+)", line).group(1)
+        elif opcode == "custom-call":
+            kind = re.search(r'custom_call_target="([^"]+)"', line).group(1)
+        else:
+            kind = opcode
+        op = re.search(r'op_name="([^"]*)"', line)
+        op_name = op.group(1) if op else ""
+        phase = "backward" if "transpose(jvp(" in op_name else "forward" if "jvp(" in op_name else "other"
+        read = sum(sizes.get(o, 0) for o in operands)
+        kernels.append(Kernel(name, kind, phase, op_name, read, sizes[name]))
+    return kernels
+
+
+def summarise(kernels: list[Kernel]) -> dict:
+    """Total traffic and its split by phase and by kernel kind (bytes, kernel counts)."""
+    by_kind: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    by_phase: dict[str, int] = collections.Counter()
+    for k in kernels:
+        by_kind[k.kind][0] += 1
+        by_kind[k.kind][1] += k.bytes
+        by_phase[k.phase] += k.bytes
+    return {
+        "traffic_bytes": sum(k.bytes for k in kernels),
+        "kernels": len(kernels),
+        "by_phase": dict(by_phase),
+        "by_kind": {kind: {"kernels": n, "bytes": b} for kind, (n, b) in sorted(by_kind.items(), key=lambda kv: -kv[1][1])},
+    }

@@ -1,0 +1,47 @@
+"""The HBM-traffic count of benchmarks/hlo_traffic.py against programs whose traffic is known in closed form."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks.hlo_traffic import entry_kernels, shape_bytes, summarise
+
+MIB = 2**20
+
+
+def test_shape_bytes_of_arrays_and_tuples():
+    assert shape_bytes("bf16[256,56,56,64]{3,2,1,0}") == 256 * 56 * 56 * 64 * 2
+    assert shape_bytes("(f32[8,4]{1,0}, pred[3]{0}, s32[])") == 8 * 4 * 4 + 3 + 4
+    assert shape_bytes("u8[0]{0}") == 0
+
+
+def test_one_fused_elementwise_kernel_reads_its_inputs_and_writes_its_output_once():
+    a = jnp.ones((512, 512), jnp.float32)
+    hlo = jax.jit(lambda a, b: jnp.tanh(a * b + 1)).lower(a, a).compile().as_text()
+    kernels = entry_kernels(hlo)
+    assert len(kernels) == 1
+    assert (kernels[0].read_bytes, kernels[0].write_bytes) == (2 * MIB, 1 * MIB)
+
+
+def test_a_row_reduction_reads_the_matrix_and_writes_one_value_per_row():
+    x = jnp.ones((1024, 1024), jnp.float32)
+    s = summarise(entry_kernels(jax.jit(lambda x: jnp.sum(x, axis=1)).lower(x).compile().as_text()))
+    assert s["traffic_bytes"] == 4 * MIB + 1024 * 4, s
+
+
+def test_forward_and_backward_kernels_are_told_apart():
+    x = jnp.ones((256, 256), jnp.float32)
+    hlo = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(x) ** 2))).lower(x).compile().as_text()
+    phases = {k.phase for k in entry_kernels(hlo)}
+    assert phases <= {"forward", "backward", "other"} and phases & {"forward", "backward"}
+
+
+def test_h100_target_compiles_without_a_gpu():
+    pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install 'jax[cuda12-local]'")
+    from benchmarks.gpu_compile_report import DEFAULT_TARGET, target_devices
+
+    device = target_devices(DEFAULT_TARGET)[0]
+    assert "H100" in device.device_kind
+    x = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(device))
+    kernels = entry_kernels(jax.jit(lambda a: jnp.maximum(a, 0) * 2).lower(x).compile().as_text())
+    assert sum(k.bytes for k in kernels) == 2 * 4096 * 4096 * 2
