@@ -6,7 +6,14 @@
 #
 # jax, flax, optax, orbax, torch and torchvision are in the device image; TensorFlow is not
 # and is not needed (synthetic data). Writes one JSON line per measurement to $OUT and
-# prints a table last. MODELS="resnet50" limits the run to those models.
+# prints a table last. MODELS="resnet50:224" limits the run to those models: all four
+# with their torchvision peers (eager and torch.compile) take longer than one device call
+# may (600 s), so split them: MODELS="resnet50:224 resnet18:224", then
+# MODELS="resnet101:224 resnetrs50:160".
+# XLA_VARIANTS: ';'-separated XLA_FLAGS strings; ResNet-50 is timed once more under each
+# (e.g. XLA_VARIANTS="--xla_gpu_enable_latency_hiding_scheduler=true;--xla_gpu_autotune_level=0").
+# COMPILE_REPORT=1 also compiles ResNet-50 on the device (autotuned) with
+# benchmarks/gpu_compile_report.py, to check the traffic and memory predicted without one.
 set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}; mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -29,6 +36,18 @@ for spec in ${MODELS:-resnet50:224 resnet18:224 resnet101:224 resnetrs50:160}; d
     python3 "$PEER" --model "$model" --batch-size 256 --image-size "$size" | tee -a "$OUT/peer.jsonl"
   fi
 done
+IFS=';' read -ra variants <<< "${XLA_VARIANTS:-}"
+for flags in "${variants[@]}"; do
+  [ -n "$flags" ] || continue
+  echo "== ours resnet50 @224 with XLA_FLAGS=$flags"
+  XLA_FLAGS="$flags" python3 -m resnet_jax.cli benchmark --json --model resnet50 --batch-size 256 --image-size 224 \
+    --dtype bfloat16 --steps 100 | tail -1 | tee -a "$OUT/variants.jsonl"
+done
+if [ "${COMPILE_REPORT:-0}" = 1 ]; then
+  echo "== resnet50 compiled on the device: memory and HBM traffic"
+  python3 benchmarks/gpu_compile_report.py --model resnet50 --batch-size 256 --top 10 \
+    --dump-hlo "$OUT/resnet50_b256.hlo.txt" | tee "$OUT/compile_report.txt"
+fi
 python3 - "$OUT" <<'PY'
 import json, os, sys
 
@@ -49,4 +68,9 @@ for r in ours:
     print(f"{r['model']:<12}{r['image_size']:>5}{r['images_per_second']:>12.0f}{100 * (r['mfu'] or 0):>6.1f}%"
           f"{r['peak_memory_gib'] or 0:>9.1f}{r['compile_seconds']:>10.1f}{rate['eager']:>10}{rate['compile']:>11}"
           f"{ratio:>7.2f}{tv_mem:>11.1f}")
+base = next((r["images_per_second"] for r in ours if r["model"] == "resnet50" and r["image_size"] == 224), None)
+for v in rows(f"{sys.argv[1]}/variants.jsonl"):
+    change = f"{v['images_per_second'] / base - 1:+.1%} vs default flags" if base else ""
+    print(f"resnet50 XLA_FLAGS={v['xla_flags']}: {v['images_per_second']:.0f} img/s "
+          f"(min {v['images_per_second_min']:.0f}, max {v['images_per_second_max']:.0f}) {change}")
 PY

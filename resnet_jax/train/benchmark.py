@@ -10,6 +10,7 @@ step from the real tf.data pipeline instead, to show whether input is the bottle
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from typing import Any
@@ -120,6 +121,7 @@ def measure(
         "devices": s.mesh.size,
         "device_kind": jax.devices()[0].device_kind,
         "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "with_input": with_input,
         "compile_seconds": compile_seconds,
         "images_per_second": median,
