@@ -1,11 +1,14 @@
-"""Compile the trainer's train step for an NVIDIA GPU without one, and report what XLA built.
+"""Compile the trainer's train step for an NVIDIA GPU (or a TPU) without one; report what XLA built.
 
-    python3 -m pip install "jax-cuda12-plugin==$(python3 -c 'import jax; print(jax.__version__)')"
+    python3 -m pip install "jax[cuda12-local]"     # the CUDA plugin, no CUDA libraries (test extra)
     python3 benchmarks/gpu_compile_report.py --model resnet50 --batch-size 256 [--top 15] [--json]
+    python3 -m pip install "jax[tpu]"              # libtpu, for --tpu
+    python3 benchmarks/gpu_compile_report.py --tpu v5e:2x2      # one chip of that topology
 
 The CUDA plugin compiles for the target described by ``--target`` (a GpuTargetConfigProto,
 default ``benchmarks/gpu_specs/h100_sxm.txtpb``) on any Linux x86 machine: no GPU, driver
 or CUDA toolkit is needed. On a machine with a GPU attached the attached one is used.
+``--tpu TOPOLOGY`` compiles for one chip of a TPU topology with libtpu instead.
 Reported, for the same ``train_step`` that ``resnet-jax train`` runs:
 
 - compile seconds (host side; without the device XLA skips autotuning, so a real
@@ -40,18 +43,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.hlo_traffic import entry_kernels, summarise  # noqa: E402
 
 DEFAULT_TARGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs", "h100_sxm.txtpb")
-# Dense bf16 tensor-core peak and HBM bandwidth of the default target (H100 SXM datasheet).
+# Dense bf16 tensor-core peak of the default target (H100 SXM datasheet); its bandwidth is
+# in the target file.
 TARGET_PEAK_TFLOPS = 989.0
+# TPU generation -> (HBM bytes/s, dense bf16 TFLOP/s) per chip, from Google's TPU pages.
+TPU_SPECS = {"v4": (1.2e12, 275.0), "v5e": (8.19e11, 197.0), "v5p": (2.765e12, 459.0), "v6e": (1.64e12, 918.0)}
 
 
-def target_devices(target: str) -> list:
-    """The attached GPU, or one compile-only device of the GPU that ``target`` describes."""
+def target_devices(target: str, tpu: str | None = None) -> list:
+    """The attached GPU, or one compile-only device: of the GPU that ``target`` describes,
+    or of the TPU topology ``tpu`` (e.g. ``v5e:2x2``)."""
+    from jax.experimental import topologies
+
+    if tpu:
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # not on a TPU VM: no metadata server
+        try:
+            return list(topologies.get_topology_desc(tpu, platform="tpu").devices)[:1]
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise SystemExit(
+                f"gpu_compile_report: cannot compile for TPU {tpu} here ({e}).\n"
+                'Install libtpu for this jax (no TPU needed): python3 -m pip install "jax[tpu]"'
+            ) from e
     try:
         return jax.devices("gpu")[:1]
     except RuntimeError:
         pass
-    from jax.experimental import topologies
-
     try:
         with open(target) as f:
             config = f.read()
@@ -59,8 +75,7 @@ def target_devices(target: str) -> list:
     except (KeyError, RuntimeError, ValueError) as e:  # no CUDA plugin registered, or a bad spec
         raise SystemExit(
             f"gpu_compile_report: cannot compile for a CUDA target here ({e}).\n"
-            "Install the CUDA plugin matching jax (no GPU needed): python3 -m pip install "
-            f'"jax-cuda12-plugin=={jax.__version__}"'
+            'Install the CUDA plugin matching jax (no GPU needed): python3 -m pip install "jax[cuda12-local]"'
         ) from e
     return list(topology.devices)[:1]
 
@@ -73,14 +88,16 @@ def bandwidth_bytes_per_second(target: str) -> float:
     raise ValueError(f"{target} has no gpu_device_info.memory_bandwidth")
 
 
-def compile_report(model: str, batch_size: int, image_size: int, dtype: str, target: str = DEFAULT_TARGET) -> tuple[dict, str]:
-    """Compiles ``model``'s train step for ``target``; returns (figures, optimised HLO text)."""
+def compile_report(
+    model: str, batch_size: int, image_size: int, dtype: str, target: str = DEFAULT_TARGET, tpu: str | None = None
+) -> tuple[dict, str]:
+    """Compiles ``model``'s train step for ``target`` (or TPU ``tpu``); returns (figures, optimised HLO text)."""
     from resnet_jax.models import model_macs
     from resnet_jax.train import sharding
     from resnet_jax.train.benchmark import benchmark_config
     from resnet_jax.train.loop import setup
 
-    devices = target_devices(target)
+    devices = target_devices(target, tpu)
     s = setup(benchmark_config(model, batch_size, image_size, dtype), devices=devices)
     state = jax.tree_util.tree_map(
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s.abstract_state, s.state_sharding
@@ -97,8 +114,12 @@ def compile_report(model: str, batch_size: int, image_size: int, dtype: str, tar
     mem = compiled.memory_analysis()
     traffic = summarise(entry_kernels(hlo))
     flops = 6 * model_macs(s.model, image_size) * batch_size
-    memory_floor = traffic["traffic_bytes"] / bandwidth_bytes_per_second(target)
-    compute_floor = flops / (TARGET_PEAK_TFLOPS * 1e12)
+    if tpu:
+        bandwidth, peak_tflops = TPU_SPECS[tpu.split(":")[0]]
+    else:
+        bandwidth, peak_tflops = bandwidth_bytes_per_second(target), TARGET_PEAK_TFLOPS
+    memory_floor = traffic["traffic_bytes"] / bandwidth
+    compute_floor = flops / (peak_tflops * 1e12)
     peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     return {
         "model": model, "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
@@ -127,11 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--target", default=DEFAULT_TARGET, help="GpuTargetConfigProto text file")
+    p.add_argument("--tpu", metavar="TOPOLOGY",
+                   help=f"compile for one chip of this TPU topology instead (needs libtpu), e.g. v5e:2x2; "
+                        f"generations {', '.join(TPU_SPECS)}")
     p.add_argument("--top", type=int, default=0, help="list the N kernels that move the most bytes")
     p.add_argument("--dump-hlo", help="write the optimised HLO text here")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     args = p.parse_args(argv)
-    r, hlo = compile_report(args.model, args.batch_size, args.image_size, args.dtype, args.target)
+    if args.tpu and args.tpu.split(":")[0] not in TPU_SPECS:
+        p.error(f"--tpu {args.tpu}: unknown generation; use one of {', '.join(TPU_SPECS)}, e.g. v5e:2x2")
+    r, hlo = compile_report(args.model, args.batch_size, args.image_size, args.dtype, args.target, args.tpu)
     if args.dump_hlo:
         with open(args.dump_hlo, "w") as f:
             f.write(hlo)

@@ -9,7 +9,9 @@ an H100 is one: BatchNorm, ReLU and residual passes dominate) run no faster than
 ``traffic / memory bandwidth``; a change that cuts traffic should cut step time.
 
 Approximations: an operand is counted whole even where a fusion reads only a slice
-of it, and L2 hits are ignored, so this is an upper estimate of DRAM traffic.
+of it, and L2 hits are ignored, so this is an upper estimate of DRAM traffic. An
+asynchronous operation counts once, at its ``-start``; collectives count the local
+buffer's bytes, not the network's.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ def entry_kernels(hlo_text: str) -> list[Kernel]:
             continue
         name, shape, opcode, rest = m.groups()
         sizes[name] = shape_bytes(shape)
-        if opcode in _FREE:
-            continue
+        if opcode in _FREE or opcode.endswith("-done"):
+            continue  # "-done" waits for its "-start" (async collective or copy), which moved the bytes
         operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
         if opcode == "fusion":
             kind = "fusion:" + re.search(r"kind=(\w+)", line).group(1)

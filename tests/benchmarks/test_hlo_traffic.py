@@ -45,3 +45,23 @@ def test_h100_target_compiles_without_a_gpu():
     x = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(device))
     kernels = entry_kernels(jax.jit(lambda a: jnp.maximum(a, 0) * 2).lower(x).compile().as_text())
     assert sum(k.bytes for k in kernels) == 2 * 4096 * 4096 * 2
+
+
+def test_an_asynchronous_all_reduce_counts_once():
+    """Over two H100s a sum across devices is an all-reduce-start/-done pair on one 4 MiB
+    buffer: read and written once, not twice."""
+    pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install 'jax[cuda12-local]'")
+    import numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from benchmarks.gpu_compile_report import DEFAULT_TARGET
+
+    with open(DEFAULT_TARGET) as f:
+        topology = topologies.get_topology_desc(platform="cuda", topology="1x1x2", target_config=f.read())
+    mesh = Mesh(np.array(topology.devices), ("d",))
+    x = jax.ShapeDtypeStruct((2, 1024, 1024), jnp.float32, sharding=NamedSharding(mesh, P("d")))
+    summed = jax.jit(lambda x: jnp.sum(x, axis=0), out_shardings=NamedSharding(mesh, P()))
+    kernels = entry_kernels(summed.lower(x).compile().as_text())
+    collectives = [k for k in kernels if k.kind.startswith("all-reduce")]
+    assert [(k.kind, k.read_bytes, k.write_bytes) for k in collectives] == [("all-reduce-start", 4 * MIB, 4 * MIB)]
