@@ -117,6 +117,8 @@ def compile_report(
     if tpu:
         bandwidth, peak_tflops = TPU_SPECS[tpu.split(":")[0]]
     else:
+        if "H200" in devices[0].device_kind and target == DEFAULT_TARGET:  # an attached H200
+            target = os.path.join(os.path.dirname(DEFAULT_TARGET), "h200_sxm.txtpb")
         bandwidth, peak_tflops = bandwidth_bytes_per_second(target), TARGET_PEAK_TFLOPS
     memory_floor = traffic["traffic_bytes"] / bandwidth
     compute_floor = flops / (peak_tflops * 1e12)
