@@ -222,8 +222,9 @@ def test_max_pool_backward_on_an_h100_moves_a_third_of_flax_max_pools_bytes():
 
 
 def test_forward_mode_autodiff_through_a_training_model():
-    """jax.jvp (forward mode: NTK, Hessian-vector products) works through the recomputed
-    BatchNorm and ReLU, and agrees with a finite difference."""
+    """jax.jvp (forward mode: NTK, Hessian-vector products) works through a training model
+    (BatchNorm statistics, ReLU, max pool) and agrees with a finite difference. The GPU
+    versions of ReLU and max pool are checked in forward mode above."""
     model = create_model("resnet18", **TINY)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     v = _init(model, x)
