@@ -43,11 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.hlo_traffic import entry_kernels, summarise  # noqa: E402
 
 DEFAULT_TARGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs", "h100_sxm.txtpb")
-# Dense bf16 tensor-core peak of the default target (H100 SXM datasheet); its bandwidth is
-# in the target file.
-TARGET_PEAK_TFLOPS = 989.0
-# TPU generation -> (HBM bytes/s, dense bf16 TFLOP/s) per chip, from Google's TPU pages.
-TPU_SPECS = {"v4": (1.2e12, 275.0), "v5e": (8.19e11, 197.0), "v5p": (2.765e12, 459.0), "v6e": (1.64e12, 918.0)}
+# TPU generation -> HBM bytes/s per chip, from Google's TPU pages (a GPU's is in its target
+# file). Peak FLOP/s come from resnet_jax.train.benchmark.PEAK_TFLOPS, as for MFU.
+TPU_BANDWIDTH = {"v4": 1.2e12, "v5e": 8.19e11, "v5p": 2.765e12, "v6e": 1.64e12}
 
 
 def target_devices(target: str, tpu: str | None = None) -> list:
@@ -94,7 +92,7 @@ def compile_report(
     """Compiles ``model``'s train step for ``target`` (or TPU ``tpu``); returns (figures, optimised HLO text)."""
     from resnet_jax.models import model_macs
     from resnet_jax.train import sharding
-    from resnet_jax.train.benchmark import benchmark_config
+    from resnet_jax.train.benchmark import benchmark_config, device_peak_tflops
     from resnet_jax.train.loop import setup
 
     devices = target_devices(target, tpu)
@@ -115,11 +113,14 @@ def compile_report(
     traffic = summarise(entry_kernels(hlo))
     flops = 6 * model_macs(s.model, image_size) * batch_size
     if tpu:
-        bandwidth, peak_tflops = TPU_SPECS[tpu.split(":")[0]]
+        bandwidth = TPU_BANDWIDTH[tpu.split(":")[0]]
     else:
         if "H200" in devices[0].device_kind and target == DEFAULT_TARGET:  # an attached H200
             target = os.path.join(os.path.dirname(DEFAULT_TARGET), "h200_sxm.txtpb")
-        bandwidth, peak_tflops = bandwidth_bytes_per_second(target), TARGET_PEAK_TFLOPS
+        bandwidth = bandwidth_bytes_per_second(target)
+    peak_tflops = device_peak_tflops(devices[0])
+    if peak_tflops is None:
+        raise SystemExit(f"gpu_compile_report: no peak FLOP/s known for {devices[0].device_kind}; add it to PEAK_TFLOPS")
     memory_floor = traffic["traffic_bytes"] / bandwidth
     compute_floor = flops / (peak_tflops * 1e12)
     peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -152,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default=DEFAULT_TARGET, help="GpuTargetConfigProto text file")
     p.add_argument("--tpu", metavar="TOPOLOGY",
                    help=f"compile for one chip of this TPU topology instead (needs libtpu), e.g. v5e:2x2; "
-                        f"generations {', '.join(TPU_SPECS)}")
+                        f"generations {', '.join(TPU_BANDWIDTH)}")
     p.add_argument("--top", type=int, default=0, help="list the N kernels that move the most bytes")
     p.add_argument("--dump-hlo", help="write the optimised HLO text here")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     args = p.parse_args(argv)
-    if args.tpu and args.tpu.split(":")[0] not in TPU_SPECS:
-        p.error(f"--tpu {args.tpu}: unknown generation; use one of {', '.join(TPU_SPECS)}, e.g. v5e:2x2")
+    if args.tpu and args.tpu.split(":")[0] not in TPU_BANDWIDTH:
+        p.error(f"--tpu {args.tpu}: unknown generation; use one of {', '.join(TPU_BANDWIDTH)}, e.g. v5e:2x2")
     r, hlo = compile_report(args.model, args.batch_size, args.image_size, args.dtype, args.target, args.tpu)
     if args.dump_hlo:
         with open(args.dump_hlo, "w") as f:
