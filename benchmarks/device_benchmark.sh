@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: our benchmark for the README table next to the torchvision peer.
+# One device call: our benchmark for the README table next to its peers, torchvision (eager and
+# torch.compile) and flax's plain ResNet (benchmarks/peer_flax.py), in the same call.
 #
 #   here:       bash benchmarks/prepare_device.sh          # .whl/: ml-collections + the peer script
 #   on device:  run(command="bash benchmarks/device_benchmark.sh", carry=[".whl"])
@@ -7,9 +8,9 @@
 # jax, flax, optax, orbax, torch and torchvision are in the device image; TensorFlow is not
 # and is not needed (synthetic data). Writes one JSON line per measurement to $OUT and
 # prints a table last. MODELS="resnet50:224" limits the run to those models: all four
-# with their torchvision peers (eager and torch.compile) take longer than one device call
-# may (600 s), so split them: MODELS="resnet50:224 resnet18:224", then
-# MODELS="resnet101:224 resnetrs50:160".
+# with their peers take longer than one device call may (600 s), so split them:
+# MODELS="resnet50:224" (with COMPILE_REPORT and XLA_VARIANTS), then
+# MODELS="resnet18:224 resnet101:224 resnetrs50:160". FLAX_PEER=0 skips the flax peer.
 # XLA_VARIANTS: ';'-separated XLA_FLAGS strings; ResNet-50 is timed once more under each
 # (e.g. XLA_VARIANTS="--xla_gpu_enable_latency_hiding_scheduler=true;--xla_gpu_autotune_level=0").
 # COMPILE_REPORT=1 also compiles ResNet-50 on the device (autotuned) with
@@ -35,6 +36,11 @@ for spec in ${MODELS:-resnet50:224 resnet18:224 resnet101:224 resnetrs50:160}; d
     echo "== torchvision $model @$size"
     python3 "$PEER" --model "$model" --batch-size 256 --image-size "$size" | tee -a "$OUT/peer.jsonl"
   fi
+  if [ "${FLAX_PEER:-1}" = 1 ] && python3 -c "import benchmarks.peer_flax as p, sys; sys.exit('$model' not in p.STAGES)"; then
+    echo "== plain flax $model @$size"
+    python3 benchmarks/peer_flax.py --model "$model" --batch-size 256 --image-size "$size" --steps 100 \
+      | tail -1 | tee -a "$OUT/peer.jsonl"
+  fi
 done
 IFS=';' read -ra variants <<< "${XLA_VARIANTS:-}"
 for flags in "${variants[@]}"; do
@@ -56,18 +62,21 @@ def rows(path):
 
 ours, peer = rows(f"{sys.argv[1]}/ours.jsonl"), rows(f"{sys.argv[1]}/peer.jsonl")
 print(f"{'model':<12}{'size':>5}{'ours img/s':>12}{'MFU':>7}{'mem GiB':>9}{'compile s':>10}"
-      f"{'tv eager':>10}{'tv compile':>11}{'ratio':>7}{'tv mem GiB':>11}")
+      f"{'tv eager':>10}{'tv compile':>11}{'flax':>8}{'ratio':>7}{'tv mem GiB':>11}{'flax mem':>9}")
 for r in ours:
-    # torchvision rows of the same model and size, keyed "eager" / "compile"
-    tv = {q["peer"].split()[-1].replace("torch.", ""): q for q in peer
-          if q["peer"].split()[0] == f"torchvision.{r['model']}" and q["image_size"] == r["image_size"]}
+    # peer rows of the same model and size, keyed "eager" / "compile" (torchvision) and "flax"
+    same = [q for q in peer if q["image_size"] == r["image_size"]]
+    tv = {q["peer"].split()[-1].replace("torch.", ""): q for q in same
+          if q["peer"].split()[0] == f"torchvision.{r['model']}"}
+    tv.update({"flax": q for q in same if q["peer"].split()[0] == f"flax.{r['model']}"})
     best = max((q["images_per_s"] for q in tv.values()), default=None)
-    tv_mem = max((q["peak_memory_gib"] for q in tv.values()), default=0)
-    rate = {k: f"{tv[k]['images_per_s']:.0f}" if k in tv else "-" for k in ("eager", "compile")}
+    tv_mem = max((tv[k]["peak_memory_gib"] or 0 for k in ("eager", "compile") if k in tv), default=0)
+    rate = {k: f"{tv[k]['images_per_s']:.0f}" if k in tv else "-" for k in ("eager", "compile", "flax")}
     ratio = r["images_per_second"] / best if best else float("nan")
     print(f"{r['model']:<12}{r['image_size']:>5}{r['images_per_second']:>12.0f}{100 * (r['mfu'] or 0):>6.1f}%"
           f"{r['peak_memory_gib'] or 0:>9.1f}{r['compile_seconds']:>10.1f}{rate['eager']:>10}{rate['compile']:>11}"
-          f"{ratio:>7.2f}{tv_mem:>11.1f}")
+          f"{rate['flax']:>8}{ratio:>7.2f}{tv_mem:>11.1f}{(tv.get('flax') or {}).get('peak_memory_gib') or 0:>9.1f}")
+print("ratio: ours / the fastest peer of the row (torchvision eager, torch.compile, plain flax)")
 base = next((r["images_per_second"] for r in ours if r["model"] == "resnet50" and r["image_size"] == 224), None)
 for v in rows(f"{sys.argv[1]}/variants.jsonl"):
     change = f"{v['images_per_second'] / base - 1:+.1%} vs default flags" if base else ""

@@ -87,31 +87,47 @@ def bandwidth_bytes_per_second(target: str) -> float:
 
 
 def compile_report(
-    model: str, batch_size: int, image_size: int, dtype: str, target: str = DEFAULT_TARGET, tpu: str | None = None
+    model: str, batch_size: int, image_size: int, dtype: str, target: str = DEFAULT_TARGET, tpu: str | None = None,
+    peer: str | None = None,
 ) -> tuple[dict, str]:
-    """Compiles ``model``'s train step for ``target`` (or TPU ``tpu``); returns (figures, optimised HLO text)."""
+    """Compiles ``model``'s train step for ``target`` (or TPU ``tpu``); returns (figures, optimised HLO text).
+
+    ``peer="flax"`` compiles the plain Flax peer's step (``benchmarks/peer_flax.py``) instead
+    of the trainer's.
+    """
     from resnet_jax.models import model_macs
-    from resnet_jax.train import sharding
-    from resnet_jax.train.benchmark import benchmark_config, device_peak_tflops
-    from resnet_jax.train.loop import setup
+    from resnet_jax.train.benchmark import device_peak_tflops
 
     devices = target_devices(target, tpu)
-    s = setup(benchmark_config(model, batch_size, image_size, dtype), devices=devices)
-    state = jax.tree_util.tree_map(
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s.abstract_state, s.state_sharding
-    )
-    on_batch = sharding.batch_sharding(s.mesh)
-    batch = {
-        "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.dtype(dtype), sharding=on_batch),
-        "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=on_batch),
-    }
+    if peer == "flax":
+        from benchmarks.peer_flax import abstract_step, make_model
+
+        step, state, batch = abstract_step(model, batch_size, image_size, dtype, devices[0])
+        net = make_model(model, dtype)
+    elif peer is None:
+        from resnet_jax.train import sharding
+        from resnet_jax.train.benchmark import benchmark_config
+        from resnet_jax.train.loop import setup
+
+        s = setup(benchmark_config(model, batch_size, image_size, dtype), devices=devices)
+        step, net = s.train_step, s.model
+        state = jax.tree_util.tree_map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s.abstract_state, s.state_sharding
+        )
+        on_batch = sharding.batch_sharding(s.mesh)
+        batch = {
+            "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.dtype(dtype), sharding=on_batch),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=on_batch),
+        }
+    else:
+        raise ValueError(f"unknown peer {peer!r}; the one peer that compiles here is 'flax'")
     t0 = time.perf_counter()
-    compiled = s.train_step.lower(state, batch).compile()
+    compiled = step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0
     hlo = compiled.as_text()
     mem = compiled.memory_analysis()
     traffic = summarise(entry_kernels(hlo))
-    flops = 6 * model_macs(s.model, image_size) * batch_size
+    flops = 6 * model_macs(net, image_size) * batch_size
     if tpu:
         bandwidth = TPU_BANDWIDTH[tpu.split(":")[0]]
     else:
@@ -125,7 +141,7 @@ def compile_report(
     compute_floor = flops / (peak_tflops * 1e12)
     peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     return {
-        "model": model, "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
+        "model": model if peer is None else f"{peer} peer {model}", "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
         "device_kind": devices[0].device_kind, "jax": jax.__version__,
         "compile_seconds_host": compile_seconds,
         "argument_gib": mem.argument_size_in_bytes / 2**30,
@@ -154,13 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tpu", metavar="TOPOLOGY",
                    help=f"compile for one chip of this TPU topology instead (needs libtpu), e.g. v5e:2x2; "
                         f"generations {', '.join(TPU_BANDWIDTH)}")
+    p.add_argument("--peer", choices=["flax"],
+                   help="compile the plain Flax peer's step (benchmarks/peer_flax.py) instead of ours")
     p.add_argument("--top", type=int, default=0, help="list the N kernels that move the most bytes")
     p.add_argument("--dump-hlo", help="write the optimised HLO text here")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     args = p.parse_args(argv)
     if args.tpu and args.tpu.split(":")[0] not in TPU_BANDWIDTH:
         p.error(f"--tpu {args.tpu}: unknown generation; use one of {', '.join(TPU_BANDWIDTH)}, e.g. v5e:2x2")
-    r, hlo = compile_report(args.model, args.batch_size, args.image_size, args.dtype, args.target, args.tpu)
+    r, hlo = compile_report(
+        args.model, args.batch_size, args.image_size, args.dtype, args.target, args.tpu, args.peer
+    )
     if args.dump_hlo:
         with open(args.dump_hlo, "w") as f:
             f.write(hlo)
