@@ -8,9 +8,14 @@
 # jax, flax, optax, orbax, torch and torchvision are in the device image; TensorFlow is not
 # and is not needed (synthetic data). Writes one JSON line per measurement to $OUT and
 # prints a table last. MODELS="resnet50:224" limits the run to those models: all four
-# with their peers take longer than one device call may (600 s), so split them:
-# MODELS="resnet50:224" (with COMPILE_REPORT and XLA_VARIANTS), then
-# MODELS="resnet18:224 resnet101:224 resnetrs50:160". FLAX_PEER=0 skips the flax peer.
+# with their peers take longer than one device call may (600 s), so split them (estimates,
+# not yet timed: ~1.5 min per model for ours, as much for flax, 2-3 for torchvision with
+# torch.compile, ~1 min per XLA variant or compile report):
+#   1. MODELS="resnet50:224" COMPILE_REPORT=1 XLA_VARIANTS="...;..."
+#   2. MODELS="resnet18:224 resnetrs50:160"
+#   3. MODELS="resnet101:224"
+# Each line of $OUT/*.jsonl is written when its run ends, so a call cut short keeps what
+# finished. FLAX_PEER=0 skips the flax peer.
 # XLA_VARIANTS: ';'-separated XLA_FLAGS strings; ResNet-50 is timed once more under each
 # (e.g. XLA_VARIANTS="--xla_gpu_enable_latency_hiding_scheduler=true;--xla_gpu_autotune_level=0").
 # COMPILE_REPORT=1 also compiles ResNet-50 on the device (autotuned) with
