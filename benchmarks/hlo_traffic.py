@@ -29,8 +29,10 @@ ELEMENT_BYTES = {
 _ARRAY = re.compile(r"\b(" + "|".join(ELEMENT_BYTES) + r")\[([0-9,]*)\]")
 # "%name = SHAPE opcode(operands), attributes"; SHAPE is an array or a (tuple, of, arrays).
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\([^=]*?\)|\S+) ([a-z][a-z0-9\-]*)\((.*)$")
+# Printer comments such as the "/*index=5*/" inside tuples of more than five elements.
+_COMMENT = re.compile(r"/\*.*?\*/")
 # Instructions that launch nothing: they name or regroup buffers.
-_FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id", "replica-id"}
+FREE_OPCODES = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id", "replica-id"}
 
 
 def shape_bytes(shape: str) -> int:
@@ -66,28 +68,38 @@ class Kernel:
         return self.read_bytes + self.write_bytes
 
 
-def entry_kernels(hlo_text: str) -> list[Kernel]:
-    """The kernels of the entry computation of optimised HLO text (``compiled.as_text()``)."""
+def entry_instructions(hlo_text: str) -> list[tuple[str, str, str, str]]:
+    """``(name, shape, opcode, rest of line)`` of every instruction of the entry computation
+    of optimised HLO text (``compiled.as_text()``), printer comments removed."""
     start = hlo_text.index("\nENTRY ")
     end = hlo_text.find("\n}", start)
+    instructions = []
+    for line in hlo_text[start:end].splitlines()[1:]:
+        line = _COMMENT.sub("", line)  # else a tuple of six or more elements would not match
+        m = _INSTRUCTION.match(line)
+        if m:
+            instructions.append(m.groups())
+        elif re.match(r"^\s*(?:ROOT )?%\S+ = ", line):  # an instruction this parser cannot read: say so, never skip it
+            raise ValueError(f"hlo_traffic cannot parse this HLO instruction; extend _INSTRUCTION:\n{line}")
+    return instructions
+
+
+def entry_kernels(hlo_text: str) -> list[Kernel]:
+    """The kernels of the entry computation of optimised HLO text (``compiled.as_text()``)."""
     sizes: dict[str, int] = {}
     kernels = []
-    for line in hlo_text[start:end].splitlines()[1:]:
-        m = _INSTRUCTION.match(line)
-        if not m:
-            continue
-        name, shape, opcode, rest = m.groups()
+    for name, shape, opcode, rest in entry_instructions(hlo_text):
         sizes[name] = shape_bytes(shape)
-        if opcode in _FREE or opcode.endswith("-done"):
+        if opcode in FREE_OPCODES or opcode.endswith("-done"):
             continue  # "-done" waits for its "-start" (async collective or copy), which moved the bytes
         operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
         if opcode == "fusion":
-            kind = "fusion:" + re.search(r"kind=(\w+)", line).group(1)
+            kind = "fusion:" + re.search(r"kind=(\w+)", rest).group(1)
         elif opcode == "custom-call":
-            kind = re.search(r'custom_call_target="([^"]+)"', line).group(1)
+            kind = re.search(r'custom_call_target="([^"]+)"', rest).group(1)
         else:
             kind = opcode
-        op = re.search(r'op_name="([^"]*)"', line)
+        op = re.search(r'op_name="([^"]*)"', rest)
         op_name = op.group(1) if op else ""
         phase = "backward" if "transpose(jvp(" in op_name else "forward" if "jvp(" in op_name else "other"
         read = sum(sizes.get(o, 0) for o in operands)

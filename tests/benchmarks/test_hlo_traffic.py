@@ -65,3 +65,19 @@ def test_an_asynchronous_all_reduce_counts_once():
     kernels = entry_kernels(summed.lower(x).compile().as_text())
     collectives = [k for k in kernels if k.kind.startswith("all-reduce")]
     assert [(k.kind, k.read_bytes, k.write_bytes) for k in collectives] == [("all-reduce-start", 4 * MIB, 4 * MIB)]
+
+
+def test_a_kernel_with_six_or_more_results_is_counted():
+    """XLA prints tuples of more than five elements with an "/*index=5*/" comment inside;
+    a seven-operand sort (one kernel returning a 7-tuple) reads and writes 7 x 4 KiB."""
+    x = jnp.ones((1024,), jnp.float32)
+    hlo = jax.jit(lambda *xs: jax.lax.sort(xs, num_keys=1)).lower(*[x] * 7).compile().as_text()
+    assert "/*index=5*/" in hlo
+    (kernel,) = entry_kernels(hlo)
+    assert (kernel.kind, kernel.read_bytes, kernel.write_bytes) == ("sort", 7 * 4096, 7 * 4096)
+
+
+def test_an_instruction_the_parser_cannot_read_is_an_error_not_a_silent_skip():
+    hlo = "HloModule m\n\nENTRY %main () -> f32[] {\n  %weird = f32[] <unparseable>\n}\n"
+    with pytest.raises(ValueError, match="cannot parse"):
+        entry_kernels(hlo)
