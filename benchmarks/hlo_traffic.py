@@ -32,7 +32,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\([^=]*?\)|\S+) ([a-z][a-z0-
 # Printer comments such as the "/*index=5*/" inside tuples of more than five elements.
 _COMMENT = re.compile(r"/\*.*?\*/")
 # Instructions that launch nothing: they name or regroup buffers.
-FREE_OPCODES = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id", "replica-id"}
+FREE_OPCODES = {"call", "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id", "replica-id"}
 
 
 def shape_bytes(shape: str) -> int:
@@ -68,20 +68,50 @@ class Kernel:
         return self.read_bytes + self.write_bytes
 
 
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+    """Each computation's instruction lines by name, and the entry computation's name."""
+    bodies: dict[str, list[str]] = {}
+    entry, current = "", None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(ENTRY )?%(\S+) .*\{$", line)
+        if header:
+            current = header.group(2)
+            bodies[current] = []
+            entry = current if header.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            bodies[current].append(_COMMENT.sub("", line))  # else a tuple of six or more elements would not match
+    if not entry:
+        raise ValueError("hlo_traffic: no ENTRY computation in this text; pass compiled.as_text()")
+    return bodies, entry
+
+
 def entry_instructions(hlo_text: str) -> list[tuple[str, str, str, str]]:
-    """``(name, shape, opcode, rest of line)`` of every instruction of the entry computation
-    of optimised HLO text (``compiled.as_text()``), printer comments removed."""
-    start = hlo_text.index("\nENTRY ")
-    end = hlo_text.find("\n}", start)
-    instructions = []
-    for line in hlo_text[start:end].splitlines()[1:]:
-        line = _COMMENT.sub("", line)  # else a tuple of six or more elements would not match
-        m = _INSTRUCTION.match(line)
-        if m:
+    """``(name, shape, opcode, rest of line)`` of every instruction the entry computation of
+    optimised HLO text (``compiled.as_text()``) runs, printer comments removed.
+
+    A ``call`` is replaced by the instructions of the computation it calls, then listed
+    itself (it launches nothing): on a GPU, XLA groups kernels into command buffers (CUDA
+    graphs) that way, ``%call = ... call(...), to_apply=%command_buffer``, and the kernels
+    inside still move their bytes.
+    """
+    bodies, entry = _computations(hlo_text)
+
+    def walk(computation: str) -> list[tuple[str, str, str, str]]:
+        instructions = []
+        for line in bodies[computation]:
+            m = _INSTRUCTION.match(line)
+            if not m:
+                if re.match(r"^\s*(?:ROOT )?%\S+ = ", line):  # one this parser cannot read: say so, never skip it
+                    raise ValueError(f"hlo_traffic cannot parse this HLO instruction; extend _INSTRUCTION:\n{line}")
+                continue
+            if m.group(3) == "call":
+                instructions += walk(re.search(r"to_apply=%([\w.\-]+)", line).group(1))
             instructions.append(m.groups())
-        elif re.match(r"^\s*(?:ROOT )?%\S+ = ", line):  # an instruction this parser cannot read: say so, never skip it
-            raise ValueError(f"hlo_traffic cannot parse this HLO instruction; extend _INSTRUCTION:\n{line}")
-    return instructions
+        return instructions
+
+    return walk(entry)
 
 
 def entry_kernels(hlo_text: str) -> list[Kernel]:

@@ -81,3 +81,32 @@ def test_an_instruction_the_parser_cannot_read_is_an_error_not_a_silent_skip():
     hlo = "HloModule m\n\nENTRY %main () -> f32[] {\n  %weird = f32[] <unparseable>\n}\n"
     with pytest.raises(ValueError, match="cannot parse"):
         entry_kernels(hlo)
+
+
+def test_kernels_inside_a_command_buffer_call_are_counted():
+    """On a GPU, XLA wraps runs of kernels in ``call(...), to_apply=%command_buffer`` (a CUDA
+    graph). The call moves nothing itself; the two fusions inside move 3 MiB and 2 MiB."""
+    hlo = """HloModule m
+
+%fused_a (p0: f32[512,512]) -> f32[512,512] {
+  %p0 = f32[512,512]{1,0} parameter(0)
+  ROOT %t = f32[512,512]{1,0} tanh(%p0)
+}
+
+%command_buffer (x.1: f32[512,512], y.1: f32[512,512]) -> (f32[512,512], f32[512,512]) {
+  %x.1 = f32[512,512]{1,0} parameter(0)
+  %y.1 = f32[512,512]{1,0} parameter(1)
+  %add_fusion = f32[512,512]{1,0} fusion(%x.1, %y.1), kind=kLoop, calls=%fused_a
+  %tanh_fusion = f32[512,512]{1,0} fusion(%add_fusion), kind=kLoop, calls=%fused_a
+  ROOT %tuple = (f32[512,512]{1,0}, f32[512,512]{1,0}) tuple(%add_fusion, %tanh_fusion)
+}
+
+ENTRY %main (x: f32[512,512], y: f32[512,512]) -> (f32[512,512], f32[512,512]) {
+  %x = f32[512,512]{1,0} parameter(0)
+  %y = f32[512,512]{1,0} parameter(1)
+  ROOT %call = (f32[512,512]{1,0}, f32[512,512]{1,0}) call(%x, %y), to_apply=%command_buffer
+}
+"""
+    kernels = entry_kernels(hlo)
+    assert [(k.name, k.read_bytes, k.write_bytes) for k in kernels] == [
+        ("add_fusion", 2 * MIB, MIB), ("tanh_fusion", MIB, MIB)]
