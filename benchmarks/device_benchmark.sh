@@ -11,7 +11,7 @@
 # with their peers take longer than one device call may (600 s), so split them (estimates,
 # not yet timed: ~1.5 min per model for ours, as much for flax, 2-3 for torchvision with
 # torch.compile, ~1 min per XLA variant or compile report):
-#   1. MODELS="resnet50:224" COMPILE_REPORT=1 XLA_VARIANTS="...;..."
+#   1. MODELS="resnet50:224" COMPILE_REPORT=1 PROFILE=1 XLA_VARIANTS="...;..."
 #   2. MODELS="resnet18:224 resnetrs50:160"
 #   3. MODELS="resnet101:224"
 # Each line of $OUT/*.jsonl is written when its run ends, so a call cut short keeps what
@@ -20,6 +20,10 @@
 # (e.g. XLA_VARIANTS="--xla_gpu_enable_latency_hiding_scheduler=true;--xla_gpu_autotune_level=0").
 # COMPILE_REPORT=1 also compiles ResNet-50 on the device (autotuned) with
 # benchmarks/gpu_compile_report.py, to check the traffic and memory predicted without one.
+# PROFILE=1 traces ResNet-50 (jax.profiler, 4 steps, command buffers off so that every kernel
+# names its HLO instruction) and runs benchmarks/kernel_bandwidth.py
+# on the trace: $OUT/kernel_bandwidth.txt (and .json) ranks the kernels by time lost against
+# peak bandwidth; the trace itself comes back as $OUT/resnet50_profile.tar.gz (TensorBoard).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}; mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -58,6 +62,16 @@ if [ "${COMPILE_REPORT:-0}" = 1 ]; then
   echo "== resnet50 compiled on the device: memory and HBM traffic"
   python3 benchmarks/gpu_compile_report.py --model resnet50 --batch-size 256 --top 10 \
     --dump-hlo "$OUT/resnet50_b256.hlo.txt" | tee "$OUT/compile_report.txt"
+fi
+if [ "${PROFILE:-0}" = 1 ]; then
+  echo "== resnet50 profiled: time per kernel against its bytes"
+  rm -rf /tmp/resnet50_profile
+  # command buffers (CUDA graphs) off: kernels inside one name no HLO instruction in the trace
+  XLA_FLAGS="--xla_gpu_enable_command_buffer=" python3 -m resnet_jax.cli benchmark --model resnet50 \
+    --batch-size 256 --image-size 224 --dtype bfloat16 --steps 20 --profile /tmp/resnet50_profile | tail -3
+  python3 benchmarks/kernel_bandwidth.py /tmp/resnet50_profile --top 30 | tee "$OUT/kernel_bandwidth.txt"
+  python3 benchmarks/kernel_bandwidth.py /tmp/resnet50_profile --json > "$OUT/kernel_bandwidth.json"
+  tar -czf "$OUT/resnet50_profile.tar.gz" -C /tmp resnet50_profile
 fi
 python3 - "$OUT" <<'PY'
 import json, os, sys

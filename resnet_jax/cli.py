@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="with --with-input: tfds data_dir")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--profile", default=None, metavar="DIR",
-                   help="write a jax.profiler trace of one timed window to DIR (TensorBoard/Perfetto)")
+                   help="write a jax.profiler trace of one timed window to DIR (TensorBoard/Perfetto) and the "
+                        "compiled HLO beside it, for benchmarks/kernel_bandwidth.py")
     p.set_defaults(func=_benchmark)
     for name, text in (
         ("train", "train a config: --config configs/FILE.py[:variant] --workdir DIR [--config.k=v]"),

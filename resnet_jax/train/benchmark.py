@@ -76,7 +76,8 @@ def measure(
     ``losses`` holds the loss of every step run (warm-up included), read from the
     device only at the end, so a faster variant's loss curve can be compared with the
     baseline's on the same seed. ``profile_dir``: a ``jax.profiler`` trace of the last
-    timed window.
+    timed window, and the compiled step's optimised HLO (``train_step.hlo.txt``) for
+    ``benchmarks/kernel_bandwidth.py``.
     """
     from resnet_jax.data.pipeline import to_global_batches
     from resnet_jax.models import model_macs
@@ -90,6 +91,11 @@ def measure(
     t0 = time.perf_counter()
     compiled = s.train_step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0
+    if profile_dir is not None:
+        # The optimised HLO beside the trace: benchmarks/kernel_bandwidth.py joins the two.
+        os.makedirs(profile_dir, exist_ok=True)
+        with open(os.path.join(profile_dir, "train_step.hlo.txt"), "w") as f:
+            f.write(compiled.as_text())
     losses = []  # device scalars; reading them per step would put the host on the critical path
     for _ in range(warmup):
         state, metrics = compiled(state, batch if not with_input else next(batches))

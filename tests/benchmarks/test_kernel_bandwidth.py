@@ -1,0 +1,41 @@
+"""benchmarks/kernel_bandwidth.py joins a jax.profiler trace with the HLO's bytes per kernel."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks.kernel_bandwidth import HLO_FILE, report
+
+MIB = 2**20
+
+
+def test_a_traced_elementwise_kernel_gets_its_closed_form_bytes_and_its_launch_count(tmp_path):
+    """tanh(a * b + 1) on two 1 MiB float32 matrices, called 3 times: one kernel that reads
+    2 MiB and writes 1 MiB per call."""
+    a = jnp.ones((512, 512), jnp.float32)
+    f = jax.jit(lambda a, b: jnp.tanh(a * b + 1))
+    compiled = f.lower(a, a).compile()
+    (tmp_path / HLO_FILE).write_text(compiled.as_text())
+    compiled(a, a).block_until_ready()
+    jax.profiler.start_trace(str(tmp_path))
+    for _ in range(3):
+        compiled(a, a).block_until_ready()
+    jax.profiler.stop_trace()
+
+    r = report(str(tmp_path), bandwidth=1e9)
+    assert r["steps"] == 3
+    assert r["unmatched_ms"] == 0
+    (row,) = r["kernels"]
+    assert row["bytes"] == 3 * MIB == r["bytes_per_step"]
+    assert row["ms"] > 0 and row["ms"] == pytest.approx(r["device_busy_ms"])
+    # at 1 GB/s the 3 MiB take 3.15 ms; what the kernel took beyond that is "lost"
+    assert row["floor_ms"] == pytest.approx(3 * MIB / 1e9 * 1e3)
+    assert row["lost_ms"] == pytest.approx(row["ms"] - row["floor_ms"])
+    assert row["gb_per_s"] == pytest.approx(3 * MIB / (row["ms"] / 1e3) / 1e9)
+
+
+def test_a_directory_without_a_trace_is_refused_with_the_command_that_makes_one(tmp_path):
+    with pytest.raises(SystemExit, match="resnet-jax benchmark --profile"):
+        report(str(tmp_path), hlo_text="")
