@@ -15,7 +15,9 @@
 #   2. MODELS="resnet18:224 resnetrs50:160"
 #   3. MODELS="resnet101:224"
 # Each line of $OUT/*.jsonl is written when its run ends, so a call cut short keeps what
-# finished. FLAX_PEER=0 skips the flax peer.
+# finished. FLAX_PEER=0 skips the flax peer. BATCH_SIZE (256) and STEPS (100) shrink the model
+# and profile runs for a dry run of this script on a CPU, e.g.
+#   MODELS="resnet18:32" BATCH_SIZE=8 STEPS=10 PROFILE=1 bash benchmarks/device_benchmark.sh
 # XLA_VARIANTS: ';'-separated XLA_FLAGS strings; ResNet-50 is timed once more under each
 # (e.g. XLA_VARIANTS="--xla_gpu_enable_latency_hiding_scheduler=true;--xla_gpu_autotune_level=0").
 # COMPILE_REPORT=1 also compiles ResNet-50 on the device (autotuned) with
@@ -31,6 +33,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
+BATCH=${BATCH_SIZE:-256}; STEPS=${STEPS:-100}
 PEER=.whl/peer_torchvision.py
 [ -f "$PEER" ] || PEER=../shared/bench/peer_torchvision.py
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
@@ -39,15 +42,15 @@ for spec in ${MODELS:-resnet50:224 resnet18:224 resnet101:224 resnetrs50:160}; d
   model=${spec%%:*}; size=${spec##*:}
   [[ $spec == *:* ]] || size=224
   echo "== ours $model @$size"
-  python3 -m resnet_jax.cli benchmark --json --model "$model" --batch-size 256 --image-size "$size" \
-    --dtype bfloat16 --steps 100 | tail -1 | tee -a "$OUT/ours.jsonl"
+  python3 -m resnet_jax.cli benchmark --json --model "$model" --batch-size "$BATCH" --image-size "$size" \
+    --dtype bfloat16 --steps "$STEPS" | tail -1 | tee -a "$OUT/ours.jsonl"
   if python3 -c "import torchvision.models as m, sys; sys.exit(not hasattr(m, '$model'))"; then
     echo "== torchvision $model @$size"
-    python3 "$PEER" --model "$model" --batch-size 256 --image-size "$size" | tee -a "$OUT/peer.jsonl"
+    python3 "$PEER" --model "$model" --batch-size "$BATCH" --image-size "$size" | tee -a "$OUT/peer.jsonl"
   fi
   if [ "${FLAX_PEER:-1}" = 1 ] && python3 -c "import benchmarks.peer_flax as p, sys; sys.exit('$model' not in p.STAGES)"; then
     echo "== plain flax $model @$size"
-    python3 benchmarks/peer_flax.py --model "$model" --batch-size 256 --image-size "$size" --steps 100 \
+    python3 benchmarks/peer_flax.py --model "$model" --batch-size "$BATCH" --image-size "$size" --steps "$STEPS" \
       | tail -1 | tee -a "$OUT/peer.jsonl"
   fi
 done
@@ -68,7 +71,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
   rm -rf /tmp/resnet50_profile
   # command buffers (CUDA graphs) off: kernels inside one name no HLO instruction in the trace
   XLA_FLAGS="--xla_gpu_enable_command_buffer=" python3 -m resnet_jax.cli benchmark --model resnet50 \
-    --batch-size 256 --image-size 224 --dtype bfloat16 --steps 20 --profile /tmp/resnet50_profile | tail -3
+    --batch-size "$BATCH" --image-size 224 --dtype bfloat16 --steps 20 --profile /tmp/resnet50_profile | tail -3
   python3 benchmarks/kernel_bandwidth.py /tmp/resnet50_profile --top 30 | tee "$OUT/kernel_bandwidth.txt"
   python3 benchmarks/kernel_bandwidth.py /tmp/resnet50_profile --json > "$OUT/kernel_bandwidth.json"
   tar -czf "$OUT/resnet50_profile.tar.gz" -C /tmp resnet50_profile
