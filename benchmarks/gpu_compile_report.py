@@ -78,7 +78,16 @@ def target_devices(target: str, tpu: str | None = None) -> list:
     return list(topology.devices)[:1]
 
 
+def gpu_spec(device_kind: str) -> str | None:
+    """The ``gpu_specs/`` target file of a device kind ("NVIDIA H200" -> h200_sxm.txtpb), if there is one."""
+    for name in ("H200", "H100"):
+        if name in device_kind:
+            return os.path.join(os.path.dirname(DEFAULT_TARGET), f"{name.lower()}_sxm.txtpb")
+    return None
+
+
 def bandwidth_bytes_per_second(target: str) -> float:
+    """Peak HBM bytes/s of a GPU target file (``gpu_device_info.memory_bandwidth``)."""
     with open(target) as f:
         for line in f:
             if line.strip().startswith("memory_bandwidth:"):
@@ -131,8 +140,8 @@ def compile_report(
     if tpu:
         bandwidth = TPU_BANDWIDTH[tpu.split(":")[0]]
     else:
-        if "H200" in devices[0].device_kind and target == DEFAULT_TARGET:  # an attached H200
-            target = os.path.join(os.path.dirname(DEFAULT_TARGET), "h200_sxm.txtpb")
+        if target == DEFAULT_TARGET and gpu_spec(devices[0].device_kind):  # an attached H100 or H200
+            target = gpu_spec(devices[0].device_kind)
         bandwidth = bandwidth_bytes_per_second(target)
     peak_tflops = device_peak_tflops(devices[0])
     if peak_tflops is None:

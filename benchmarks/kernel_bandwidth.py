@@ -12,8 +12,9 @@ time the bytes alone would take at the device's peak bandwidth, and for each
 instruction ``lost = time - bytes / peak``: the kernels to fix first, whether they are
 slow reductions, cuDNN algorithms or launch gaps (``device busy`` against the step).
 
-Peak bandwidth comes from ``--bandwidth`` (bytes/s) or from the device kind in the
-trace (H100/H200 SXM); on a CPU trace there is none and only times are reported.
+Peak bandwidth comes from ``--bandwidth`` (bytes/s) or, for a device kind in the trace
+that ``benchmarks/gpu_specs/`` describes (H100/H200 SXM), from its target file; otherwise
+(a CPU trace, another GPU) only times are reported.
 """
 
 from __future__ import annotations
@@ -27,11 +28,9 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.gpu_compile_report import bandwidth_bytes_per_second, gpu_spec  # noqa: E402
 from benchmarks.hlo_traffic import FREE_OPCODES, Kernel, entry_instructions, entry_kernels  # noqa: E402
-
-# HBM bytes/s by device kind (vendor datasheets; SXM parts), as in benchmarks/gpu_specs/.
-PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.039e12}
-HLO_FILE = "train_step.hlo.txt"
+from resnet_jax.train.benchmark import PROFILE_HLO_FILE as HLO_FILE  # noqa: E402
 
 
 def kernel_times(profile_dir: str) -> tuple[dict[tuple[str, str], list[float]], str, float]:
@@ -113,7 +112,8 @@ def report(profile_dir: str, hlo_text: str | None = None, bandwidth: float | Non
     for (_, op), durations in launches.items():
         times[op] += sum(durations) / (steps * devices)
     if bandwidth is None:
-        bandwidth = next((b for name, b in PEAK_BANDWIDTH.items() if name.lower() in kind.lower()), None)
+        spec = gpu_spec(kind)  # the same figure as gpu_compile_report's floors
+        bandwidth = bandwidth_bytes_per_second(spec) if spec else None
     rows, unmatched = [], 0.0
     for op, seconds in times.items():
         k = kernels.get(_normalise(op))

@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
+# With --profile DIR: the compiled step's optimised HLO, beside the trace (benchmarks/kernel_bandwidth.py).
+PROFILE_HLO_FILE = "train_step.hlo.txt"
 # Dense bf16 peak TFLOP/s by device kind (vendor datasheets), for MFU.
 PEAK_TFLOPS = {
     "H100": 989.0,
@@ -94,7 +96,7 @@ def measure(
     if profile_dir is not None:
         # The optimised HLO beside the trace: benchmarks/kernel_bandwidth.py joins the two.
         os.makedirs(profile_dir, exist_ok=True)
-        with open(os.path.join(profile_dir, "train_step.hlo.txt"), "w") as f:
+        with open(os.path.join(profile_dir, PROFILE_HLO_FILE), "w") as f:
             f.write(compiled.as_text())
     losses = []  # device scalars; reading them per step would put the host on the critical path
     for _ in range(warmup):

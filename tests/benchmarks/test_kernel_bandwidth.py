@@ -1,6 +1,5 @@
 """benchmarks/kernel_bandwidth.py joins a jax.profiler trace with the HLO's bytes per kernel."""
 
-import os
 
 import jax
 import jax.numpy as jnp
