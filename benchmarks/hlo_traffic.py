@@ -8,7 +8,12 @@ own cost model counts it, before caches. Memory-bound programs (ResNet training 
 an H100 is one: BatchNorm, ReLU and residual passes dominate) run no faster than
 ``traffic / memory bandwidth``; a change that cuts traffic should cut step time.
 
-Approximations: an operand is counted whole even where a fusion reads only a slice
+A ``while`` loop (``jax.lax.scan``, e.g. several train steps per dispatch) counts the
+kernels of its body and condition once per iteration, from the trip count XLA
+annotates; a fusion operand that the fused computation only slices (a scan reading
+its step's batch) counts the bytes of the slices.
+
+Approximations: an operand otherwise counts whole, even where a fusion reads only part
 of it, and L2 hits are ignored, so this is an upper estimate of DRAM traffic. An
 asynchronous operation counts once, at its ``-start``; collectives count the local
 buffer's bytes, not the network's.
@@ -32,7 +37,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\([^=]*?\)|\S+) ([a-z][a-z0-
 # Printer comments such as the "/*index=5*/" inside tuples of more than five elements.
 _COMMENT = re.compile(r"/\*.*?\*/")
 # Instructions that launch nothing: they name or regroup buffers.
-FREE_OPCODES = {"call", "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id", "replica-id"}
+FREE_OPCODES = {"call", "while", "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id", "replica-id"}
 
 
 def shape_bytes(shape: str) -> int:
@@ -94,7 +99,9 @@ def entry_instructions(hlo_text: str) -> list[tuple[str, str, str, str]]:
     A ``call`` is replaced by the instructions of the computation it calls, then listed
     itself (it launches nothing): on a GPU, XLA groups kernels into command buffers (CUDA
     graphs) that way, ``%call = ... call(...), to_apply=%command_buffer``, and the kernels
-    inside still move their bytes.
+    inside still move their bytes. A ``while`` is likewise replaced by its condition's
+    instructions n + 1 times and its body's n times, n being the ``known_trip_count`` XLA
+    annotates; a loop without one is an error (its traffic per call is unknown).
     """
     bodies, entry = _computations(hlo_text)
 
@@ -108,6 +115,17 @@ def entry_instructions(hlo_text: str) -> list[tuple[str, str, str, str]]:
                 continue
             if m.group(3) == "call":
                 instructions += walk(re.search(r"to_apply=%([\w.\-]+)", line).group(1))
+            elif m.group(3) == "while":
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+                if not trips:
+                    raise ValueError(
+                        f"hlo_traffic: while loop %{m.group(1)} has no known_trip_count, so its traffic per "
+                        "call is unknown; count a program whose loops have static trip counts (jax.lax.scan)"
+                    )
+                n = int(trips.group(1))
+                condition = walk(re.search(r"condition=%([\w.\-]+)", line).group(1))
+                body = walk(re.search(r"body=%([\w.\-]+)", line).group(1))
+                instructions += condition * (n + 1) + body * n
             instructions.append(m.groups())
         return instructions
 
@@ -116,6 +134,7 @@ def entry_instructions(hlo_text: str) -> list[tuple[str, str, str, str]]:
 
 def entry_kernels(hlo_text: str) -> list[Kernel]:
     """The kernels of the entry computation of optimised HLO text (``compiled.as_text()``)."""
+    bodies, _ = _computations(hlo_text)
     sizes: dict[str, int] = {}
     kernels = []
     for name, shape, opcode, rest in entry_instructions(hlo_text):
@@ -123,8 +142,11 @@ def entry_kernels(hlo_text: str) -> list[Kernel]:
         if opcode in FREE_OPCODES or opcode.endswith("-done"):
             continue  # "-done" waits for its "-start" (async collective or copy), which moved the bytes
         operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        read_sizes = [sizes.get(o, 0) for o in operands]
         if opcode == "fusion":
             kind = "fusion:" + re.search(r"kind=(\w+)", rest).group(1)
+            sliced = _sliced_parameter_bytes(bodies[re.search(r"calls=%([\w.\-]+)", rest).group(1)])
+            read_sizes = [min(size, sliced.get(i, size)) for i, size in enumerate(read_sizes)]
         elif opcode == "custom-call":
             kind = re.search(r'custom_call_target="([^"]+)"', rest).group(1)
         else:
@@ -132,9 +154,31 @@ def entry_kernels(hlo_text: str) -> list[Kernel]:
         op = re.search(r'op_name="([^"]*)"', rest)
         op_name = op.group(1) if op else ""
         phase = "backward" if "transpose(jvp(" in op_name else "forward" if "jvp(" in op_name else "other"
-        read = sum(sizes.get(o, 0) for o in operands)
+        read = sum(read_sizes)
         kernels.append(Kernel(name, kind, phase, op_name, read, sizes[name]))
     return kernels
+
+
+def _sliced_parameter_bytes(fused: list[str]) -> dict[int, int]:
+    """Parameter number -> bytes read, for each parameter of a fused computation whose only
+    users are ``slice`` / ``dynamic-slice`` instructions (it reads just those slices)."""
+    parameters: dict[str, int] = {}
+    users: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    for line in fused:
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        if opcode == "parameter":
+            parameters[name] = int(rest.split(")", 1)[0])
+            continue
+        for operand in set(re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])):
+            users[operand].append((opcode, shape))
+    return {
+        number: sum(shape_bytes(shape) for _, shape in users[name])
+        for name, number in parameters.items()
+        if users[name] and all(opcode in ("slice", "dynamic-slice") for opcode, _ in users[name])
+    }
 
 
 def summarise(kernels: list[Kernel]) -> dict:

@@ -110,3 +110,42 @@ ENTRY %main (x: f32[512,512], y: f32[512,512]) -> (f32[512,512], f32[512,512]) {
     kernels = entry_kernels(hlo)
     assert [(k.name, k.read_bytes, k.write_bytes) for k in kernels] == [
         ("add_fusion", 2 * MIB, MIB), ("tanh_fusion", MIB, MIB)]
+
+
+def test_a_scan_counts_its_body_once_per_iteration_and_only_the_slice_it_reads():
+    """``jax.lax.scan`` of ``c = tanh(c * x)`` over four 2 MiB bf16 slices, compiled for the
+    H100: a while loop whose body is one fusion reading the carry and its step's slice of the
+    stacked input (2 + 2 MiB, not the whole 8 MiB) and writing the carry (2 MiB), four times;
+    the loop condition compares two scalars five times."""
+    pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install 'jax[cuda12-local]'")
+    from benchmarks.gpu_compile_report import DEFAULT_TARGET, target_devices
+
+    on = jax.sharding.SingleDeviceSharding(target_devices(DEFAULT_TARGET)[0])
+    carry = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16, sharding=on)
+    stacked = jax.ShapeDtypeStruct((4, 1024, 1024), jnp.bfloat16, sharding=on)
+    scan = jax.jit(lambda c, xs: jax.lax.scan(lambda c, x: (jnp.tanh(c * x), None), c, xs)[0], donate_argnums=0)
+    kernels = entry_kernels(scan.lower(carry, stacked).compile().as_text())
+    big = [(k.read_bytes // MIB, k.write_bytes // MIB) for k in kernels if k.bytes > MIB]
+    assert big == [(4, 2)] * 4, big
+    assert sum(k.bytes for k in kernels if k.bytes <= MIB) < 1024  # loop counter and condition only
+
+
+def test_a_loop_without_a_known_trip_count_is_an_error():
+    hlo = """HloModule m
+
+%cond (p: s32[]) -> pred[] {
+  %p = s32[] parameter(0)
+  ROOT %lt = pred[] compare(%p, %p), direction=LT
+}
+
+%body (q: s32[]) -> s32[] {
+  ROOT %q = s32[] parameter(0)
+}
+
+ENTRY %main (x: s32[]) -> s32[] {
+  %x = s32[] parameter(0)
+  ROOT %w = s32[] while(%x), condition=%cond, body=%body
+}
+"""
+    with pytest.raises(ValueError, match="no known_trip_count"):
+        entry_kernels(hlo)
