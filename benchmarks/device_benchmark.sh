@@ -11,7 +11,7 @@
 # with their peers take longer than one device call may (600 s), so split them (estimates,
 # not yet timed: ~1.5 min per model for ours, as much for flax, 2-3 for torchvision with
 # torch.compile, ~1 min per XLA variant or compile report):
-#   1. MODELS="resnet50:224" COMPILE_REPORT=1 PROFILE=1 XLA_VARIANTS="...;..."
+#   1. MODELS="resnet50:224" COMPILE_REPORT=1 PROFILE=1 XLA_VARIANTS="...;..." DISPATCH_VARIANTS="4"
 #   2. MODELS="resnet18:224 resnetrs50:160"
 #   3. MODELS="resnet101:224"
 # Each line of $OUT/*.jsonl is written when its run ends, so a call cut short keeps what
@@ -20,6 +20,9 @@
 #   MODELS="resnet18:32" BATCH_SIZE=8 STEPS=10 PROFILE=1 bash benchmarks/device_benchmark.sh
 # XLA_VARIANTS: ';'-separated XLA_FLAGS strings; ResNet-50 is timed once more under each
 # (e.g. XLA_VARIANTS="--xla_gpu_enable_latency_hiding_scheduler=true;--xla_gpu_autotune_level=0").
+# DISPATCH_VARIANTS: space-separated K; ResNet-50 is timed once more with K steps per dispatch
+# (resnet-jax benchmark --steps-per-dispatch K: one jax.lax.scan call for K steps).
+# VARIANT_MODEL (resnet50:224) is the model of both variant kinds (a small one for a CPU dry run).
 # COMPILE_REPORT=1 also compiles ResNet-50 on the device (autotuned) with
 # benchmarks/gpu_compile_report.py, to check the traffic and memory predicted without one.
 # PROFILE=1 traces ResNet-50 (jax.profiler, 4 steps, command buffers off so that every kernel
@@ -54,12 +57,18 @@ for spec in ${MODELS:-resnet50:224 resnet18:224 resnet101:224 resnetrs50:160}; d
       | tail -1 | tee -a "$OUT/peer.jsonl"
   fi
 done
+VARIANT=${VARIANT_MODEL:-resnet50:224}; vmodel=${VARIANT%%:*}; vsize=${VARIANT##*:}
 IFS=';' read -ra variants <<< "${XLA_VARIANTS:-}"
 for flags in "${variants[@]}"; do
   [ -n "$flags" ] || continue
-  echo "== ours resnet50 @224 with XLA_FLAGS=$flags"
-  XLA_FLAGS="$flags" python3 -m resnet_jax.cli benchmark --json --model resnet50 --batch-size 256 --image-size 224 \
-    --dtype bfloat16 --steps 100 | tail -1 | tee -a "$OUT/variants.jsonl"
+  echo "== ours $vmodel @$vsize with XLA_FLAGS=$flags"
+  XLA_FLAGS="$flags" python3 -m resnet_jax.cli benchmark --json --model "$vmodel" --batch-size "$BATCH" --image-size "$vsize" \
+    --dtype bfloat16 --steps "$STEPS" | tail -1 | tee -a "$OUT/variants.jsonl"
+done
+for k in ${DISPATCH_VARIANTS:-}; do
+  echo "== ours $vmodel @$vsize with $k steps per dispatch"
+  python3 -m resnet_jax.cli benchmark --json --model "$vmodel" --batch-size "$BATCH" --image-size "$vsize" \
+    --dtype bfloat16 --steps "$STEPS" --steps-per-dispatch "$k" | tail -1 | tee -a "$OUT/variants.jsonl"
 done
 if [ "${COMPILE_REPORT:-0}" = 1 ]; then
   echo "== resnet50 compiled on the device: memory and HBM traffic"
@@ -99,9 +108,12 @@ for r in ours:
           f"{r['peak_memory_gib'] or 0:>9.1f}{r['compile_seconds']:>10.1f}{rate['eager']:>10}{rate['compile']:>11}"
           f"{rate['flax']:>8}{ratio:>7.2f}{tv_mem:>11.1f}{(tv.get('flax') or {}).get('peak_memory_gib') or 0:>9.1f}")
 print("ratio: ours / the fastest peer of the row (torchvision eager, torch.compile, plain flax)")
-base = next((r["images_per_second"] for r in ours if r["model"] == "resnet50" and r["image_size"] == 224), None)
 for v in rows(f"{sys.argv[1]}/variants.jsonl"):
-    change = f"{v['images_per_second'] / base - 1:+.1%} vs default flags" if base else ""
-    print(f"resnet50 XLA_FLAGS={v['xla_flags']}: {v['images_per_second']:.0f} img/s "
+    base = next((r["images_per_second"] for r in ours
+                 if (r["model"], r["image_size"], r["batch_size"]) == (v["model"], v["image_size"], v["batch_size"])), None)
+    change = f"{v['images_per_second'] / base - 1:+.1%} vs the plain run of this model" if base else ""
+    what = f"XLA_FLAGS={v['xla_flags']}" if v["xla_flags"] else ""
+    what += f" {v['steps_per_dispatch']} steps per dispatch" if v.get("steps_per_dispatch", 1) > 1 else ""
+    print(f"{v['model']} @{v['image_size']} {what.strip()}: {v['images_per_second']:.0f} img/s "
           f"(min {v['images_per_second_min']:.0f}, max {v['images_per_second_max']:.0f}) {change}")
 PY

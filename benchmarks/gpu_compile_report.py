@@ -97,13 +97,18 @@ def bandwidth_bytes_per_second(target: str) -> float:
 
 def compile_report(
     model: str, batch_size: int, image_size: int, dtype: str, target: str = DEFAULT_TARGET, tpu: str | None = None,
-    peer: str | None = None,
+    peer: str | None = None, steps_per_dispatch: int = 1,
 ) -> tuple[dict, str]:
     """Compiles ``model``'s train step for ``target`` (or TPU ``tpu``); returns (figures, optimised HLO text).
 
     ``peer="flax"`` compiles the plain Flax peer's step (``benchmarks/peer_flax.py``) instead
-    of the trainer's.
+    of the trainer's. ``steps_per_dispatch`` = k > 1 compiles k steps under one
+    ``jax.lax.scan`` (``step.compile_multi_step``); traffic, kernels and floors are then per
+    step (the program's divided by k), memory is the program's.
     """
+    if steps_per_dispatch < 1 or (steps_per_dispatch > 1 and peer is not None):
+        raise ValueError("steps_per_dispatch must be >= 1, and 1 for a peer")
+    k = steps_per_dispatch
     from resnet_jax.models import model_macs
     from resnet_jax.train.benchmark import device_peak_tflops
 
@@ -123,10 +128,17 @@ def compile_report(
         state = jax.tree_util.tree_map(
             lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s.abstract_state, s.state_sharding
         )
-        on_batch = sharding.batch_sharding(s.mesh)
+        on_batch, steps = sharding.batch_sharding(s.mesh), ()
+        if k > 1:
+            from resnet_jax.train.step import compile_multi_step
+
+            on_batch, steps = sharding.stacked_batch_sharding(s.mesh), (k,)
+            step = compile_multi_step(step, s.state_sharding, on_batch, sharding.replicated(s.mesh))
         batch = {
-            "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.dtype(dtype), sharding=on_batch),
-            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=on_batch),
+            "image": jax.ShapeDtypeStruct(
+                (*steps, batch_size, image_size, image_size, 3), jnp.dtype(dtype), sharding=on_batch
+            ),
+            "label": jax.ShapeDtypeStruct((*steps, batch_size), jnp.int32, sharding=on_batch),
         }
     else:
         raise ValueError(f"unknown peer {peer!r}; the one peer that compiles here is 'flax'")
@@ -136,6 +148,10 @@ def compile_report(
     hlo = compiled.as_text()
     mem = compiled.memory_analysis()
     traffic = summarise(entry_kernels(hlo))
+    traffic["traffic_bytes"] /= k
+    traffic["kernels"] /= k
+    traffic["by_phase"] = {phase: b / k for phase, b in traffic["by_phase"].items()}
+    traffic["by_kind"] = {kind: {"kernels": v["kernels"] / k, "bytes": v["bytes"] / k} for kind, v in traffic["by_kind"].items()}
     flops = 6 * model_macs(net, image_size) * batch_size
     if tpu:
         bandwidth = TPU_BANDWIDTH[tpu.split(":")[0]]
@@ -151,7 +167,7 @@ def compile_report(
     peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     return {
         "model": model if peer is None else f"{peer} peer {model}", "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
-        "device_kind": devices[0].device_kind, "jax": jax.__version__,
+        "device_kind": devices[0].device_kind, "jax": jax.__version__, "steps_per_dispatch": k,
         "compile_seconds_host": compile_seconds,
         "argument_gib": mem.argument_size_in_bytes / 2**30,
         "temp_gib": mem.temp_size_in_bytes / 2**30,
@@ -163,6 +179,7 @@ def compile_report(
         "kernels": traffic["kernels"],
         "traffic_by_phase_gib": {k: v / 2**30 for k, v in traffic["by_phase"].items()},
         "traffic_by_kind_gib": {k: round(v["bytes"] / 2**30, 3) for k, v in traffic["by_kind"].items()},
+        "kernels_by_kind": {k: round(v["kernels"], 2) for k, v in traffic["by_kind"].items()},
         "memory_floor_ms": 1e3 * memory_floor,
         "compute_floor_ms": 1e3 * compute_floor,
         "images_per_second_ceiling": batch_size / max(memory_floor, compute_floor),
@@ -181,14 +198,19 @@ def main(argv: list[str] | None = None) -> int:
                         f"generations {', '.join(TPU_BANDWIDTH)}")
     p.add_argument("--peer", choices=["flax"],
                    help="compile the plain Flax peer's step (benchmarks/peer_flax.py) instead of ours")
+    p.add_argument("--steps-per-dispatch", type=int, default=1, metavar="K",
+                   help="compile K train steps under one jax.lax.scan; traffic and kernels reported per step")
     p.add_argument("--top", type=int, default=0, help="list the N kernels that move the most bytes")
     p.add_argument("--dump-hlo", help="write the optimised HLO text here")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     args = p.parse_args(argv)
+    if args.steps_per_dispatch < 1 or (args.steps_per_dispatch > 1 and args.peer):
+        p.error("--steps-per-dispatch must be >= 1, and is for our step only (not with --peer)")
     if args.tpu and args.tpu.split(":")[0] not in TPU_BANDWIDTH:
         p.error(f"--tpu {args.tpu}: unknown generation; use one of {', '.join(TPU_BANDWIDTH)}, e.g. v5e:2x2")
     r, hlo = compile_report(
-        args.model, args.batch_size, args.image_size, args.dtype, args.target, args.tpu, args.peer
+        args.model, args.batch_size, args.image_size, args.dtype, args.target, args.tpu, args.peer,
+        args.steps_per_dispatch,
     )
     if args.dump_hlo:
         with open(args.dump_hlo, "w") as f:
@@ -198,11 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"{r['model']} batch {r['batch_size']} @{r['image_size']}px {r['dtype']}, compiled for {r['device_kind']} "
-        f"(jax {r['jax']}) in {r['compile_seconds_host']:.1f} s on the host\n"
+        f"(jax {r['jax']}) in {r['compile_seconds_host']:.1f} s on the host"
+        + (f"; {r['steps_per_dispatch']} steps per dispatch, figures per step" if r["steps_per_dispatch"] > 1 else "")
+        + "\n"
         f"  memory      peak {r['peak_gib']:.2f} GiB = arguments {r['argument_gib']:.2f} + temporaries "
         f"{r['temp_gib']:.2f} ({r['temp_mib_per_image']:.1f} MiB/image) + outputs {r['output_gib']:.2f}\n"
         f"  traffic     {r['traffic_gib']:.1f} GiB per step ({r['traffic_mib_per_image']:.0f} MiB/image) in "
-        f"{r['kernels']} kernels; " + ", ".join(f"{k} {v:.1f}" for k, v in r["traffic_by_phase_gib"].items()) + "\n"
+        f"{r['kernels']:.0f} kernels; " + ", ".join(f"{k} {v:.1f}" for k, v in r["traffic_by_phase_gib"].items()) + "\n"
         f"  floors      memory {r['memory_floor_ms']:.1f} ms, compute {r['compute_floor_ms']:.1f} ms per step: "
         f"at most {r['images_per_second_ceiling']:.0f} images/s"
     )
@@ -210,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {gib:8.2f} GiB  {kind}")
     if args.top:
         print(f"  the {args.top} kernels that move the most bytes:")
-        for k in sorted(entry_kernels(hlo), key=lambda k: -k.bytes)[: args.top]:
+        unique = {k.name: k for k in entry_kernels(hlo)}.values()  # a loop body's kernels once, not per step
+        for k in sorted(unique, key=lambda k: -k.bytes)[: args.top]:
             print(f"  {k.bytes / 2**20:8.0f} MiB  {k.phase:<8} {k.kind:<28} {k.op_name.split('jit(train_step)/')[-1][-80:]}")
     return 0
 

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--steps", type=int, default=50, help="timed steps (split into 5 windows)")
+    p.add_argument("--steps-per-dispatch", type=int, default=1, metavar="K",
+                   help="run K train steps per call (jax.lax.scan), one host dispatch for K steps")
     p.add_argument("--find-max-batch", action="store_true", help="also search the largest batch that fits")
     p.add_argument("--with-input", action="store_true", help="feed the step from the real tfds pipeline")
     p.add_argument("--dataset", default="imagenet2012", help="with --with-input: dataset name")

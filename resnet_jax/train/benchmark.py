@@ -71,7 +71,7 @@ def _peak_memory_bytes() -> int | None:
 
 def measure(
     config: Any, steps: int = 50, windows: int = 5, warmup: int = 5, with_input: bool = False,
-    profile_dir: str | None = None,
+    profile_dir: str | None = None, steps_per_dispatch: int = 1,
 ) -> dict:
     """Compiles and times ``config``'s train step; returns the figures as a dict.
 
@@ -79,39 +79,60 @@ def measure(
     device only at the end, so a faster variant's loss curve can be compared with the
     baseline's on the same seed. ``profile_dir``: a ``jax.profiler`` trace of the last
     timed window, and the compiled step's optimised HLO (``train_step.hlo.txt``) for
-    ``benchmarks/kernel_bandwidth.py``.
+    ``benchmarks/kernel_bandwidth.py``. ``steps_per_dispatch`` = k > 1 runs k steps per
+    call (``step.compile_multi_step``); warm-up and each window are then rounded up to
+    whole calls, and ``steps`` in the result says how many steps were timed.
     """
     from resnet_jax.data.pipeline import to_global_batches
     from resnet_jax.models import model_macs
     from resnet_jax.train import sharding
     from resnet_jax.train.loop import create_state, setup
+    from resnet_jax.train.step import compile_multi_step
 
+    if steps_per_dispatch < 1:
+        raise ValueError(f"steps_per_dispatch must be >= 1, got {steps_per_dispatch}")
+    k = steps_per_dispatch
     s = setup(config)
     state = create_state(s)
     batches = to_global_batches(s.pipeline.train_batches(0), sharding.batch_sharding(s.mesh), config.data.prefetch)
-    batch = next(batches)
+    step_fn, stacked = s.train_step, sharding.stacked_batch_sharding(s.mesh)
+    if k > 1:
+        step_fn = compile_multi_step(s.train_step, s.state_sharding, stacked, sharding.replicated(s.mesh))
+
+    def call_input(step_batches: list) -> Any:
+        """One call's input: the batch, or k batches stacked (with --with-input, stacking is timed)."""
+        if k == 1:
+            return step_batches[0]
+        return jax.tree_util.tree_map(lambda *xs: jax.device_put(jax.numpy.stack(xs), stacked), *step_batches)
+
+    def next_input() -> Any:
+        return call_input([next(batches) for _ in range(k)])
+
+    first = next(batches)
+    batch = call_input([first] * k)  # without --with-input every step trains on this one batch
     t0 = time.perf_counter()
-    compiled = s.train_step.lower(state, batch).compile()
+    compiled = step_fn.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0
     if profile_dir is not None:
         # The optimised HLO beside the trace: benchmarks/kernel_bandwidth.py joins the two.
         os.makedirs(profile_dir, exist_ok=True)
         with open(os.path.join(profile_dir, PROFILE_HLO_FILE), "w") as f:
             f.write(compiled.as_text())
-    losses = []  # device scalars; reading them per step would put the host on the critical path
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch if not with_input else next(batches))
+    losses = []  # device arrays; reading them per step would put the host on the critical path
+    for _ in range(-(-warmup // k)):
+        state, metrics = compiled(state, batch if not with_input else next_input())
         losses.append(metrics["loss"])
     jax.block_until_ready(metrics)
-    per_window = max(1, steps // windows)
+    calls_per_window = -(-max(1, steps // windows) // k)
+    per_window = calls_per_window * k
     rates = []
     for window in range(windows):
         tracing = profile_dir is not None and window == windows - 1
         if tracing:
             jax.profiler.start_trace(profile_dir)
         start = time.perf_counter()
-        for _ in range(per_window):
-            state, metrics = compiled(state, batch if not with_input else next(batches))
+        for _ in range(calls_per_window):
+            state, metrics = compiled(state, batch if not with_input else next_input())
             losses.append(metrics["loss"])
         jax.block_until_ready((state.step, metrics))
         rates.append(per_window * config.data.batch_size / (time.perf_counter() - start))
@@ -131,6 +152,8 @@ def measure(
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "with_input": with_input,
+        "steps_per_dispatch": k,
+        "steps": per_window * windows,
         "compile_seconds": compile_seconds,
         "images_per_second": median,
         "images_per_second_min": min(rates),
@@ -139,8 +162,8 @@ def measure(
         "model_tflops": tflops,
         "mfu": tflops / (peak * s.mesh.size) if peak else None,
         "peak_memory_gib": (_peak_memory_bytes() or 0) / 2**30 or None,
-        "final_loss": float(metrics["loss"]),
-        "losses": [round(float(x), 5) for x in jax.device_get(losses)],
+        "final_loss": float(np.ravel(metrics["loss"])[-1]),
+        "losses": [round(float(x), 5) for x in np.concatenate([np.ravel(x) for x in jax.device_get(losses)])],
     }
 
 
@@ -174,7 +197,10 @@ def main(args: Any) -> int:
         config.data.name = args.dataset
         config.data.data_dir = args.data_dir
         config.data.preprocess = "imagenet"
-    result = measure(config, steps=args.steps, with_input=args.with_input, profile_dir=args.profile)
+    result = measure(
+        config, steps=args.steps, with_input=args.with_input, profile_dir=args.profile,
+        steps_per_dispatch=args.steps_per_dispatch,
+    )
     if args.find_max_batch:
         result["max_batch"] = find_max_batch(args.model, args.image_size, args.dtype)
     if args.json:
@@ -184,7 +210,9 @@ def main(args: Any) -> int:
         mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a (unknown peak)"
         print(
             f"{result['model']} batch {result['batch_size']} @{result['image_size']}px {result['dtype']} on "
-            f"{result['devices']}x {result['device_kind']} (jax {result['jax']})\n"
+            f"{result['devices']}x {result['device_kind']} (jax {result['jax']})"
+            + (f", {result['steps_per_dispatch']} steps per dispatch" if result["steps_per_dispatch"] > 1 else "")
+            + "\n"
             f"  compile            {result['compile_seconds']:.1f} s\n"
             f"  images/s           {result['images_per_second']:.1f} (min {result['images_per_second_min']:.1f}, "
             f"max {result['images_per_second_max']:.1f})\n"

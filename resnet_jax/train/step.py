@@ -157,3 +157,27 @@ def compile_steps(
         out_shardings=replicated,
     )
     return train, evaluate
+
+
+def compile_multi_step(
+    train: Any,
+    state_sharding: Any,
+    stacked_batch_sharding: jax.sharding.NamedSharding,
+    replicated: jax.sharding.NamedSharding,
+) -> Any:
+    """Several optimizer steps in one dispatch: ``(state, batches) -> (state, metrics)``.
+
+    ``train`` is the jitted step from :func:`compile_steps`; ``batches`` holds k global
+    batches stacked on a new leading axis (``{"image": (k, N, H, W, C), "label": (k, N)}``,
+    sharded by :func:`resnet_jax.train.sharding.stacked_batch_sharding`), and every metric
+    comes back with that leading axis of k. The k steps run under ``jax.lax.scan`` in one
+    compiled program, state donated: the same updates as k calls of ``train``, with one host
+    dispatch instead of k (issue 6's "several steps per dispatch"; ``resnet-jax benchmark
+    --steps-per-dispatch K`` times it).
+    """
+    return jax.jit(
+        lambda state, batches: jax.lax.scan(train, state, batches),
+        in_shardings=(state_sharding, stacked_batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )

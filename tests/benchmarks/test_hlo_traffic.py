@@ -149,3 +149,21 @@ ENTRY %main (x: s32[]) -> s32[] {
 """
     with pytest.raises(ValueError, match="no known_trip_count"):
         entry_kernels(hlo)
+
+
+def test_the_train_step_scanned_three_times_runs_one_steps_convolutions_per_step():
+    """``gpu_compile_report --steps-per-dispatch 3`` (three trainer steps under one scan,
+    compiled for the H100) reports per step the cuDNN convolutions of one step: the same
+    count and bytes of each kind (the loop body counted three times, divided by three).
+    The rest may differ: XLA lays out the loop-carried weights its own way."""
+    pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install 'jax[cuda12-local]'")
+    from benchmarks.gpu_compile_report import compile_report
+
+    one, _ = compile_report("resnet18", 16, 64, "bfloat16")
+    three, hlo = compile_report("resnet18", 16, 64, "bfloat16", steps_per_dispatch=3)
+    assert " while(" in hlo and three["steps_per_dispatch"] == 3
+    convolutions = {kind for kind in one["traffic_by_kind_gib"] if kind.startswith("__cudnn$conv")}
+    assert len(convolutions) >= 3
+    for kind in convolutions:
+        assert three["kernels_by_kind"][kind] == one["kernels_by_kind"][kind], kind
+        assert three["traffic_by_kind_gib"][kind] == pytest.approx(one["traffic_by_kind_gib"][kind], rel=1e-3), kind

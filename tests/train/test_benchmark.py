@@ -29,3 +29,19 @@ def test_benchmark_reports_consistent_figures_and_a_profile_kernel_bandwidth_can
 
     k = report(str(profile))  # the last of 5 windows of 10 // 5 steps
     assert k["steps"] == 2 and k["unmatched_ms"] == 0 and k["device_busy_ms"] > 0
+
+
+def test_steps_per_dispatch_times_the_same_training_as_single_steps():
+    """Three steps per call (``jax.lax.scan``) give the single-step loss curve on the same
+    seed (float32), and whole calls are timed: 2 windows of 3 steps."""
+    from resnet_jax.train.benchmark import measure
+    from tests.conftest import tiny_config
+
+    config = tiny_config(**{"schedule.name": "constant"})  # 4 distinct fake batches; both time the first
+    single = measure(config, steps=6, windows=2, warmup=2)
+    scanned = measure(config, steps=6, windows=2, warmup=2, steps_per_dispatch=3)
+    assert (single["steps_per_dispatch"], scanned["steps_per_dispatch"]) == (1, 3)
+    assert single["steps"] == scanned["steps"] == 6
+    assert (len(single["losses"]), len(scanned["losses"])) == (2 + 6, 3 + 6)  # warm-up: one call of 3
+    assert max(abs(a - b) for a, b in zip(single["losses"], scanned["losses"])) <= 1e-4
+    assert single["losses"][-1] < single["losses"][0]

@@ -97,3 +97,26 @@ def test_bf16_compute_keeps_float32_params_and_loss():
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.batch_stats))
     assert metrics["loss"].dtype == jnp.float32
+
+
+def test_several_steps_per_dispatch_give_the_same_updates_as_single_steps():
+    """``compile_multi_step``: three steps under one ``jax.lax.scan`` call against three calls of
+    the trainer's step on the same three batches (float32): the same state and metrics."""
+    from resnet_jax.train.step import compile_multi_step
+
+    s = setup(tiny_config(**{"schedule.name": "constant", "ema_decay": 0.9}), devices=jax.devices()[:2])
+    multi = compile_multi_step(
+        s.train_step, s.state_sharding, sharding.stacked_batch_sharding(s.mesh), sharding.replicated(s.mesh)
+    )
+    batches = [_batch(seed) for seed in range(3)]
+    one_by_one, losses = create_state(s), []
+    for b in batches:
+        one_by_one, metrics = s.train_step(one_by_one, _put(b, s.mesh))
+        losses.append(float(metrics["loss"]))
+    stacked = {k: jax.device_put(np.stack([b[k] for b in batches]), sharding.stacked_batch_sharding(s.mesh))
+               for k in batches[0]}
+    scanned, metrics = multi(create_state(s), stacked)
+    assert metrics["loss"].shape == (3,) and int(scanned.step) == 3
+    np.testing.assert_allclose(np.asarray(metrics["loss"]), losses, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(one_by_one), jax.tree_util.tree_leaves(scanned)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
