@@ -70,8 +70,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
 def setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
     """Builds mesh, pipeline, model, optimizer and compiled steps for ``config``."""
     if config.compilation_cache_dir:
+        # Programs compiling in under jax_persistent_cache_min_compile_time_secs (default 1 s;
+        # env JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) are not worth a file and stay uncached.
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     mesh = sharding.create_mesh(devices)
     pipeline = create_pipeline(config.data, config.seed, device_count=mesh.size)
     info = pipeline.info

@@ -15,8 +15,8 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS
 
 def _cli(*args, timeout=600, **kwargs):
     return subprocess.run(
-        [sys.executable, "-m", "resnet_jax.cli", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-        timeout=timeout, **kwargs,
+        [sys.executable, "-m", "resnet_jax.cli", *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout, **{"env": ENV, **kwargs},
     )
 
 
@@ -51,6 +51,29 @@ def test_readme_main_command_reaches_97_percent_and_eval_agrees(tmp_path):
     for path, i in zip(paths, (4, 9, 14)):
         line = next(line for line in predicted.stdout.splitlines() if line.startswith(path))
         assert line.split(": ")[1].split()[0] == str(digits.target[i]), line
+
+
+@pytest.mark.slow
+def test_a_restart_takes_the_train_step_from_the_persistent_compilation_cache(tmp_path):
+    """The trainer's persistent compilation cache (on by default): a run stopped after one
+    step stores its compiled train step; the restart, same config, resumed from the
+    checkpoint, finds it under the same key and stores no second one."""
+    cache = tmp_path / "xla"
+    args = ("train", "--config", "configs/digits.py:smoke", "--workdir", str(tmp_path / "run"),
+            f"--config.compilation_cache_dir={cache}")
+    env = {**ENV, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # cache even a fast CPU compile
+
+    def train_steps_cached():
+        return sorted(name for name in os.listdir(cache) if name.startswith("jit_train_step-"))
+
+    first = _cli(*args, "--config.stop_after_steps=1", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cached = train_steps_cached()
+    assert len(cached) == 1, os.listdir(cache)
+    restart = _cli(*args, env=env)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert "resumed from" in restart.stdout and "finished at step 2/2" in restart.stdout, restart.stdout[-2000:]
+    assert train_steps_cached() == cached
 
 
 @pytest.mark.slow
