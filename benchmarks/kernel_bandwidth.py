@@ -12,9 +12,11 @@ time the bytes alone would take at the device's peak bandwidth, and for each
 instruction ``lost = time - bytes / peak``: the kernels to fix first, whether they are
 slow reductions, cuDNN algorithms or launch gaps (``device busy`` against the step).
 
-Peak bandwidth comes from ``--bandwidth`` (bytes/s) or, for a device kind in the trace
-that ``benchmarks/gpu_specs/`` describes (H100/H200 SXM), from its target file; otherwise
-(a CPU trace, another GPU) only times are reported.
+Peak bandwidth comes from ``--bandwidth`` (bytes/s); else, for a device kind in the trace
+that ``benchmarks/gpu_specs/`` describes (H100/H200 SXM), from its target file (the figure
+``gpu_compile_report`` uses); else from the ``memory_bandwidth`` stat that the CUDA
+profiler puts on a GPU's device plane (2 x memory clock x bus width); otherwise (a CPU
+trace) only times are reported. The report says which source it used.
 """
 
 from __future__ import annotations
@@ -33,9 +35,21 @@ from benchmarks.hlo_traffic import FREE_OPCODES, Kernel, entry_instructions, ent
 from resnet_jax.train.benchmark import PROFILE_HLO_FILE as HLO_FILE  # noqa: E402
 
 
-def kernel_times(profile_dir: str) -> tuple[dict[tuple[str, str], list[float]], str, float]:
+def device_properties(plane_stats: dict) -> tuple[str, float | None]:
+    """(device kind, peak memory bytes/s or None) from a trace plane's stats: the kind from
+    a name stat, else the compute capability a GPU plane records; the bandwidth from the
+    ``memory_bandwidth`` stat of a GPU plane."""
+    kind = next((str(plane_stats[k]) for k in ("device_type_string", "devtype", "device_name") if k in plane_stats), "")
+    if not kind and "compute_cap_major" in plane_stats:
+        kind = f"GPU compute capability {plane_stats['compute_cap_major']}.{plane_stats.get('compute_cap_minor', 0)}"
+    bandwidth = plane_stats.get("memory_bandwidth")
+    return kind, float(bandwidth) if bandwidth else None
+
+
+def kernel_times(profile_dir: str) -> tuple[dict[tuple[str, str], list[float]], str, float, float | None]:
     """Device seconds of every launch, keyed by (device, launching HLO instruction); the
-    device kind; and the seconds of device events that name no instruction.
+    device kind; the seconds of device events that name no instruction; and the peak
+    memory bandwidth the trace records for the device (bytes/s), if any.
 
     Events on device planes (``/device:GPU:0`` ...) are used when the trace has them;
     a CPU-only trace has its thunks on the host plane instead (device: their
@@ -54,12 +68,11 @@ def kernel_times(profile_dir: str) -> tuple[dict[tuple[str, str], list[float]], 
     planes = list(data.planes)
     device_planes = [p for p in planes if p.name.startswith("/device:") and "CUSTOM" not in p.name]
     times: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
-    kind = ""
+    kind, trace_bandwidth = "", None
     unattributed = 0.0
     for plane in device_planes or planes:
-        for key, value in plane.stats:
-            if key in ("device_type_string", "devtype", "device_name") and not kind:
-                kind = str(value)
+        plane_kind, plane_bandwidth = device_properties(dict(plane.stats))
+        kind, trace_bandwidth = kind or plane_kind, trace_bandwidth or plane_bandwidth
         lines = list(plane.lines)
         if device_planes:
             # a GPU plane's raw activity is on its "Stream #N(...)" lines; lines derived from
@@ -79,7 +92,7 @@ def kernel_times(profile_dir: str) -> tuple[dict[tuple[str, str], list[float]], 
             f"kernel_bandwidth: {files[-1]} has no events that name their HLO instruction (hlo_op); on a GPU, "
             f"trace with command buffers off: XLA_FLAGS=--xla_gpu_enable_command_buffer="
         )
-    return times, kind or (device_planes[0].name if device_planes else "cpu"), unattributed
+    return times, kind or (device_planes[0].name if device_planes else "cpu"), unattributed, trace_bandwidth
 
 
 def _normalise(name: str) -> str:
@@ -98,7 +111,7 @@ def report(profile_dir: str, hlo_text: str | None = None, bandwidth: float | Non
     if hlo_text is None:
         with open(os.path.join(profile_dir, HLO_FILE)) as f:
             hlo_text = f.read()
-    launches, kind, unattributed_seconds = kernel_times(profile_dir)
+    launches, kind, unattributed_seconds, trace_bandwidth = kernel_times(profile_dir)
     kernels = {_normalise(k.name): k for k in entry_kernels(hlo_text)}
     # Instructions hlo_traffic counts as moving no bytes (partition-id ...) can still run as
     # a tiny thunk on some backends: known, with zero bytes, not "unmatched".
@@ -111,9 +124,12 @@ def report(profile_dir: str, hlo_text: str | None = None, bandwidth: float | Non
     times: dict[str, float] = collections.defaultdict(float)  # seconds per step on one device (mean)
     for (_, op), durations in launches.items():
         times[op] += sum(durations) / (steps * devices)
-    if bandwidth is None:
-        spec = gpu_spec(kind)  # the same figure as gpu_compile_report's floors
-        bandwidth = bandwidth_bytes_per_second(spec) if spec else None
+    source = "--bandwidth" if bandwidth else None
+    spec = gpu_spec(kind)
+    if bandwidth is None and spec:
+        bandwidth, source = bandwidth_bytes_per_second(spec), os.path.relpath(spec)  # gpu_compile_report's figure
+    elif bandwidth is None and trace_bandwidth:
+        bandwidth, source = trace_bandwidth, "the trace's memory_bandwidth"
     rows, unmatched = [], 0.0
     for op, seconds in times.items():
         k = kernels.get(_normalise(op))
@@ -139,7 +155,7 @@ def report(profile_dir: str, hlo_text: str | None = None, bandwidth: float | Non
     return {
         "device": kind, "devices": devices, "steps": steps, "device_busy_ms": busy, "unmatched_ms": 1e3 * unmatched,
         "unattributed_ms": 1e3 * unattributed_seconds / (steps * devices),
-        "bytes_per_step": matched_bytes, "peak_bandwidth": bandwidth,
+        "bytes_per_step": matched_bytes, "peak_bandwidth": bandwidth, "peak_bandwidth_source": source,
         "memory_floor_ms": 1e3 * matched_bytes / bandwidth if bandwidth else None,
         "achieved_gb_per_s": matched_bytes / (busy / 1e3) / 1e9 if busy else None,
         "ms_by_phase_and_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
@@ -161,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(r))
         return 0
-    floor = f", memory floor {r['memory_floor_ms']:.2f} ms" if r["memory_floor_ms"] else ""
+    floor = (
+        f", memory floor {r['memory_floor_ms']:.2f} ms at {r['peak_bandwidth'] / 1e12:.2f} TB/s "
+        f"({r['peak_bandwidth_source']})" if r["memory_floor_ms"] else ""
+    )
     print(
         f"{r['device']}: {r['steps']} steps traced; per step the device is busy {r['device_busy_ms']:.2f} ms "
         f"moving {r['bytes_per_step'] / 2**30:.1f} GiB ({r['achieved_gb_per_s'] or 0:.0f} GB/s){floor}; "

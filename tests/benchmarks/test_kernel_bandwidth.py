@@ -38,3 +38,17 @@ def test_a_traced_elementwise_kernel_gets_its_closed_form_bytes_and_its_launch_c
 def test_a_directory_without_a_trace_is_refused_with_the_command_that_makes_one(tmp_path):
     with pytest.raises(SystemExit, match="resnet-jax benchmark --profile"):
         report(str(tmp_path), hlo_text="")
+
+
+def test_a_gpu_planes_recorded_bandwidth_and_compute_capability_are_read():
+    """The stats the CUDA profiler puts on a device plane (no device name among them): an H100
+    SXM's 2 x 2,619 MHz x 5,120-bit HBM3 is 3.352 TB/s, the figure of gpu_specs/h100_sxm."""
+    from benchmarks.gpu_compile_report import DEFAULT_TARGET, bandwidth_bytes_per_second
+    from benchmarks.kernel_bandwidth import device_properties
+
+    h100 = {"clock_rate": 1980000, "core_count": 132, "memory_bandwidth": 2 * 2_619_000_000 * 5120 // 8,
+            "compute_cap_major": 9, "compute_cap_minor": 0}
+    kind, bandwidth = device_properties(h100)
+    assert kind == "GPU compute capability 9.0"
+    assert bandwidth == pytest.approx(bandwidth_bytes_per_second(DEFAULT_TARGET), rel=1e-4)
+    assert device_properties({"device_type_string": "cpu"}) == ("cpu", None)
