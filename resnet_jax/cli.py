@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="global batch")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--steps", type=int, default=50, help="timed steps (split into 5 windows)")
-    p.add_argument("--steps-per-dispatch", type=int, default=1, metavar="K",
+    p.add_argument("--steps", type=_positive_int, default=50, help="timed steps (split into 5 windows)")
+    p.add_argument("--steps-per-dispatch", type=_positive_int, default=1, metavar="K",
                    help="run K train steps per call (jax.lax.scan), one host dispatch for K steps")
     p.add_argument("--find-max-batch", action="store_true", help="also search the largest batch that fits")
     p.add_argument("--with-input", action="store_true", help="feed the step from the real tfds pipeline")
@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub.add_parser(name, help=text, add_help=False)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

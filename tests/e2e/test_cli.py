@@ -116,6 +116,8 @@ def test_bad_input_gives_a_clear_error_without_traceback(tmp_path):
     assert "digits" in run.stderr and "Traceback" not in run.stderr
     run = _cli("eval", "--workdir", str(tmp_path / "nothing"))
     assert run.returncode == 2 and "no checkpoints in" in run.stderr
+    run = _cli("benchmark", "--steps-per-dispatch", "0")
+    assert run.returncode == 2 and "--steps-per-dispatch: must be a positive integer, got 0" in run.stderr
 
 
 def test_missing_data_file_is_named_and_checkpoints_are_untouched(tmp_path):
