@@ -110,7 +110,7 @@ def compile_report(
         raise ValueError("steps_per_dispatch must be >= 1, and 1 for a peer")
     k = steps_per_dispatch
     from resnet_jax.models import model_macs
-    from resnet_jax.train.benchmark import device_peak_tflops
+    from resnet_jax.train.benchmark import compiled_peak_bytes, device_peak_tflops
 
     devices = target_devices(target, tpu)
     if peer == "flax":
@@ -164,7 +164,7 @@ def compile_report(
         raise SystemExit(f"gpu_compile_report: no peak FLOP/s known for {devices[0].device_kind}; add it to PEAK_TFLOPS")
     memory_floor = traffic["traffic_bytes"] / bandwidth
     compute_floor = flops / (peak_tflops * 1e12)
-    peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    peak = compiled_peak_bytes(compiled)
     return {
         "model": model if peer is None else f"{peer} peer {model}", "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
         "device_kind": devices[0].device_kind, "jax": jax.__version__, "steps_per_dispatch": k,

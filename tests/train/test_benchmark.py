@@ -24,6 +24,9 @@ def test_benchmark_reports_consistent_figures_and_a_profile_kernel_bandwidth_can
     macs = model_macs(create_model("resnet18"), 32)
     assert math.isclose(r["model_tflops"], 6 * macs * r["images_per_second"] / 1e12)
     assert r["compile_seconds"] > 0
+    # the step keeps at least its inputs: the float32 parameters and momentum, and the batch
+    params = 11_689_512  # torchvision's resnet18 (1000 classes)
+    assert r["compiled_memory_gib"] * 2**30 > 2 * 4 * params + 8 * 32 * 32 * 3 * 4
     assert len(r["losses"]) == 5 + 10 and all(math.isfinite(x) for x in r["losses"])
     assert r["losses"][-1] < r["losses"][0]  # one fixed batch, lr warm-up: the step learns it
 
