@@ -149,3 +149,59 @@ def test_converted_variables_are_float32_numpy_pytrees():
     leaves = jax.tree_util.tree_leaves(variables)
     assert all(leaf.dtype == np.float32 for leaf in leaves)
     assert set(variables) == {"params", "batch_stats"}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("kernels", ["default", "cuda"])
+def test_training_loss_and_every_gradient_match_torchvision_autograd(name, kernels, monkeypatch):
+    """Train mode (BatchNorm over the batch), cross-entropy, float32: for the same weights our
+    loss and the gradient of every parameter match torchvision's model under torch.autograd.
+
+    Tolerances: the loss within 1e-5; each parameter's gradient within 1e-3 in relative L2
+    norm, all of them together within 1e-4. Not tighter per parameter: a ReLU or max-pool
+    input within float32 rounding of its threshold can go either way in two float32
+    implementations (both differ from torch's float64 there), which moves the gradients of
+    the layers before it by up to ~2e-4; a wrong derivative moves them by O(1).
+    ``cuda`` swaps in the kernels the model runs when compiled for an NVIDIA GPU (ReLU
+    derivative from its output, the max pool's fused gradient), which a CPU would otherwise
+    never run inside a whole model (``jax.lax.platform_dependent``)."""
+    import torch.nn.functional as F
+
+    from resnet_jax.models import layers
+    from resnet_jax.train.step import cross_entropy
+
+    if kernels == "cuda":
+        monkeypatch.setitem(layers.ACTIVATIONS, "relu", layers.relu_from_output)
+        monkeypatch.setattr(layers, "max_pool_3x3_s2", layers.max_pool_fused_gradient)
+    torch.manual_seed(0)
+    torch_model = create_torch_model("torchvision", name).train()
+    state_dict = {k: v.clone() for k, v in torch_model.state_dict().items()}
+    x = _images(n=4, size=64, seed=3)
+    labels = np.array([3, 141, 999, 3])
+    torch_loss = F.cross_entropy(torch_model(torch.from_numpy(x)), torch.from_numpy(labels))
+    torch_loss.backward()
+    grads = {k: p.grad for k, p in torch_model.named_parameters()}
+    reference = convert_state_dict({k: grads.get(k, v) for k, v in state_dict.items()}, name)["params"]
+
+    variables = convert_state_dict(state_dict, name)
+    model = create_model(name)
+
+    def loss_fn(params):
+        logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                x.transpose(0, 2, 3, 1), train=True, mutable=["batch_stats"])
+        return cross_entropy(logits, labels).mean()
+
+    loss, ours = jax.value_and_grad(loss_fn)(variables["params"])
+    assert float(loss) == pytest.approx(torch_loss.item(), rel=1e-5)
+    flat_ours = jax.tree_util.tree_leaves_with_path(ours)
+    flat_reference = dict(jax.tree_util.tree_leaves_with_path(reference))
+    assert len(flat_ours) == len(flat_reference) == len(grads)
+
+    def relative_l2(a, b):
+        return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
+
+    for path, gradient in flat_ours:
+        assert relative_l2(gradient, flat_reference[path]) <= 1e-3, jax.tree_util.keystr(path)
+    together = [np.concatenate([np.ravel(g) for _, g in leaves]) for leaves in
+                (flat_ours, [(p, flat_reference[p]) for p, _ in flat_ours])]
+    assert relative_l2(*together) <= 1e-4
