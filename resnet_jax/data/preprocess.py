@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from resnet_jax.data.datasets import import_tf
 
 tf = import_tf()
@@ -119,11 +121,21 @@ def pad_and_random_crop(image: tf.Tensor, seed: tf.Tensor, pad: int = 4) -> tf.T
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float], dtype: str) -> tf.Tensor:
-    """``(image / 255 - mean) / std``; mean and std are in [0, 1] units per channel."""
+    """``(image / 255 - mean) / std`` in ``dtype``; mean and std are in [0, 1] units per channel.
+
+    Computed in float32 as one multiply-add, ``image * scale + offset`` with
+    ``scale = 1 / (255 std)`` and ``offset = -mean / std``. Where the image's shape is
+    static (after the resize to ``image_size``), both are constants of the image's full
+    shape. Broadcast along the last axis of 3 channels, TensorFlow's CPU kernels took
+    31% of the ImageNet train path's time for this step; on equal shapes it is within
+    the noise of no normalisation at all (README, "Input throughput").
+    """
     channels = image.shape[-1]
-    mean = tf.constant(list(mean)[:channels], tf.float32)
-    std = tf.constant(list(std)[:channels], tf.float32)
-    image = (tf.cast(image, tf.float32) / 255.0 - mean) / std
+    scale = np.array([1.0 / (255.0 * s) for s in list(std)[:channels]], np.float32)
+    offset = np.array([-m / s for m, s in zip(list(mean)[:channels], list(std)[:channels])], np.float32)
+    if image.shape.is_fully_defined():
+        scale, offset = (np.broadcast_to(c, image.shape) for c in (scale, offset))
+    image = tf.cast(image, tf.float32) * tf.constant(scale) + tf.constant(offset)
     return tf.cast(image, dtype)
 
 

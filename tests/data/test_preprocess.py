@@ -67,6 +67,22 @@ def test_normalize_closed_form():
     assert preprocess.normalize(tf.constant(image), (0.5,) * 3, (0.5,) * 3, "bfloat16").dtype == tf.bfloat16
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_normalize_equals_the_closed_form_with_static_and_unknown_shapes(channels):
+    """The full-shape constants (static shape) and the broadcast (shape unknown when
+    traced) both give ``(x / 255 - mean) / std`` per channel, in float64 here."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, channels)).astype(np.float32)
+    expected = (image.astype(np.float64) / 255 - np.array(mean[:channels])) / np.array(std[:channels])
+    static = preprocess.normalize(tf.constant(image), mean, std, "float32")
+    unknown = tf.function(
+        lambda x: preprocess.normalize(x, mean, std, "float32"),
+        input_signature=[tf.TensorSpec([None, None, channels], tf.float32)],
+    )(tf.constant(image))
+    for out in (static, unknown):
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_imagenet_train_and_eval_transforms_give_the_configured_size():
     cfg = base_config().data
     cfg.image_size = 32
