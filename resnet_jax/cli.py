@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=15.0, help="timed seconds per measurement")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--randaugment-layers", type=int, default=0,
+                   help="RandAugment layers on the train path (ResNet-RS: 2); 0: none")
+    p.add_argument("--randaugment-magnitude", type=float, default=10.0, help="RandAugment magnitude, 0-10 scale")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     p.set_defaults(func=_bench_input)
     p = sub.add_parser("benchmark", help="time the trainer's train step on synthetic on-device data")

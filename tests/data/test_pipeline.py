@@ -163,6 +163,8 @@ def test_image_folder_without_splits_uses_a_fixed_fraction(tmp_path):
 def test_bench_input_measures_train_and_eval_throughput(tmp_path):
     from resnet_jax.data import bench_input
 
-    rows = bench_input.run(num_images=40, threads=(1,), seconds=0.5, image_size=32, batch=4, cache_dir=str(tmp_path))
-    assert len(rows) == 1 and rows[0]["threads"] == 1
+    rows = bench_input.run(
+        num_images=40, threads=(1,), seconds=0.5, image_size=32, batch=4, cache_dir=str(tmp_path), randaugment_layers=2
+    )
+    assert len(rows) == 1 and rows[0]["threads"] == 1 and rows[0]["randaugment_layers"] == 2
     assert rows[0]["train_images_per_s"] > 0 and rows[0]["eval_images_per_s"] > 0
