@@ -153,6 +153,28 @@ def test_equalize_matches_pil():
     np.testing.assert_array_equal(_op("equalize", image.astype(np.float32)), ref)
 
 
+def test_randaugment_equals_its_literal_definition():
+    """Each layer draws an op, a sign and a coin, and keeps the op's result when the coin
+    is < 0.5. Written here as a select of an always-computed result; the implementation
+    skips the op instead (tf.cond) and must give the same image for every seed."""
+
+    def literal(image, seed, num_layers, magnitude):
+        for layer_seed in preprocess.split_seed(seed, num_layers):
+            pick, apply, sign = preprocess.split_seed(layer_seed, 3)
+            index = tf.random.stateless_uniform([], pick, 0, len(preprocess.RANDAUGMENT_OPS), tf.int32)
+            sign_value = tf.where(tf.random.stateless_uniform([], sign) < 0.5, -1.0, 1.0)
+            augmented = preprocess.apply_randaugment_op(index, image, magnitude, sign_value)
+            image = tf.where(tf.random.stateless_uniform([], apply) < 0.5, augmented, image)
+        return image
+
+    image = tf.constant(np.random.default_rng(0).integers(0, 256, (12, 10, 3)).astype(np.float32))
+    for i in range(60):
+        seed = tf.constant([5, i], tf.int64)
+        np.testing.assert_array_equal(
+            preprocess.randaugment(image, seed, 2, 15.0).numpy(), literal(image, seed, 2, 15.0).numpy()
+        )
+
+
 def test_randaugment_is_seeded_and_changes_images():
     image = tf.constant(_gradient_image(16, 16).astype(np.float32))
     outs = [preprocess.randaugment(image, tf.constant([3, i], tf.int64), 2, 15.0).numpy() for i in range(40)]
