@@ -103,7 +103,11 @@ def entry_instructions(hlo_text: str) -> list[tuple[str, str, str, str]]:
     instructions n + 1 times and its body's n times, n being the ``known_trip_count`` XLA
     annotates; a loop without one is an error (its traffic per call is unknown).
     """
-    bodies, entry = _computations(hlo_text)
+    return _entry_instructions(*_computations(hlo_text))
+
+
+def _entry_instructions(bodies: dict[str, list[str]], entry: str) -> list[tuple[str, str, str, str]]:
+    """:func:`entry_instructions` of already split computations."""
 
     def walk(computation: str) -> list[tuple[str, str, str, str]]:
         instructions = []
@@ -134,10 +138,10 @@ def entry_instructions(hlo_text: str) -> list[tuple[str, str, str, str]]:
 
 def entry_kernels(hlo_text: str) -> list[Kernel]:
     """The kernels of the entry computation of optimised HLO text (``compiled.as_text()``)."""
-    bodies, _ = _computations(hlo_text)
+    bodies, entry = _computations(hlo_text)
     sizes: dict[str, int] = {}
     kernels = []
-    for name, shape, opcode, rest in entry_instructions(hlo_text):
+    for name, shape, opcode, rest in _entry_instructions(bodies, entry):
         sizes[name] = shape_bytes(shape)
         if opcode in FREE_OPCODES or opcode.endswith("-done"):
             continue  # "-done" waits for its "-start" (async collective or copy), which moved the bytes
