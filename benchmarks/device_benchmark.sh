@@ -12,7 +12,7 @@
 # not yet timed: ~1.5 min per model for ours, as much for flax, 2-3 for torchvision with
 # torch.compile, ~1 min per XLA variant or compile report):
 #   1. MODELS="resnet50:224" COMPILE_REPORT=1 PROFILE=1 XLA_VARIANTS="...;..." DISPATCH_VARIANTS="4"
-#   2. MODELS="resnet18:224 resnetrs50:160"
+#   2. MODELS="resnet18:224 resnetrs50:160" MAX_BATCH=1
 #   3. MODELS="resnet101:224"
 # Each line of $OUT/*.jsonl is written when its run ends, so a call cut short keeps what
 # finished. FLAX_PEER=0 skips the flax peer. BATCH_SIZE (256) and STEPS (100) shrink the model
@@ -23,6 +23,9 @@
 # DISPATCH_VARIANTS: space-separated K; ResNet-50 is timed once more with K steps per dispatch
 # (resnet-jax benchmark --steps-per-dispatch K: one jax.lax.scan call for K steps).
 # VARIANT_MODEL (resnet50:224) is the model of both variant kinds (a small one for a CPU dry run).
+# MAX_BATCH=1 searches ResNet-50's largest batch on the device (resnet-jax benchmark --find-max-batch:
+# doubling from BATCH_SIZE, then bisecting to 1/16; ~8 compiles, predicted 1,472 within 59 GiB by
+# gpu_compile_report.py --max-batch-within 59): $OUT/max_batch.jsonl, best in call 2 or 3.
 # COMPILE_REPORT=1 also compiles ResNet-50 on the device (autotuned) with
 # benchmarks/gpu_compile_report.py, to check the traffic and memory predicted without one.
 # PROFILE=1 traces ResNet-50 (jax.profiler, 4 steps, command buffers off so that every kernel
@@ -70,6 +73,11 @@ for k in ${DISPATCH_VARIANTS:-}; do
   python3 -m resnet_jax.cli benchmark --json --model "$vmodel" --batch-size "$BATCH" --image-size "$vsize" \
     --dtype bfloat16 --steps "$STEPS" --steps-per-dispatch "$k" | tail -1 | tee -a "$OUT/variants.jsonl"
 done
+if [ "${MAX_BATCH:-0}" = 1 ]; then
+  echo "== ours $vmodel @$vsize: the largest batch that fits"
+  python3 -m resnet_jax.cli benchmark --json --model "$vmodel" --batch-size "$BATCH" --image-size "$vsize" \
+    --dtype bfloat16 --steps 10 --find-max-batch | tail -1 | tee -a "$OUT/max_batch.jsonl"
+fi
 if [ "${COMPILE_REPORT:-0}" = 1 ]; then
   echo "== resnet50 compiled on the device: memory and HBM traffic"
   python3 benchmarks/gpu_compile_report.py --model resnet50 --batch-size 256 --top 10 \
@@ -108,6 +116,10 @@ for r in ours:
           f"{r['peak_memory_gib'] or 0:>9.1f}{r['compile_seconds']:>10.1f}{rate['eager']:>10}{rate['compile']:>11}"
           f"{rate['flax']:>8}{ratio:>7.2f}{tv_mem:>11.1f}{(tv.get('flax') or {}).get('peak_memory_gib') or 0:>9.1f}")
 print("ratio: ours / the fastest peer of the row (torchvision eager, torch.compile, plain flax)")
+for m in rows(f"{sys.argv[1]}/max_batch.jsonl"):
+    print(f"{m['model']} @{m['image_size']} largest batch: {m['max_batch']}"
+          + (f" ({m['max_batch_fails']} does not fit)" if m["max_batch_fails"] else "")
+          + f" within the {m['memory_limit_gib']:.1f} GiB XLA may allocate")
 for v in rows(f"{sys.argv[1]}/variants.jsonl"):
     base = next((r["images_per_second"] for r in ours
                  if (r["model"], r["image_size"], r["batch_size"]) == (v["model"], v["image_size"], v["batch_size"])), None)

@@ -18,7 +18,9 @@ Reported, for the same ``train_step`` that ``resnet-jax train`` runs:
   allocator's rounding;
 - HBM traffic per step (``hlo_traffic``) and the two floors it implies: the step cannot
   run faster than traffic / bandwidth, nor than model FLOPs / peak FLOP/s;
-- with ``--top N`` the N kernels that move the most bytes, to find what to fuse next.
+- with ``--top N`` the N kernels that move the most bytes, to find what to fuse next;
+- with ``--max-batch-within GIB`` the largest batch whose step needs at most GIB (one
+  compile per probe): the prediction of ``resnet-jax benchmark --find-max-batch``.
 
 Used in docs/performance.md to predict a change's effect before it is timed on a device.
 """
@@ -186,6 +188,26 @@ def compile_report(
     }, hlo
 
 
+def max_batch_within(args: argparse.Namespace, report: dict) -> dict:
+    """The largest batch whose compiled step's buffer assignment needs at most
+    ``args.max_batch_within`` GiB, searched from ``args.batch_size`` by the benchmark's own
+    ``largest_fitting`` (progress on stderr). A prediction of ``--find-max-batch``: the device's
+    allocator rounds and fragments, so the measured batch can be a little smaller."""
+    from resnet_jax.train.benchmark import largest_fitting
+
+    def fits(batch: int) -> bool:
+        if batch == report["batch_size"]:
+            needed = report["peak_gib"]
+        else:
+            needed = compile_report(args.model, batch, args.image_size, args.dtype, args.target, args.tpu,
+                                    args.peer, args.steps_per_dispatch)[0]["peak_gib"]
+        print(f"  batch {batch:>6}: {needed:.2f} GiB", file=sys.stderr, flush=True)
+        return needed <= args.max_batch_within
+
+    fitted, failed = largest_fitting(fits, args.batch_size, limit=16384)
+    return {"max_batch": fitted, "max_batch_fails": failed, "memory_limit_gib": args.max_batch_within}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet50")
@@ -200,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="compile the plain Flax peer's step (benchmarks/peer_flax.py) instead of ours")
     p.add_argument("--steps-per-dispatch", type=int, default=1, metavar="K",
                    help="compile K train steps under one jax.lax.scan; traffic and kernels reported per step")
+    p.add_argument("--max-batch-within", type=float, metavar="GIB",
+                   help="also search the largest batch whose compiled step needs at most GIB of device memory "
+                        "(compile-only, as resnet-jax benchmark --find-max-batch does on the device; an H100 80GB "
+                        "lets XLA allocate ~59 GiB under its default 75%% preallocation)")
     p.add_argument("--top", type=int, default=0, help="list the N kernels that move the most bytes")
     p.add_argument("--dump-hlo", help="write the optimised HLO text here")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
@@ -215,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dump_hlo:
         with open(args.dump_hlo, "w") as f:
             f.write(hlo)
+    if args.max_batch_within:
+        r.update(max_batch_within(args, r))
     if args.json:
         print(json.dumps(r))
         return 0
@@ -230,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         f"  floors      memory {r['memory_floor_ms']:.1f} ms, compute {r['compute_floor_ms']:.1f} ms per step: "
         f"at most {r['images_per_second_ceiling']:.0f} images/s"
     )
+    if "max_batch" in r:
+        print(f"  largest batch within {r['memory_limit_gib']:.1f} GiB: {r['max_batch']}"
+              + (f" ({r['max_batch_fails']} needs more)" if r["max_batch_fails"] else " (the search stops there)"))
     for kind, gib in list(r["traffic_by_kind_gib"].items())[:8]:
         print(f"  {gib:8.2f} GiB  {kind}")
     if args.top:

@@ -10,9 +10,12 @@ step from the real tf.data pipeline instead, to show whether input is the bottle
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -83,7 +86,7 @@ def _peak_memory_bytes() -> int | None:
 
 def measure(
     config: Any, steps: int = 50, windows: int = 5, warmup: int = 5, with_input: bool = False,
-    profile_dir: str | None = None, steps_per_dispatch: int = 1,
+    profile_dir: str | None = None, steps_per_dispatch: int = 1, max_compiled_bytes: int | None = None,
 ) -> dict:
     """Compiles and times ``config``'s train step; returns the figures as a dict.
 
@@ -94,6 +97,8 @@ def measure(
     ``benchmarks/kernel_bandwidth.py``. ``steps_per_dispatch`` = k > 1 runs k steps per
     call (``step.compile_multi_step``); warm-up and each window are then rounded up to
     whole calls, and ``steps`` in the result says how many steps were timed.
+    ``max_compiled_bytes``: raise :class:`DoesNotFit` instead of running a step whose
+    compiled buffer assignment needs more.
     """
     from resnet_jax.data.pipeline import to_global_batches
     from resnet_jax.models import model_macs
@@ -125,6 +130,12 @@ def measure(
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0
+    needed = compiled_peak_bytes(compiled)
+    if max_compiled_bytes is not None and needed is not None and needed > max_compiled_bytes:
+        raise DoesNotFit(
+            f"the compiled step needs {needed / 2**30:.2f} GiB, more than the "
+            f"{max_compiled_bytes / 2**30:.2f} GiB XLA may allocate"
+        )
     if profile_dir is not None:
         # The optimised HLO beside the trace: benchmarks/kernel_bandwidth.py joins the two.
         os.makedirs(profile_dir, exist_ok=True)
@@ -174,37 +185,113 @@ def measure(
         "model_tflops": tflops,
         "mfu": tflops / (peak * s.mesh.size) if peak else None,
         "peak_memory_gib": (_peak_memory_bytes() or 0) / 2**30 or None,
-        "compiled_memory_gib": (compiled_peak_bytes(compiled) or 0) / 2**30 or None,
+        "compiled_memory_gib": (needed or 0) / 2**30 or None,
         "final_loss": float(np.ravel(metrics["loss"])[-1]),
         "losses": [round(float(x), 5) for x in np.concatenate([np.ravel(x) for x in jax.device_get(losses)])],
     }
 
 
-def find_max_batch(model: str, image_size: int, dtype: str, start: int = 64, limit: int = 8192) -> int:
-    """The largest power-of-two-then-bisected batch whose train step compiles and runs."""
+class DoesNotFit(Exception):
+    """The compiled step needs more device memory than the device lets XLA allocate."""
+
+
+def device_memory_limit_bytes() -> int | None:
+    """The bytes XLA may allocate on the first local device (``bytes_limit`` of its memory
+    stats: on a GPU, ``XLA_PYTHON_CLIENT_MEM_FRACTION`` of it, 75% by default), or None
+    where the backend reports no limit (the CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def _required_memory_limit_bytes() -> int:
+    limit_bytes = device_memory_limit_bytes()
+    if limit_bytes is None:
+        raise ValueError(
+            "--find-max-batch needs a device that reports its memory limit (a GPU or TPU); this "
+            f"{jax.devices()[0].platform} backend reports none, and running out of host memory would "
+            "kill the process instead of failing one probe. Leave the flag out here, or run on the accelerator."
+        )
+    return limit_bytes
+
+
+def largest_fitting(
+    fits: Callable[[int], bool], start: int, limit: int, granularity: int = 8, tolerance: float = 1 / 16
+) -> tuple[int, int | None]:
+    """Searches the largest batch for which ``fits(batch)`` holds, assuming it is monotone.
+
+    Doubles from ``start`` (at most to ``limit``) until a batch fails, then bisects between
+    the last batch that fitted and the first that failed, in multiples of ``granularity``,
+    until the two are at most ``max(granularity, tolerance * fitted)`` apart. Returns
+    ``(fitted, failed)``: the largest batch seen to fit (0 if none did) and the smallest
+    seen to fail (None if ``limit`` itself fits, so the search stopped there).
+    """
+    if start < 1 or start > limit or granularity < 1:
+        raise ValueError(f"need 1 <= start <= limit and granularity >= 1, got {start}, {limit}, {granularity}")
+    fitted, failed, batch = 0, None, start
+    while failed is None:
+        if not fits(batch):
+            failed = batch
+        elif batch >= limit:
+            return batch, None
+        else:
+            fitted, batch = batch, min(2 * batch, limit)
+    while failed - fitted > max(granularity, int(tolerance * fitted)):
+        middle = (fitted + failed) // 2 // granularity * granularity
+        if not fitted < middle < failed:
+            break
+        fitted, failed = (middle, failed) if fits(middle) else (fitted, middle)
+    return fitted, failed
+
+
+def find_max_batch(
+    model: str, image_size: int, dtype: str, start: int = 64, limit: int = 8192,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+) -> dict:
+    """The largest batch whose train step fits the device's memory, searched by
+    :func:`largest_fitting` from ``start``.
+
+    Each probe compiles the step for that batch. If XLA's buffer assignment already
+    exceeds what the device lets XLA allocate (:func:`device_memory_limit_bytes`) it does
+    not fit and is not run; otherwise it runs one step, and fails only if that runs out of
+    memory. ``log`` gets one line per probe (default: standard error). Returns
+    ``max_batch`` (0 if not even ``start`` fits on the way down), ``max_batch_fails`` (the
+    smallest batch seen not to fit, None if the search stopped at ``limit``) and
+    ``memory_limit_gib``. Raises ``ValueError`` on a backend that reports no memory limit
+    (the CPU: there the limit is host RAM, and running out kills the process instead of
+    raising).
+    """
+    limit_bytes = _required_memory_limit_bytes()
+    granularity = math.lcm(8, jax.device_count())  # the batch must split evenly across devices
 
     def fits(batch: int) -> bool:
+        t0 = time.perf_counter()
         try:
-            measure(benchmark_config(model, batch, image_size, dtype), steps=1, windows=1, warmup=1)
-            return True
+            r = measure(benchmark_config(model, batch, image_size, dtype), steps=1, windows=1, warmup=1,
+                        max_compiled_bytes=limit_bytes)
+        except DoesNotFit as e:
+            log(f"  batch {batch:>6}: does not fit ({e})")
+            return False
         except Exception as e:  # XLA raises RESOURCE_EXHAUSTED as XlaRuntimeError / JaxRuntimeError
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+                log(f"  batch {batch:>6}: does not fit (out of memory when run)")
                 return False
             raise
+        log(f"  batch {batch:>6}: fits ({r['compiled_memory_gib']:.2f} GiB compiled, "
+            f"{time.perf_counter() - t0:.0f} s)")
+        return True
 
-    ok, batch = 0, start
-    while batch <= limit and fits(batch):
-        ok, batch = batch, batch * 2
-    if batch > limit:
-        return ok
-    bad = batch
-    while bad - ok > max(8, ok // 16):
-        mid = (ok + bad) // 2 // 8 * 8
-        ok, bad = (mid, bad) if fits(mid) else (ok, mid)
-    return ok
+    log(f"largest batch of {model} @{image_size}px {dtype}: XLA may allocate {limit_bytes / 2**30:.2f} GiB")
+    fitted, failed = largest_fitting(fits, min(start, limit) // granularity * granularity or granularity,
+                                     limit, granularity)
+    return {"max_batch": fitted, "max_batch_fails": failed, "memory_limit_gib": limit_bytes / 2**30}
 
 
 def main(args: Any) -> int:
+    if args.find_max_batch:  # refused before the long part, not after it
+        try:
+            _required_memory_limit_bytes()
+        except ValueError as e:
+            raise SystemExit(f"resnet-jax benchmark: {e}") from None
     config = benchmark_config(args.model, args.batch_size, args.image_size, args.dtype)
     if args.with_input:
         config.data.name = args.dataset
@@ -214,8 +301,8 @@ def main(args: Any) -> int:
         config, steps=args.steps, with_input=args.with_input, profile_dir=args.profile,
         steps_per_dispatch=args.steps_per_dispatch,
     )
-    if args.find_max_batch:
-        result["max_batch"] = find_max_batch(args.model, args.image_size, args.dtype)
+    if args.find_max_batch:  # the measured batch fits: the search starts there
+        result.update(find_max_batch(args.model, args.image_size, args.dtype, start=args.batch_size))
     if args.json:
         print(json.dumps(result))
     else:
@@ -223,6 +310,12 @@ def main(args: Any) -> int:
         if result["compiled_memory_gib"]:
             mem += f", {result['compiled_memory_gib']:.2f} GiB the compiled step (XLA's buffer assignment)"
         mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a (unknown peak)"
+        largest = ""
+        if "max_batch" in result:
+            largest = f"\n  largest batch      {result['max_batch']}" + (
+                f" ({result['max_batch_fails']} does not fit" if result["max_batch_fails"]
+                else " (the search stops there"
+            ) + f"; XLA may allocate {result['memory_limit_gib']:.1f} GiB)"
         print(
             f"{result['model']} batch {result['batch_size']} @{result['image_size']}px {result['dtype']} on "
             f"{result['devices']}x {result['device_kind']} (jax {result['jax']})"
@@ -234,6 +327,6 @@ def main(args: Any) -> int:
             f"  step time          {result['step_ms']:.2f} ms\n"
             f"  model TFLOP/s      {result['model_tflops']:.2f}   MFU {mfu}\n"
             f"  peak memory        {mem}"
-            + (f"\n  largest batch      {result['max_batch']}" if "max_batch" in result else "")
+            + largest
         )
     return 0 if np.isfinite(result["final_loss"]) else 1

@@ -1,5 +1,7 @@
 """The HBM-traffic count of benchmarks/hlo_traffic.py against programs whose traffic is known in closed form."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -167,3 +169,17 @@ def test_the_train_step_scanned_three_times_runs_one_steps_convolutions_per_step
     for kind in convolutions:
         assert three["kernels_by_kind"][kind] == one["kernels_by_kind"][kind], kind
         assert three["traffic_by_kind_gib"][kind] == pytest.approx(one["traffic_by_kind_gib"][kind], rel=1e-3), kind
+
+
+def test_max_batch_within_a_memory_limit_compiled_for_the_h100(capsys):
+    """``gpu_compile_report --max-batch-within GIB``: with the limit just above what the
+    batch-16 step needs (compiled for the H100), 16 is the largest batch and 24 needs more."""
+    pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install 'jax[cuda12-local]'")
+    from benchmarks.gpu_compile_report import compile_report, main
+
+    needed_16 = compile_report("resnet18", 16, 32, "bfloat16")[0]["peak_gib"]
+    assert main(["--model", "resnet18", "--batch-size", "16", "--image-size", "32", "--json",
+                 "--max-batch-within", str(needed_16 * 1.0001)]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (r["max_batch"], r["max_batch_fails"]) == (16, 24)
+    assert r["peak_gib"] == pytest.approx(needed_16)
