@@ -48,7 +48,10 @@ for spec in ${MODELS:-resnet50:224 resnet18:224 resnet101:224 resnetrs50:160}; d
   model=${spec%%:*}; size=${spec##*:}
   [[ $spec == *:* ]] || size=224
   echo "== ours $model @$size"
-  python3 -m resnet_jax.cli benchmark --json --model "$model" --batch-size "$BATCH" --image-size "$size" \
+  recipe=()  # ResNet-RS: the recipe's step (EMA 0.9999, label smoothing, dropout 0.25), as it trains
+  # (scaled-D-S: the paper's scaling rules, which give the published rsD-S recipes exactly)
+  [[ $model == resnetrs* ]] && recipe=(--config "configs/resnet_rs.py:scaled-${model#resnetrs}-$size")
+  python3 -m resnet_jax.cli benchmark --json "${recipe[@]}" --model "$model" --batch-size "$BATCH" --image-size "$size" \
     --dtype bfloat16 --steps "$STEPS" | tail -1 | tee -a "$OUT/ours.jsonl"
   if python3 -c "import torchvision.models as m, sys; sys.exit(not hasattr(m, '$model'))"; then
     echo "== torchvision $model @$size"

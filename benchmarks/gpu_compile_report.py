@@ -99,17 +99,18 @@ def bandwidth_bytes_per_second(target: str) -> float:
 
 def compile_report(
     model: str, batch_size: int, image_size: int, dtype: str, target: str = DEFAULT_TARGET, tpu: str | None = None,
-    peer: str | None = None, steps_per_dispatch: int = 1,
+    peer: str | None = None, steps_per_dispatch: int = 1, recipe: str | None = None,
 ) -> tuple[dict, str]:
     """Compiles ``model``'s train step for ``target`` (or TPU ``tpu``); returns (figures, optimised HLO text).
 
     ``peer="flax"`` compiles the plain Flax peer's step (``benchmarks/peer_flax.py``) instead
     of the trainer's. ``steps_per_dispatch`` = k > 1 compiles k steps under one
     ``jax.lax.scan`` (``step.compile_multi_step``); traffic, kernels and floors are then per
-    step (the program's divided by k), memory is the program's.
+    step (the program's divided by k), memory is the program's. ``recipe``
+    (``configs/FILE.py[:variant]``): that recipe's step, as ``resnet-jax benchmark --config``.
     """
-    if steps_per_dispatch < 1 or (steps_per_dispatch > 1 and peer is not None):
-        raise ValueError("steps_per_dispatch must be >= 1, and 1 for a peer")
+    if steps_per_dispatch < 1 or (peer is not None and (steps_per_dispatch > 1 or recipe)):
+        raise ValueError("steps_per_dispatch must be >= 1, and 1 for a peer; a recipe is for our step only")
     k = steps_per_dispatch
     from resnet_jax.models import model_macs
     from resnet_jax.train.benchmark import compiled_peak_bytes, device_peak_tflops
@@ -123,9 +124,11 @@ def compile_report(
     elif peer is None:
         from resnet_jax.train import sharding
         from resnet_jax.train.benchmark import benchmark_config
+        from resnet_jax.train.config import load_recipe
         from resnet_jax.train.loop import setup
 
-        s = setup(benchmark_config(model, batch_size, image_size, dtype), devices=devices)
+        config = benchmark_config(model, batch_size, image_size, dtype, recipe=load_recipe(recipe) if recipe else None)
+        s = setup(config, devices=devices)
         step, net = s.train_step, s.model
         state = jax.tree_util.tree_map(
             lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s.abstract_state, s.state_sharding
@@ -168,7 +171,7 @@ def compile_report(
     compute_floor = flops / (peak_tflops * 1e12)
     peak = compiled_peak_bytes(compiled)
     return {
-        "model": model if peer is None else f"{peer} peer {model}", "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
+        "model": model if peer is None else f"{peer} peer {model}", "config": recipe, "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
         "device_kind": devices[0].device_kind, "jax": jax.__version__, "steps_per_dispatch": k,
         "compile_seconds_host": compile_seconds,
         "argument_gib": mem.argument_size_in_bytes / 2**30,
@@ -200,7 +203,7 @@ def max_batch_within(args: argparse.Namespace, report: dict) -> dict:
             needed = report["peak_gib"]
         else:
             needed = compile_report(args.model, batch, args.image_size, args.dtype, args.target, args.tpu,
-                                    args.peer, args.steps_per_dispatch)[0]["peak_gib"]
+                                    args.peer, args.steps_per_dispatch, args.config)[0]["peak_gib"]
         print(f"  batch {batch:>6}: {needed:.2f} GiB", file=sys.stderr, flush=True)
         return needed <= args.max_batch_within
 
@@ -210,6 +213,8 @@ def max_batch_within(args: argparse.Namespace, report: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", metavar="FILE.py[:variant]",
+                   help="compile this recipe's step (EMA, label smoothing, ...), as resnet-jax benchmark --config")
     p.add_argument("--model", default="resnet50")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
@@ -230,13 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump-hlo", help="write the optimised HLO text here")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     args = p.parse_args(argv)
-    if args.steps_per_dispatch < 1 or (args.steps_per_dispatch > 1 and args.peer):
-        p.error("--steps-per-dispatch must be >= 1, and is for our step only (not with --peer)")
+    if args.steps_per_dispatch < 1 or (args.peer and (args.steps_per_dispatch > 1 or args.config)):
+        p.error("--steps-per-dispatch must be >= 1; it and --config are for our step only (not with --peer)")
     if args.tpu and args.tpu.split(":")[0] not in TPU_BANDWIDTH:
         p.error(f"--tpu {args.tpu}: unknown generation; use one of {', '.join(TPU_BANDWIDTH)}, e.g. v5e:2x2")
     r, hlo = compile_report(
         args.model, args.batch_size, args.image_size, args.dtype, args.target, args.tpu, args.peer,
-        args.steps_per_dispatch,
+        args.steps_per_dispatch, args.config,
     )
     if args.dump_hlo:
         with open(args.dump_hlo, "w") as f:

@@ -131,11 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     p.set_defaults(func=_bench_input)
     p = sub.add_parser("benchmark", help="time the trainer's train step on synthetic on-device data")
-    p.add_argument("--model", default="resnet50", help="a registered model (resnet-jax models); default resnet50")
+    p.add_argument("--config", default=None, metavar="FILE.py[:variant]",
+                   help="time this recipe's step: its EMA, label smoothing, weight decay, BatchNorm groups and "
+                        "model options, on synthetic data; its model, image size and dtype unless given below")
+    p.add_argument("--model", default=None, help="a registered model (resnet-jax models); default: the recipe's, "
+                                                 "else resnet50")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="global batch; default 256")
-    p.add_argument("--image-size", type=_positive_int, default=224, help="square input side in pixels; default 224")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                   help="compute dtype (parameters stay float32); default bfloat16")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="square input side in pixels; default: the recipe's, else 224")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
+                   help="compute dtype (parameters stay float32); default: the recipe's, else bfloat16")
     p.add_argument("--steps", type=_positive_int, default=50, help="timed steps (split into 5 windows); default 50")
     p.add_argument("--steps-per-dispatch", type=_positive_int, default=1, metavar="K",
                    help="run K train steps per call (jax.lax.scan), one host dispatch for K steps")
@@ -143,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also search the largest batch whose step fits the device's memory (GPU or TPU; "
                         "doubles from --batch-size, then bisects to within 1/16; progress on stderr)")
     p.add_argument("--with-input", action="store_true", help="feed the step from the real tfds pipeline")
-    p.add_argument("--dataset", default="imagenet2012", help="with --with-input: dataset name")
-    p.add_argument("--data-dir", default=None, help="with --with-input: tfds data_dir")
+    p.add_argument("--dataset", default=None,
+                   help="with --with-input: dataset name; default: the recipe's, else imagenet2012")
+    p.add_argument("--data-dir", default=None, help="with --with-input: tfds data_dir; default: the recipe's")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="write a jax.profiler trace of one timed window to DIR (TensorBoard/Perfetto) and the "

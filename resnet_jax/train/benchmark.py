@@ -46,11 +46,27 @@ def device_peak_tflops(device: Any) -> float | None:
     return None
 
 
-def benchmark_config(model: str, batch_size: int, image_size: int, dtype: str, num_classes: int = 1000):
-    """The trainer's config for a synthetic-data benchmark of ``model``."""
+def benchmark_config(
+    model: str, batch_size: int, image_size: int, dtype: str, num_classes: int = 1000, recipe: Any = None
+) -> Any:
+    """The trainer's config for a synthetic-data benchmark of ``model``.
+
+    ``recipe`` (a config from :func:`resnet_jax.train.config.load_recipe`): its training
+    options are kept (EMA, label smoothing, weight decay and its exclusions, BatchNorm
+    groups, model options such as dropout and stochastic depth), and only the data becomes
+    ``fake`` images of ``image_size`` on the device, with ``model``, ``dtype`` and
+    ``batch_size`` set. Without one: the defaults of :func:`base_config` with SGD+Nesterov
+    and a cosine schedule.
+    """
     from resnet_jax.train.config import base_config
 
-    c = base_config()
+    if recipe is None:
+        c = base_config()
+        c.optimizer.nesterov = True
+        c.schedule.name = "cosine"
+    else:
+        c = recipe.copy_and_resolve_references()
+        num_classes = c.model.num_classes or num_classes
     c.model.name = model
     c.model.dtype = dtype
     c.data.name = "fake"
@@ -60,9 +76,8 @@ def benchmark_config(model: str, batch_size: int, image_size: int, dtype: str, n
     c.data.batch_size = c.data.eval_batch_size = batch_size
     c.data.fake_train_size = batch_size * 1000
     c.data.fake_pool_batches = 1
-    c.optimizer.nesterov = True
-    c.schedule.name = "cosine"
     c.num_train_steps = 10**6
+    c.stop_after_steps = None
     c.compilation_cache_dir = ""
     return c
 
@@ -175,6 +190,7 @@ def measure(
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "with_input": with_input,
+        "dataset": config.data.name,
         "steps_per_dispatch": k,
         "steps": per_window * windows,
         "compile_seconds": compile_seconds,
@@ -245,7 +261,7 @@ def largest_fitting(
 
 def find_max_batch(
     model: str, image_size: int, dtype: str, start: int = 64, limit: int = 8192,
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True), recipe: Any = None,
 ) -> dict:
     """The largest batch whose train step fits the device's memory, searched by
     :func:`largest_fitting` from ``start``.
@@ -253,7 +269,8 @@ def find_max_batch(
     Each probe compiles the step for that batch. If XLA's buffer assignment already
     exceeds what the device lets XLA allocate (:func:`device_memory_limit_bytes`) it does
     not fit and is not run; otherwise it runs one step, and fails only if that runs out of
-    memory. ``log`` gets one line per probe (default: standard error). Returns
+    memory. ``log`` gets one line per probe (default: standard error). ``recipe``: as
+    :func:`benchmark_config`. Returns
     ``max_batch`` (0 if not even ``start`` fits on the way down), ``max_batch_fails`` (the
     smallest batch seen not to fit, None if the search stopped at ``limit``) and
     ``memory_limit_gib``. Raises ``ValueError`` on a backend that reports no memory limit
@@ -266,8 +283,8 @@ def find_max_batch(
     def fits(batch: int) -> bool:
         t0 = time.perf_counter()
         try:
-            r = measure(benchmark_config(model, batch, image_size, dtype), steps=1, windows=1, warmup=1,
-                        max_compiled_bytes=limit_bytes)
+            r = measure(benchmark_config(model, batch, image_size, dtype, recipe=recipe), steps=1, windows=1,
+                        warmup=1, max_compiled_bytes=limit_bytes)
         except DoesNotFit as e:
             log(f"  batch {batch:>6}: does not fit ({e})")
             return False
@@ -292,17 +309,31 @@ def main(args: Any) -> int:
             _required_memory_limit_bytes()
         except ValueError as e:
             raise SystemExit(f"resnet-jax benchmark: {e}") from None
-    config = benchmark_config(args.model, args.batch_size, args.image_size, args.dtype)
-    if args.with_input:
-        config.data.name = args.dataset
-        config.data.data_dir = args.data_dir
-        config.data.preprocess = "imagenet"
+    recipe = None
+    if args.config:
+        from resnet_jax.train.config import load_recipe
+
+        try:
+            recipe = load_recipe(args.config)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"resnet-jax benchmark: --config {args.config}: {e}") from None
+    # flags win; then the recipe's model, image size and dtype; then ResNet-50 at 224px in bfloat16
+    model = args.model or (recipe.model.name if recipe else "resnet50")
+    image_size = args.image_size or (recipe.data.image_size if recipe else 224)
+    dtype = args.dtype or (recipe.model.dtype if recipe else "bfloat16")
+    config = benchmark_config(model, args.batch_size, image_size, dtype, recipe=recipe)
+    if args.with_input:  # the recipe's dataset and preprocessing (RandAugment included), else ImageNet's
+        config.data.name = args.dataset or (recipe.data.name if recipe else "imagenet2012")
+        config.data.data_dir = args.data_dir or (recipe.data.data_dir if recipe else None)
+        if recipe is None:
+            config.data.preprocess = "imagenet"
     result = measure(
         config, steps=args.steps, with_input=args.with_input, profile_dir=args.profile,
         steps_per_dispatch=args.steps_per_dispatch,
     )
+    result["config"] = args.config
     if args.find_max_batch:  # the measured batch fits: the search starts there
-        result.update(find_max_batch(args.model, args.image_size, args.dtype, start=args.batch_size))
+        result.update(find_max_batch(model, image_size, dtype, start=args.batch_size, recipe=recipe))
     if args.json:
         print(json.dumps(result))
     else:
@@ -319,6 +350,8 @@ def main(args: Any) -> int:
         print(
             f"{result['model']} batch {result['batch_size']} @{result['image_size']}px {result['dtype']} on "
             f"{result['devices']}x {result['device_kind']} (jax {result['jax']})"
+            + (f", recipe {result['config']}" if result["config"] else "")
+            + (f", fed from {result['dataset']} by tf.data" if result["with_input"] else "")
             + (f", {result['steps_per_dispatch']} steps per dispatch" if result["steps_per_dispatch"] > 1 else "")
             + "\n"
             f"  compile            {result['compile_seconds']:.1f} s\n"

@@ -6,6 +6,9 @@ A recipe calls :func:`base_config` and changes what it needs.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 Placeholder = ml_collections.config_dict.placeholder
@@ -96,6 +99,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.shard_params = False  # FSDP-style: shard params and optimizer state on the data axis
     c.stop_after_steps = Placeholder(int)  # stop early (tests, preemption drills); resumable
     return c
+
+
+def load_recipe(spec: str) -> ml_collections.ConfigDict:
+    """The config of a recipe file, ``"configs/FILE.py[:variant]"``, as ``--config`` reads it.
+
+    Calls the file's ``get_config(variant)``, or ``get_config()`` without a variant (the
+    convention of ``ml_collections.config_flags``), for commands that take a recipe
+    outside absl flag parsing (``resnet-jax benchmark --config``, the experiments).
+    """
+    path, _, variant = spec.partition(".py:")
+    path = path if path.endswith(".py") else path + ".py"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no recipe file {path!r} (from {spec!r}); give configs/FILE.py[:variant]")
+    module_spec = importlib.util.spec_from_file_location(f"recipe_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"recipe file {path!r} defines no get_config()")
+    return module.get_config(variant) if variant else module.get_config()
 
 
 def config_from_saved(saved: dict) -> ml_collections.ConfigDict:

@@ -10,7 +10,6 @@ test_error), with each run's workdir under ``OUT/runs/``.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 from typing import Any
@@ -20,11 +19,9 @@ RECIPES = {"digits": "configs/digits.py", "cifar10": "configs/cifar_resnet.py"}
 
 
 def _load_recipe(dataset: str, repo_root: str) -> Any:
-    path = os.path.join(repo_root, RECIPES[dataset])
-    spec = importlib.util.spec_from_file_location(f"recipe_{dataset}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(None)
+    from resnet_jax.train.config import load_recipe
+
+    return load_recipe(os.path.join(repo_root, RECIPES[dataset]))
 
 
 def _curves(workdir: str, steps_per_epoch: int) -> list[dict[str, float]]:

@@ -110,3 +110,56 @@ def test_find_max_batch_stops_at_the_device_memory_limit_without_running_what_do
     assert list(probes) == [16, 32, 24]
     assert "fits (" in probes[16]
     assert all("does not fit (the compiled step needs" in probes[b] for b in (32, 24))
+
+
+def test_benchmark_times_a_recipes_own_step_ema_included(capsys):
+    """``--config FILE.py[:variant]`` times that recipe's step on synthetic data: its model,
+    image size and dtype, and its training options (ResNet-RS: EMA, label smoothing, weight
+    decay without BatchNorm, dropout). With EMA on, the compiled step holds one more float32
+    copy of every parameter."""
+    from resnet_jax.models import create_model
+    from resnet_jax.models.complexity import abstract_variables, count_params
+    from resnet_jax.train.benchmark import benchmark_config, measure
+    from resnet_jax.train.config import load_recipe
+
+    config = benchmark_config("resnetrs50", 8, 160, "bfloat16", recipe=load_recipe("configs/resnet_rs.py:rs50-160"))
+    assert (config.ema_decay, config.label_smoothing, config.optimizer.weight_decay) == (0.9999, 0.1, 4e-5)
+    assert not config.optimizer.decay_bn_and_bias and config.model.dropout_rate == 0.25
+    assert (config.data.name, config.data.image_size, config.data.batch_size) == ("fake", 160, 8)
+
+    rc = main(["benchmark", "--config", "configs/digits.py", "--batch-size", "8", "--steps", "5", "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    recipe = load_recipe("configs/digits.py")
+    assert (r["model"], r["image_size"], r["dtype"], r["config"]) == (
+        recipe.model.name, recipe.data.image_size, recipe.model.dtype, "configs/digits.py")
+    recipe.ema_decay = 0.999
+    with_ema = measure(benchmark_config(recipe.model.name, 8, recipe.data.image_size, recipe.model.dtype,
+                                        recipe=recipe), steps=1, windows=1, warmup=1)
+    # the EMA copy: 4 bytes per parameter and per BatchNorm statistic of the 1000-class model (+ alignment)
+    variables = abstract_variables(create_model(recipe.model.name, num_classes=1000), recipe.data.image_size)
+    ema_bytes = 4 * (count_params(variables["params"]) + count_params(variables["batch_stats"]))
+    extra_bytes = (with_ema["compiled_memory_gib"] - r["compiled_memory_gib"]) * 2**30
+    assert ema_bytes <= extra_bytes <= 1.01 * ema_bytes
+
+
+def test_benchmark_names_a_missing_recipe_file():
+    import pytest
+
+    with pytest.raises(SystemExit, match="no recipe file 'configs/nope.py'"):
+        main(["benchmark", "--config", "configs/nope.py:x", "--steps", "1"])
+
+
+def test_with_input_feeds_the_step_from_the_recipes_own_dataset(capsys):
+    """``--with-input --config configs/digits.py`` trains on the embedded digits through
+    tf.data: the model gets the dataset's 10 classes, so the first loss is near ln 10 = 2.3
+    (measured 2.7), not near the ln 1000 = 6.9 of the 1000 synthetic classes."""
+    import pytest
+
+    pytest.importorskip("tensorflow")
+    rc = main(["benchmark", "--config", "configs/digits.py", "--with-input", "--batch-size", "32", "--steps", "5",
+               "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (r["with_input"], r["dataset"], r["model"], r["image_size"]) == (True, "digits", "resnet20", 8)
+    assert abs(r["losses"][0] - math.log(10)) < 1.5 and r["images_per_second"] > 0
