@@ -12,8 +12,9 @@
 # not yet timed: ~1.5 min per model for ours, as much for flax, 2-3 for torchvision with
 # torch.compile, ~1 min per XLA variant or compile report):
 #   1. MODELS="resnet50:224" COMPILE_REPORT=1 PROFILE=1 XLA_VARIANTS="...;..." DISPATCH_VARIANTS="4"
-#   2. MODELS="resnet18:224 resnetrs50:160" MAX_BATCH=1
+#   2. MODELS="resnet18:224 resnetrs50:160"
 #   3. MODELS="resnet101:224"
+#   4. MODELS="" MAX_BATCH=1     (an empty MODELS times no model)
 # Each line of $OUT/*.jsonl is written when its run ends, so a call cut short keeps what
 # finished. FLAX_PEER=0 skips the flax peer. BATCH_SIZE (256) and STEPS (100) shrink the model
 # and profile runs for a dry run of this script on a CPU, e.g.
@@ -25,7 +26,7 @@
 # VARIANT_MODEL (resnet50:224) is the model of both variant kinds (a small one for a CPU dry run).
 # MAX_BATCH=1 searches ResNet-50's largest batch on the device (resnet-jax benchmark --find-max-batch:
 # doubling from BATCH_SIZE, then bisecting to 1/16; ~8 compiles, predicted 1,472 within 59 GiB by
-# gpu_compile_report.py --max-batch-within 59): $OUT/max_batch.jsonl, best in call 2 or 3.
+# gpu_compile_report.py --max-batch-within 59): $OUT/max_batch.jsonl, a call of its own.
 # COMPILE_REPORT=1 also compiles ResNet-50 on the device (autotuned) with
 # benchmarks/gpu_compile_report.py, to check the traffic and memory predicted without one.
 # PROFILE=1 traces ResNet-50 (jax.profiler, 4 steps, command buffers off so that every kernel
@@ -44,7 +45,7 @@ PEER=.whl/peer_torchvision.py
 [ -f "$PEER" ] || PEER=../shared/bench/peer_torchvision.py
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__)" | tee -a "$OUT/device.txt"
-for spec in ${MODELS:-resnet50:224 resnet18:224 resnet101:224 resnetrs50:160}; do
+for spec in ${MODELS-resnet50:224 resnet18:224 resnet101:224 resnetrs50:160}; do
   model=${spec%%:*}; size=${spec##*:}
   [[ $spec == *:* ]] || size=224
   echo "== ours $model @$size"
