@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--find-max-batch", action="store_true",
                    help="also search the largest batch whose step fits the device's memory (GPU or TPU; "
                         "doubles from --batch-size, then bisects to within 1/16; progress on stderr)")
-    p.add_argument("--with-input", action="store_true", help="feed the step from the real tfds pipeline")
+    p.add_argument("--with-input", action="store_true",
+                   help="feed the step from the real tf.data pipeline: the recipe's dataset and preprocessing, "
+                        "else imagenet2012's (needs TensorFlow)")
     p.add_argument("--dataset", default=None,
                    help="with --with-input: dataset name; default: the recipe's, else imagenet2012")
     p.add_argument("--data-dir", default=None, help="with --with-input: tfds data_dir; default: the recipe's")

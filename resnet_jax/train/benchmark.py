@@ -5,6 +5,7 @@ and max), step time, achieved model TFLOP/s and MFU against the device's peak
 (3 x 2 x multiply-adds per image: forward plus two backward products), peak device
 memory, and optionally the largest batch that fits. ``--with-input`` feeds the same
 step from the real tf.data pipeline instead, to show whether input is the bottleneck.
+``--config FILE.py[:variant]`` takes the step's training options from a recipe.
 """
 
 from __future__ import annotations

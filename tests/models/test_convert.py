@@ -123,8 +123,8 @@ class _Evil:
         return (os.system, ("touch EVIL_MARKER",))
 
 
-def test_bad_files_give_clear_errors_and_never_run_pickled_code(tmp_path):
-    os.chdir(tmp_path)
+def test_bad_files_give_clear_errors_and_never_run_pickled_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # restored afterwards: later tests in this worker use relative paths
     with open("evil.pth", "wb") as f:
         pickle.dump({"fc.weight": _Evil()}, f)
     with pytest.raises(ConversionError, match="weights_only"):

@@ -3,12 +3,15 @@ benchmarks/kernel_bandwidth.py."""
 
 import json
 import math
+import os
 
 import jax
 
 from benchmarks.kernel_bandwidth import report
 from resnet_jax.cli import main
 from resnet_jax.models import create_model, model_macs
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 
 def test_benchmark_reports_consistent_figures_and_a_profile_kernel_bandwidth_can_read(tmp_path, capsys):
@@ -122,17 +125,18 @@ def test_benchmark_times_a_recipes_own_step_ema_included(capsys):
     from resnet_jax.train.benchmark import benchmark_config, measure
     from resnet_jax.train.config import load_recipe
 
-    config = benchmark_config("resnetrs50", 8, 160, "bfloat16", recipe=load_recipe("configs/resnet_rs.py:rs50-160"))
+    config = benchmark_config("resnetrs50", 8, 160, "bfloat16", recipe=load_recipe(os.path.join(CONFIGS, "resnet_rs.py:rs50-160")))
     assert (config.ema_decay, config.label_smoothing, config.optimizer.weight_decay) == (0.9999, 0.1, 4e-5)
     assert not config.optimizer.decay_bn_and_bias and config.model.dropout_rate == 0.25
     assert (config.data.name, config.data.image_size, config.data.batch_size) == ("fake", 160, 8)
 
-    rc = main(["benchmark", "--config", "configs/digits.py", "--batch-size", "8", "--steps", "5", "--json"])
+    digits = os.path.join(CONFIGS, "digits.py")
+    rc = main(["benchmark", "--config", digits, "--batch-size", "8", "--steps", "5", "--json"])
     assert rc == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    recipe = load_recipe("configs/digits.py")
+    recipe = load_recipe(digits)
     assert (r["model"], r["image_size"], r["dtype"], r["config"]) == (
-        recipe.model.name, recipe.data.image_size, recipe.model.dtype, "configs/digits.py")
+        recipe.model.name, recipe.data.image_size, recipe.model.dtype, digits)
     recipe.ema_decay = 0.999
     with_ema = measure(benchmark_config(recipe.model.name, 8, recipe.data.image_size, recipe.model.dtype,
                                         recipe=recipe), steps=1, windows=1, warmup=1)
@@ -157,8 +161,8 @@ def test_with_input_feeds_the_step_from_the_recipes_own_dataset(capsys):
     import pytest
 
     pytest.importorskip("tensorflow")
-    rc = main(["benchmark", "--config", "configs/digits.py", "--with-input", "--batch-size", "32", "--steps", "5",
-               "--json"])
+    rc = main(["benchmark", "--config", os.path.join(CONFIGS, "digits.py"), "--with-input", "--batch-size", "32",
+               "--steps", "5", "--json"])
     assert rc == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (r["with_input"], r["dataset"], r["model"], r["image_size"]) == (True, "digits", "resnet20", 8)
