@@ -6,6 +6,7 @@ import math
 import os
 
 import jax
+import pytest
 
 from benchmarks.kernel_bandwidth import report
 from resnet_jax.cli import main
@@ -81,8 +82,6 @@ def test_largest_fitting_brackets_a_known_threshold():
 def test_find_max_batch_is_refused_before_any_timing_where_there_is_no_memory_limit(monkeypatch):
     """On the CPU there is no device memory limit, and running out of host memory kills the
     process: the flag is refused at once, naming the problem and the way out."""
-    import pytest
-
     from resnet_jax.train import benchmark
 
     if benchmark.device_memory_limit_bytes() is not None:
@@ -125,7 +124,8 @@ def test_benchmark_times_a_recipes_own_step_ema_included(capsys):
     from resnet_jax.train.benchmark import benchmark_config, measure
     from resnet_jax.train.config import load_recipe
 
-    config = benchmark_config("resnetrs50", 8, 160, "bfloat16", recipe=load_recipe(os.path.join(CONFIGS, "resnet_rs.py:rs50-160")))
+    rs50 = load_recipe(os.path.join(CONFIGS, "resnet_rs.py:rs50-160"))
+    config = benchmark_config("resnetrs50", 8, 160, "bfloat16", recipe=rs50)
     assert (config.ema_decay, config.label_smoothing, config.optimizer.weight_decay) == (0.9999, 0.1, 4e-5)
     assert not config.optimizer.decay_bn_and_bias and config.model.dropout_rate == 0.25
     assert (config.data.name, config.data.image_size, config.data.batch_size) == ("fake", 160, 8)
@@ -148,8 +148,6 @@ def test_benchmark_times_a_recipes_own_step_ema_included(capsys):
 
 
 def test_benchmark_names_a_missing_recipe_file():
-    import pytest
-
     with pytest.raises(SystemExit, match="no recipe file 'configs/nope.py'"):
         main(["benchmark", "--config", "configs/nope.py:x", "--steps", "1"])
 
@@ -158,8 +156,6 @@ def test_with_input_feeds_the_step_from_the_recipes_own_dataset(capsys):
     """``--with-input --config configs/digits.py`` trains on the embedded digits through
     tf.data: the model gets the dataset's 10 classes, so the first loss is near ln 10 = 2.3
     (measured 2.7), not near the ln 1000 = 6.9 of the 1000 synthetic classes."""
-    import pytest
-
     pytest.importorskip("tensorflow")
     rc = main(["benchmark", "--config", os.path.join(CONFIGS, "digits.py"), "--with-input", "--batch-size", "32",
                "--steps", "5", "--json"])
