@@ -325,7 +325,8 @@ def main(args: Any) -> int:
     config = benchmark_config(model, args.batch_size, image_size, dtype, recipe=recipe)
     if args.with_input:  # the recipe's dataset and preprocessing (RandAugment included), else ImageNet's
         config.data.name = args.dataset or (recipe.data.name if recipe else "imagenet2012")
-        config.data.data_dir = args.data_dir or (recipe.data.data_dir if recipe else None)
+        if args.data_dir:  # else the recipe's (benchmark_config kept it) or tfds's default
+            config.data.data_dir = args.data_dir
         if recipe is None:
             config.data.preprocess = "imagenet"
     result = measure(
