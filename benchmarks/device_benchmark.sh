@@ -12,6 +12,7 @@
 # not yet timed: ~1.5 min per model for ours, as much for flax, 2-3 for torchvision with
 # torch.compile, ~1 min per XLA variant or compile report):
 #   1. MODELS="resnet50:224" COMPILE_REPORT=1 PROFILE=1 XLA_VARIANTS="...;..." DISPATCH_VARIANTS="4"
+#      (TRAINER=1 here or in call 4)
 #   2. MODELS="resnet18:224 resnetrs50:160"
 #   3. MODELS="resnet101:224"
 #   4. MODELS="" MAX_BATCH=1     (an empty MODELS times no model)
@@ -27,6 +28,9 @@
 # MAX_BATCH=1 searches ResNet-50's largest batch on the device (resnet-jax benchmark --find-max-batch:
 # doubling from BATCH_SIZE, then bisecting to 1/16; ~8 compiles, predicted 1,472 within 59 GiB by
 # gpu_compile_report.py --max-batch-within 59): $OUT/max_batch.jsonl, a call of its own.
+# TRAINER=1 times `resnet-jax train` (the modern recipe of VARIANT_MODEL on fake data made on the host,
+# 3 x STEPS steps) against the bare step of the same recipe: what the loop and the host-to-device
+# copies cost ($OUT/trainer.jsonl, $OUT/trainer_metrics.jsonl).
 # COMPILE_REPORT=1 also compiles ResNet-50 on the device (autotuned) with
 # benchmarks/gpu_compile_report.py, to check the traffic and memory predicted without one.
 # PROFILE=1 traces ResNet-50 (jax.profiler, 4 steps, command buffers off so that every kernel
@@ -82,6 +86,21 @@ if [ "${MAX_BATCH:-0}" = 1 ]; then
   python3 -m resnet_jax.cli benchmark --json --model "$vmodel" --batch-size "$BATCH" --image-size "$vsize" \
     --dtype bfloat16 --steps 10 --find-max-batch | tail -1 | tee -a "$OUT/max_batch.jsonl"
 fi
+if [ "${TRAINER:-0}" = 1 ]; then
+  # What users run: the whole training loop (host batches put on the device, metrics kept on it,
+  # a log line every STEPS/2 steps), against the bare step of the same recipe, in one call.
+  recipe="configs/imagenet_resnet.py:$vmodel-modern"
+  echo "== resnet-jax train $recipe @$vsize on fake data from the host, against its bare step"
+  python3 -m resnet_jax.cli benchmark --json --config "$recipe" --batch-size "$BATCH" --image-size "$vsize" \
+    --dtype bfloat16 --steps "$STEPS" | tail -1 | tee -a "$OUT/trainer.jsonl"
+  rm -rf /tmp/trainer_workdir
+  python3 -m resnet_jax.cli train --config "$recipe" --workdir /tmp/trainer_workdir --config.data.name=fake \
+    --config.data.image_size="$vsize" --config.data.batch_size="$BATCH" --config.data.eval_batch_size="$BATCH" \
+    --config.data.fake_eval_size="$BATCH" --config.num_train_steps=$((3 * STEPS)) \
+    --config.log_every_steps=$((STEPS / 2)) --config.checkpoint_every_steps=1000000000 \
+    --config.eval_every_epochs=1000000 --config.compilation_cache_dir= | tail -4
+  cp /tmp/trainer_workdir/metrics.jsonl "$OUT/trainer_metrics.jsonl"
+fi
 if [ "${COMPILE_REPORT:-0}" = 1 ]; then
   echo "== resnet50 compiled on the device: memory and HBM traffic"
   python3 benchmarks/gpu_compile_report.py --model resnet50 --batch-size 256 --top 10 \
@@ -124,6 +143,14 @@ for m in rows(f"{sys.argv[1]}/max_batch.jsonl"):
     print(f"{m['model']} @{m['image_size']} largest batch: {m['max_batch']}"
           + (f" ({m['max_batch_fails']} does not fit)" if m["max_batch_fails"] else "")
           + f" within the {m['memory_limit_gib']:.1f} GiB XLA may allocate")
+windows = [m["images_per_second"] for m in rows(f"{sys.argv[1]}/trainer_metrics.jsonl") if m["split"] == "train"]
+for bare in rows(f"{sys.argv[1]}/trainer.jsonl")[-1:]:
+    steady = sorted(windows[1:] or windows)  # the first window follows compilation: left out
+    if steady:
+        median = steady[len(steady) // 2]
+        print(f"resnet-jax train {bare['config']} @{bare['image_size']}, batch {bare['batch_size']}: {median:.0f} img/s "
+              f"(median of {len(steady)} log windows, {steady[0]:.0f}-{steady[-1]:.0f}); its bare step "
+              f"{bare['images_per_second']:.0f}: {median / bare['images_per_second'] - 1:+.1%}")
 for v in rows(f"{sys.argv[1]}/variants.jsonl"):
     base = next((r["images_per_second"] for r in ours
                  if (r["model"], r["image_size"], r["batch_size"]) == (v["model"], v["image_size"], v["batch_size"])), None)
