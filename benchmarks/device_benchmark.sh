@@ -26,7 +26,7 @@
 # (resnet-jax benchmark --steps-per-dispatch K: one jax.lax.scan call for K steps).
 # VARIANT_MODEL (resnet50:224) is the model of both variant kinds (a small one for a CPU dry run).
 # MAX_BATCH=1 searches ResNet-50's largest batch on the device (resnet-jax benchmark --find-max-batch:
-# doubling from BATCH_SIZE, then bisecting to 1/16; ~8 compiles, predicted 1,472 within 59 GiB by
+# doubling from BATCH_SIZE, then bisecting to 1/16; ~8 compiles, predicted 1,472 (56.6 GiB) within 59 GiB by
 # gpu_compile_report.py --max-batch-within 59): $OUT/max_batch.jsonl, a call of its own.
 # TRAINER=1 times `resnet-jax train` (the modern recipe of VARIANT_MODEL on fake data made on the host,
 # 3 x STEPS steps) against the bare step of the same recipe: what the loop and the host-to-device

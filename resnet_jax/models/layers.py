@@ -60,6 +60,9 @@ def relu(x: Array) -> Array:
     return jax.lax.platform_dependent(x, cuda=relu_from_output, default=jax.nn.relu)
 
 
+# The ReLUs (same values and derivatives): a max pool commutes with them (see Stem).
+RELUS = (relu, relu_from_output, jax.nn.relu)
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": relu,
     "swish": nn.swish,
@@ -293,6 +296,13 @@ class Stem(nn.Module):
       * ``cifar``: one 3x3/1 conv + BN + act, no pooling (the paper's CIFAR nets).
     ``pool``: ``max`` (3x3/2 max pool), ``conv`` (a 3x3/2 conv ``pool_conv`` + BN
     ``pool_bn`` + act, ResNet-RS) or ``none``.
+
+    With a ReLU and the max pool, the ReLU is applied after the pool: ReLU is monotonic, so
+    ``relu(max_pool(y)) == max_pool(relu(y))`` exactly, and the derivative goes to the same
+    input element (the first maximum of its window; where a window's maximum is <= 0 both
+    give 0). The BatchNorm output then feeds the pool directly and is never written at full
+    resolution: ResNet-50 at batch 256 on an H100 moves 1.24 GiB less per step and keeps
+    0.38 GiB less (docs/performance.md, change 4).
     """
 
     kind: str
@@ -320,7 +330,10 @@ class Stem(nn.Module):
             x = self.conv(self.width, kernel_size=3, strides=1, name="conv1")(x)
         else:
             raise ValueError(f"unknown stem {self.kind!r}; choose classic, deep or cifar")
-        x = self.act(self.norm(name="bn1")(x, train))
+        x = self.norm(name="bn1")(x, train)
+        if self.pool == "max" and self.act in RELUS:
+            return self.act(max_pool_3x3_s2(x))
+        x = self.act(x)
         if self.pool == "max":
             x = max_pool_3x3_s2(x)
         elif self.pool == "conv":

@@ -1,5 +1,6 @@
 """Module behaviour: shapes, dtypes, BatchNorm train/eval, drop-path, shortcuts, init."""
 
+import functools
 import zlib
 
 import chex
@@ -196,6 +197,49 @@ def test_max_pool_values_and_derivatives_equal_flax_max_pool(shape, dtype):
     chex.assert_trees_all_equal(pullback(cotangent), pullback_ref(cotangent))
     tangent = jax.random.normal(jax.random.key(3), shape, dtype)
     chex.assert_trees_all_equal(jax.jvp(max_pool_3x3_s2, (x,), (tangent,)), jax.jvp(reference, (x,), (tangent,)))
+
+
+@pytest.mark.parametrize("kind", ["classic", "deep"])
+@pytest.mark.parametrize("kernels", ["default", "cuda"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_stem_relu_after_the_max_pool_equals_the_textbook_order(kind, kernels, dtype, monkeypatch):
+    """The stem applies its ReLU after the max pool. Against the textbook order built from
+    flax's ops (BatchNorm, ``jax.nn.relu``, then ``nn.max_pool``), in train mode, the output
+    and the gradients of the input and of every parameter are equal bit for bit. The inputs
+    are integers, so that windows tie, and a third of the channels get a negative bias, so
+    that whole windows are <= 0. ``cuda`` swaps in the GPU kernels (ReLU derivative from its
+    output, the max pool's fused gradient), as the torchvision gradient test does."""
+    from resnet_jax.models import layers
+
+    act = layers.relu
+    if kernels == "cuda":
+        act = layers.relu_from_output
+        monkeypatch.setattr(layers, "max_pool_3x3_s2", layers.max_pool_fused_gradient)
+    conv_f = functools.partial(conv, dtype=dtype)
+    norm_f = functools.partial(BatchNorm, dtype=dtype)
+    ours = layers.Stem(kind, 8, "max", conv_f, norm_f, act)
+    # act not one of layers.RELUS: the Stem keeps the textbook order (and pool "none": flax's pool)
+    textbook = layers.Stem(kind, 8, "none", conv_f, norm_f, lambda y: jax.nn.relu(y))
+    x = jnp.round(3 * jax.random.normal(jax.random.key(0), (2, 20, 20, 3))).astype(dtype)
+    variables = ours.init(jax.random.key(1), x, train=False)
+    params = jax.tree_util.tree_map(lambda p: jnp.round(4 * p) / 4 if p.ndim == 4 else p, variables["params"])
+    params["bn1"]["bias"] = jnp.where(jnp.arange(params["bn1"]["bias"].shape[0]) % 3 == 0, -1.5, 0.25)
+
+    def run(module, pool):
+        def f(params, x):
+            y, _ = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                mutable=["batch_stats"])
+            return pool(y)
+        return f
+
+    f_ours = run(ours, lambda y: y)
+    f_textbook = run(textbook, lambda y: nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
+    y, pullback = jax.vjp(f_ours, params, x)
+    y_ref, pullback_ref = jax.vjp(f_textbook, params, x)
+    chex.assert_trees_all_equal(y, y_ref)
+    assert 0.2 < float(jnp.mean(y == 0)) < 0.8, "the test needs windows that are all <= 0 and windows that are not"
+    cotangent = jax.random.normal(jax.random.key(2), y.shape, y.dtype)
+    chex.assert_trees_all_equal(pullback(cotangent), pullback_ref(cotangent))
 
 
 def test_max_pool_backward_on_an_h100_moves_a_third_of_flax_max_pools_bytes():
