@@ -89,12 +89,12 @@ fi
 if [ "${TRAINER:-0}" = 1 ]; then
   # What users run: the whole training loop (host batches put on the device, metrics kept on it,
   # a log line every STEPS/2 steps), against the bare step of the same recipe, in one call.
-  recipe="configs/imagenet_resnet.py:$vmodel-modern"
-  echo "== resnet-jax train $recipe @$vsize on fake data from the host, against its bare step"
-  python3 -m resnet_jax.cli benchmark --json --config "$recipe" --batch-size "$BATCH" --image-size "$vsize" \
+  trainer_recipe="configs/imagenet_resnet.py:$vmodel-modern"
+  echo "== resnet-jax train $trainer_recipe @$vsize on fake data from the host, against its bare step"
+  python3 -m resnet_jax.cli benchmark --json --config "$trainer_recipe" --batch-size "$BATCH" --image-size "$vsize" \
     --dtype bfloat16 --steps "$STEPS" | tail -1 | tee -a "$OUT/trainer.jsonl"
   rm -rf /tmp/trainer_workdir
-  python3 -m resnet_jax.cli train --config "$recipe" --workdir /tmp/trainer_workdir --config.data.name=fake \
+  python3 -m resnet_jax.cli train --config "$trainer_recipe" --workdir /tmp/trainer_workdir --config.data.name=fake \
     --config.data.image_size="$vsize" --config.data.batch_size="$BATCH" --config.data.eval_batch_size="$BATCH" \
     --config.data.fake_eval_size="$BATCH" --config.num_train_steps=$((3 * STEPS)) \
     --config.log_every_steps=$((STEPS / 2)) --config.checkpoint_every_steps=1000000000 \

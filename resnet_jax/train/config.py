@@ -6,7 +6,6 @@ A recipe calls :func:`base_config` and changes what it needs.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import ml_collections
@@ -102,22 +101,22 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def load_recipe(spec: str) -> ml_collections.ConfigDict:
-    """The config of a recipe file, ``"configs/FILE.py[:variant]"``, as ``--config`` reads it.
-
-    Calls the file's ``get_config(variant)``, or ``get_config()`` without a variant (the
-    convention of ``ml_collections.config_flags``), for commands that take a recipe
-    outside absl flag parsing (``resnet-jax benchmark --config``, the experiments).
+    """The config of a recipe file, ``"configs/FILE.py[:variant]"``, exactly as ``resnet-jax
+    train --config`` reads it (``ml_collections.config_flags``' parser: ``get_config(variant)``,
+    or ``get_config()`` without a variant), for commands that take a recipe outside absl flag
+    parsing (``resnet-jax benchmark --config``, the experiments). Unlocked: callers may edit it.
     """
-    path, _, variant = spec.partition(".py:")
-    path = path if path.endswith(".py") else path + ".py"
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    path = spec.split(":", 1)[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no recipe file {path!r} (from {spec!r}); give configs/FILE.py[:variant]")
-    module_spec = importlib.util.spec_from_file_location(f"recipe_{os.path.basename(path)[:-3]}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"recipe file {path!r} defines no get_config()")
-    return module.get_config(variant) if variant else module.get_config()
+    try:
+        return ConfigFileFlagParser(name="recipe", lock_config=False).parse(spec)
+    except AttributeError as e:
+        if e.name != "get_config":
+            raise
+        raise ValueError(f"recipe file {path!r} defines no get_config()") from None
 
 
 def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
