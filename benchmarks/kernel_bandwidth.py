@@ -99,14 +99,20 @@ def _normalise(name: str) -> str:
     return name.replace(".", "_").replace("-", "_")
 
 
+SMALL_KERNEL_BYTES = 2**20
+
+
 def report(profile_dir: str, hlo_text: str | None = None, bandwidth: float | None = None,
-           steps: int | None = None) -> dict:
+           steps: int | None = None, small_bytes: int = SMALL_KERNEL_BYTES) -> dict:
     """Per-step device time and the instructions that lose the most time against peak bandwidth.
 
     Times are per step and per device (the mean over the devices traced); bytes are the
     HLO's, which is per device under SPMD. ``steps``: how many steps the trace holds; by
     default the median launch count of the traced instructions on one device (most run
-    once per step).
+    once per step). ``small_kernels`` sums the instructions that move fewer than
+    ``small_bytes`` (default 1 MiB) per launch: their launches per step, time and bytes. Their
+    time is latency, not bandwidth (BatchNorm's per-channel passes, optimizer updates,
+    weight layout copies).
     """
     if hlo_text is None:
         with open(os.path.join(profile_dir, HLO_FILE)) as f:
@@ -146,6 +152,14 @@ def report(profile_dir: str, hlo_text: str | None = None, bandwidth: float | Non
             row["lost_ms"] = row["ms"] - row["floor_ms"]
         rows.append(row)
     busy = sum(r["ms"] for r in rows)
+    small = [r for r in rows if r["bytes"] is not None and r["bytes"] < small_bytes]
+    small_kernels = {
+        "below_bytes": small_bytes,
+        "launches_per_step": sum(len(v) for (_, op), v in launches.items()
+                                 if op in {r["op"] for r in small}) / (steps * devices),
+        "ms": sum(r["ms"] for r in small),
+        "bytes": sum(r["bytes"] for r in small),
+    }
     matched_bytes = sum(r["bytes"] or 0 for r in rows)
     by_kind: dict[str, float] = collections.defaultdict(float)
     for r in rows:
@@ -159,6 +173,7 @@ def report(profile_dir: str, hlo_text: str | None = None, bandwidth: float | Non
         "memory_floor_ms": 1e3 * matched_bytes / bandwidth if bandwidth else None,
         "achieved_gb_per_s": matched_bytes / (busy / 1e3) / 1e9 if busy else None,
         "ms_by_phase_and_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "small_kernels": small_kernels,
         "kernels": rows,
     }
 
@@ -192,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             "(kernels inside an XLA command buffer); for a complete attribution profile with "
             "XLA_FLAGS=--xla_gpu_enable_command_buffer="
         )
+    small = r["small_kernels"]
+    print(
+        f"  {small['launches_per_step']:.0f} launches per step move under {small['below_bytes'] / 2**20:g} MiB each: "
+        f"{small['ms']:.2f} ms ({100 * small['ms'] / max(r['device_busy_ms'], 1e-9):.1f}% of the busy time) "
+        f"for {small['bytes'] / 2**20:.1f} MiB"
+    )
     for k, ms in list(r["ms_by_phase_and_kind"].items())[:10]:
         print(f"  {ms:8.2f} ms  {k}")
     print(f"  the {args.top} instructions that lose the most time" + (" against peak bandwidth:" if r["peak_bandwidth"] else ":"))

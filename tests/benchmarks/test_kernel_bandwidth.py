@@ -33,6 +33,11 @@ def test_a_traced_elementwise_kernel_gets_its_closed_form_bytes_and_its_launch_c
     assert row["floor_ms"] == pytest.approx(3 * MIB / 1e9 * 1e3)
     assert row["lost_ms"] == pytest.approx(row["ms"] - row["floor_ms"])
     assert row["gb_per_s"] == pytest.approx(3 * MIB / (row["ms"] / 1e3) / 1e9)
+    # 3 MiB per launch is not a small kernel at the default 1 MiB; under a 4 MiB bound it is
+    assert r["small_kernels"] == {"below_bytes": MIB, "launches_per_step": 0, "ms": 0, "bytes": 0}
+    small = report(str(tmp_path), bandwidth=1e9, small_bytes=4 * MIB)["small_kernels"]
+    assert small["launches_per_step"] == 1 and small["bytes"] == 3 * MIB
+    assert small["ms"] == pytest.approx(row["ms"])
 
 
 def test_a_directory_without_a_trace_is_refused_with_the_command_that_makes_one(tmp_path):
