@@ -153,10 +153,10 @@ def report(profile_dir: str, hlo_text: str | None = None, bandwidth: float | Non
         rows.append(row)
     busy = sum(r["ms"] for r in rows)
     small = [r for r in rows if r["bytes"] is not None and r["bytes"] < small_bytes]
+    small_ops = {r["op"] for r in small}
     small_kernels = {
         "below_bytes": small_bytes,
-        "launches_per_step": sum(len(v) for (_, op), v in launches.items()
-                                 if op in {r["op"] for r in small}) / (steps * devices),
+        "launches_per_step": sum(len(v) for (_, op), v in launches.items() if op in small_ops) / (steps * devices),
         "ms": sum(r["ms"] for r in small),
         "bytes": sum(r["bytes"] for r in small),
     }
