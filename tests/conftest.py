@@ -49,6 +49,17 @@ def tiny_config(**changes):
     return c
 
 
+def use_cuda_kernels(patch):
+    """Swaps in, through ``patch`` (a ``pytest.MonkeyPatch``), the kernels a model runs when it is
+    compiled for an NVIDIA GPU (``jax.lax.platform_dependent``), which a CPU otherwise never runs
+    inside a whole model: the ReLU whose derivative comes from its output, and the max pool's
+    fused gradient. Every CUDA-only kernel belongs here, so that the tests using it cover them all."""
+    from resnet_jax.models import layers
+
+    patch.setitem(layers.ACTIVATIONS, "relu", layers.relu_from_output)
+    patch.setattr(layers, "max_pool_3x3_s2", layers.max_pool_fused_gradient)
+
+
 @pytest.fixture
 def make_config():
     return tiny_config

@@ -167,12 +167,11 @@ def test_training_loss_and_every_gradient_match_torchvision_autograd(name, kerne
     never run inside a whole model (``jax.lax.platform_dependent``)."""
     import torch.nn.functional as F
 
-    from resnet_jax.models import layers
     from resnet_jax.train.step import cross_entropy
+    from tests.conftest import use_cuda_kernels
 
     if kernels == "cuda":
-        monkeypatch.setitem(layers.ACTIVATIONS, "relu", layers.relu_from_output)
-        monkeypatch.setattr(layers, "max_pool_3x3_s2", layers.max_pool_fused_gradient)
+        use_cuda_kernels(monkeypatch)
     torch.manual_seed(0)
     torch_model = create_torch_model("torchvision", name).train()
     state_dict = {k: v.clone() for k, v in torch_model.state_dict().items()}

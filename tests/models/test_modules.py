@@ -210,11 +210,11 @@ def test_stem_relu_after_the_max_pool_equals_the_textbook_order(kind, kernels, d
     that whole windows are <= 0. ``cuda`` swaps in the GPU kernels (ReLU derivative from its
     output, the max pool's fused gradient), as the torchvision gradient test does."""
     from resnet_jax.models import layers
+    from tests.conftest import use_cuda_kernels
 
-    act = layers.relu
     if kernels == "cuda":
-        act = layers.relu_from_output
-        monkeypatch.setattr(layers, "max_pool_3x3_s2", layers.max_pool_fused_gradient)
+        use_cuda_kernels(monkeypatch)
+    act = layers.ACTIVATIONS["relu"]
     conv_f = functools.partial(conv, dtype=dtype)
     norm_f = functools.partial(BatchNorm, dtype=dtype)
     ours = layers.Stem(kind, 8, "max", conv_f, norm_f, act)

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from resnet_jax.models import create_model
 from resnet_jax.train import sharding
 from resnet_jax.train.loop import create_state, setup
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, use_cuda_kernels
 
 
 def _batch(seed, n=16, size=16, classes=5):
@@ -145,8 +145,7 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32):
         if kernels == "textbook":
             patch.setitem(layers.ACTIVATIONS, "relu", _textbook_relu)
         elif kernels == "cuda":
-            patch.setitem(layers.ACTIVATIONS, "relu", layers.relu_from_output)
-            patch.setattr(layers, "max_pool_3x3_s2", layers.max_pool_fused_gradient)
+            use_cuda_kernels(patch)
         config = tiny_config(**{"model.name": model, "model.dtype": dtype, "data.image_size": size,
                                 "schedule.name": "constant", "optimizer.base_lr": 0.1})
         s = setup(config, devices=jax.devices()[:1])
