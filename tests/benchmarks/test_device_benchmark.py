@@ -1,0 +1,116 @@
+"""benchmarks/device_benchmark.py: issue 6's device measurements in priority order within a call's time."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from benchmarks import device_benchmark as db
+from benchmarks.device_benchmark import Job, plan, run_jobs, select, summary
+
+
+def _py(code: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", code)
+
+
+def test_jobs_run_in_order_within_the_budget_and_every_job_is_accounted_for(tmp_path, monkeypatch):
+    """Budget 6 s: a job that does not fit its estimate is skipped and a shorter one after it
+    still runs; a failing job is reported failed; a job still running at the deadline is killed
+    with its whole process group (a child holding its output open included), and the result
+    it printed before stays."""
+    monkeypatch.setattr(db, "RESERVE_S", 0.0)
+    jobs = [
+        Job("first/a@1", 1, _py('print("warming up"); print(\'{"images_per_s": 10}\'); print("{not json")')),
+        Job("second/too-long@1", 100, _py("raise SystemExit('must not run')")),
+        Job("third/b@1", 1, _py("raise SystemExit(3)")),
+        Job("fourth/c@1", 1, ("bash", "-c", "echo '{\"xla\": 1}'; sleep 60 & sleep 60")),
+        Job("fifth/d@1", 1, _py("print('{\"late\": 1}')")),
+    ]
+    echoed = []
+    start = time.monotonic()
+    outcomes = run_jobs(jobs, tmp_path, budget_s=6, echo=echoed.append)
+    took = time.monotonic() - start
+
+    assert [(o.id, o.status) for o in outcomes] == [
+        ("first/a@1", "done"), ("second/too-long@1", "skipped"), ("third/b@1", "failed"),
+        ("fourth/c@1", "killed"), ("fifth/d@1", "skipped")]
+    assert took < 15, "the killed job's background child must not keep run_jobs waiting"
+    assert "needs ~100 s" in outcomes[1].reason and "exit status 3" in outcomes[2].reason
+    # each JSON object printed on a line of its own, tagged with its job; other lines only logged
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert rows == [{"job": "first/a@1", "images_per_s": 10}, {"job": "fourth/c@1", "xla": 1}]
+    log = (tmp_path / "log.txt").read_text()
+    assert "warming up" in log and "{not json" in log and "must not run" not in log
+    assert [json.loads(line)["status"] for line in (tmp_path / "jobs.jsonl").read_text().splitlines()] == [
+        o.status for o in outcomes]
+    assert any("killed" in line for line in echoed)
+
+    # the summary names every job not done, in an --only line that selects exactly those jobs
+    (owed_line,) = [line for line in summary(rows, outcomes).splitlines() if line.startswith("owed")]
+    assert owed_line.startswith("owed (4): bash benchmarks/device_benchmark.sh --only ")
+    only = owed_line.split("--only ")[1]
+    assert [j.id for j in select(jobs, only=only)] == [o.id for o in outcomes if o.status != "done"]
+
+
+def test_the_headline_row_comes_first_and_the_longest_search_last():
+    jobs = plan(torchvision_models={"resnet50", "resnet18", "resnet101"},
+                flax_models={"resnet50", "resnet18", "resnet101"})
+    ids = [j.id for j in jobs]
+    assert ids[:4] == ["ours/resnet50@224", "torchvision/resnet50@224", "flax/resnet50@224", "profile/resnet50@224"]
+    assert ids[4:7] == ["ours/resnet18@224", "ours/resnet101@224", "ours/resnetrs50@160"]
+    assert ids[-1] == "max-batch/resnet50@224"
+    assert len(set(ids)) == len(ids)
+    # ResNet-RS is timed with its recipe's step (EMA, label smoothing, dropout), as it trains
+    rs = next(j for j in jobs if j.id == "ours/resnetrs50@160")
+    assert "configs/resnet_rs.py:scaled-50-160" in rs.argv
+    # no peer job for a model the peer cannot run here (torchvision without CUDA, no ResNet-RS)
+    assert not [i for i in ids if i.startswith(("torchvision", "flax")) and "resnetrs" in i]
+    assert not [j for j in plan() if j.id.startswith(("torchvision", "flax"))]
+    # a bare kind selects all its jobs; a pattern a subset; an unknown id is an error, not an empty run
+    assert [j.id for j in select(jobs, only="ours")] == ids[0:1] + ids[4:7]
+    assert [j.id for j in select(jobs, only="*/resnet18@224", skip="flax")] == [
+        "ours/resnet18@224", "torchvision/resnet18@224"]
+    with pytest.raises(SystemExit, match="matches no job"):
+        select(jobs, only="ours/resnet51@224")
+
+
+@pytest.mark.slow
+def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tmp_path):
+    """The device call's own commands, shrunk (ResNet-18 at 32px, batch 8): every job that can
+    run on a CPU ends done, and $OUT holds no more than the 8 plain files, named in letters,
+    digits, '.', '_' and '-', that a device call returns."""
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/device_benchmark.py", "--out", str(out), "--models", "resnet18:32",
+         "--batch-size", "8", "--steps", "5", "--xla-variants=--xla_gpu_enable_command_buffer=",
+         "--dispatch-variants", "2", "--budget-s", "1200"],
+        capture_output=True, text=True, timeout=1500)
+    assert (out / "jobs.jsonl").exists(), run.stderr[-3000:]
+    statuses = {json.loads(line)["id"]: json.loads(line)["status"]
+                for line in (out / "jobs.jsonl").read_text().splitlines()}
+    # the batch search needs a device memory limit: on a CPU it is refused at once, and owed
+    assert statuses.pop("max-batch/resnet18@32") == "failed"
+    assert set(statuses.values()) == {"done"}, (statuses, run.stdout[-3000:])
+    assert set(statuses) == {"device/-", "ours/resnet18@32", "flax/resnet18@32", "profile/resnet18@32",
+                             "trainer/resnet18@32", "dispatch-2/resnet18@32", "xla-1/resnet18@32",
+                             "compile-report/resnet18@32"}
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) and (out / f).is_file() for f in files)
+    assert {"results.jsonl", "jobs.jsonl", "log.txt", "summary.txt", "kernel_bandwidth.txt", "profile.tar.gz",
+            "compile_report.tar.gz"} <= set(files)
+
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    ours = next(r for r in rows if r["job"] == "ours/resnet18@32")
+    flax = next(r for r in rows if r["job"] == "flax/resnet18@32")
+    assert ours["batch_size"] == flax["batch_size"] == 8
+    # the trainer job brings its bare step and the training loop's own log windows
+    trainer = [r for r in rows if r["job"] == "trainer/resnet18@32"]
+    assert any("config" in r for r in trainer) and any(r.get("split") == "train" for r in trainer)
+    text = (out / "summary.txt").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("resnet18"))
+    assert f"{ours['images_per_second'] / flax['images_per_s']:.2f}" in row.split()
+    assert "owed (1): bash benchmarks/device_benchmark.sh --only max-batch/resnet18@32" in text
+    assert run.returncode == 1  # not everything done: the call says so
