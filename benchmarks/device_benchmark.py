@@ -275,7 +275,7 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
 
     lines = []
     for row in (r for r in rows if kind(r) == "device"):
-        lines.append("device: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "job"))
+        lines.append("device: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "job" and v))
     peer = [r for r in rows if kind(r) in ("torchvision", "flax")]
     lines.append(f"{'model':<12}{'size':>5}{'batch':>6}{'ours img/s':>11}{'min-max':>12}{'MFU':>7}{'mem GiB':>8}"
                  f"{'compile s':>10}{'tv eager':>9}{'tv compile':>11}{'flax':>7}{'ratio':>7}{'tv GiB':>7}{'flax GiB':>9}")
