@@ -141,9 +141,9 @@ def plan(
         f"rm -rf {profile_dir}\n"
         f"XLA_FLAGS=--xla_gpu_enable_command_buffer= {shlex.join(_bench(vmodel, vsize, batch, 20, '--profile', profile_dir))}"
         " > /dev/null\n"
-        f"{PYTHON} benchmarks/kernel_bandwidth.py {profile_dir} --top 30 | tee \"$OUT/kernel_bandwidth.txt\"\n"
-        f"{PYTHON} benchmarks/kernel_bandwidth.py {profile_dir} --json > {profile_dir}/kernel_bandwidth.json\n"
-        f"tar -czf \"$OUT/profile.tar.gz\" -C {os.path.dirname(profile_dir)} {os.path.basename(profile_dir)}"))
+        # the trace and HLO first: if the report fails on them, they still come back to debug it here
+        f"tar -czf \"$OUT/profile.tar.gz\" -C {os.path.dirname(profile_dir)} {os.path.basename(profile_dir)}\n"
+        f"{PYTHON} benchmarks/kernel_bandwidth.py {profile_dir} --top 30 | tee \"$OUT/kernel_bandwidth.txt\""))
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 170, _shell(
