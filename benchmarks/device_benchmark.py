@@ -364,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--skip", default="", help="the same, for jobs not to run")
     p.add_argument("--list", action="store_true", help="print the plan with its estimates and exit")
     a = p.parse_args(argv)
+    out = Path(a.out).resolve()
+    os.chdir(Path(__file__).resolve().parent.parent)  # the jobs' paths are relative to the repository root
 
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     if not models:
@@ -385,7 +387,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"no torchvision job for {', '.join(no_peer)} (needs torch with a CUDA device and the model)")
         return 0
 
-    out = Path(a.out)
     device = Job("device/-", 30, (PYTHON, "-c", (
         "import json, subprocess, jax\n"
         "gpu = subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv,noheader'],"

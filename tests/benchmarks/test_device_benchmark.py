@@ -1,10 +1,12 @@
 """benchmarks/device_benchmark.py: issue 6's device measurements in priority order within a call's time."""
 
 import json
+import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -83,11 +85,14 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     run on a CPU ends done, and $OUT holds no more than the 8 plain files, named in letters,
     digits, '.', '_' and '-', that a device call returns."""
     out = tmp_path / "out"
-    run = subprocess.run(
-        [sys.executable, "benchmarks/device_benchmark.py", "--out", str(out), "--models", "resnet18:32",
+    script = Path(db.__file__).resolve()
+    run = subprocess.run(  # from another directory: the runner finds the repository itself
+        [sys.executable, str(script), "--out", str(out), "--models", "resnet18:32",
          "--batch-size", "8", "--steps", "5", "--xla-variants=--xla_gpu_enable_command_buffer=",
          "--dispatch-variants", "2", "--budget-s", "1200"],
-        capture_output=True, text=True, timeout=1500)
+        capture_output=True, text=True, timeout=1500, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parent.parent),
+                                                                       os.environ.get("PYTHONPATH")]))})
     assert (out / "jobs.jsonl").exists(), run.stderr[-3000:]
     statuses = {json.loads(line)["id"]: json.loads(line)["status"]
                 for line in (out / "jobs.jsonl").read_text().splitlines()}
