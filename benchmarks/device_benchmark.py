@@ -376,9 +376,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                        [int(k) for k in a.dispatch_variants.split(",") if k.strip()],
                        tv, flax, ".whl/peer_torchvision.py" if os.path.exists(".whl/peer_torchvision.py")
                        else "../shared/bench/peer_torchvision.py"), a.only, a.skip)
+    device = Job("device/-", 30, (PYTHON, "-c", (
+        "import json, subprocess, jax\n"
+        "gpu = subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv,noheader'],"
+        " capture_output=True, text=True).stdout.strip() if __import__('shutil').which('nvidia-smi') else ''\n"
+        "try:\n    import torch; tv = torch.__version__\nexcept ImportError:\n    tv = None\n"
+        "print(json.dumps({'gpu': gpu, 'jax': jax.__version__, 'devices': str(jax.devices()), 'torch': tv}))")))
     if a.list:  # what run_jobs would do if every job took its estimate
         left = a.budget_s - RESERVE_S
-        for job in jobs:
+        for job in [device, *jobs]:
             runs = job.estimate_s <= left
             left -= job.estimate_s if runs else 0
             print(f"{job.id:<32}{job.estimate_s:>6.0f} s  " + ("runs" if runs else "skipped: next call"))
@@ -387,12 +393,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"no torchvision job for {', '.join(no_peer)} (needs torch with a CUDA device and the model)")
         return 0
 
-    device = Job("device/-", 30, (PYTHON, "-c", (
-        "import json, subprocess, jax\n"
-        "gpu = subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv,noheader'],"
-        " capture_output=True, text=True).stdout.strip() if __import__('shutil').which('nvidia-smi') else ''\n"
-        "try:\n    import torch; tv = torch.__version__\nexcept ImportError:\n    tv = None\n"
-        "print(json.dumps({'gpu': gpu, 'jax': jax.__version__, 'devices': str(jax.devices()), 'torch': tv}))")))
     outcomes = run_jobs([device, *jobs], out, a.budget_s)
     rows = [json.loads(line) for line in open(out / "results.jsonl")] if (out / "results.jsonl").exists() else []
     try:
