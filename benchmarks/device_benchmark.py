@@ -50,10 +50,10 @@ DEFAULT_MODELS = ("resnet50:224", "resnet18:224", "resnet101:224", "resnetrs50:1
 # Flags worth a timing (docs/performance.md): the scheduler, and command buffers (CUDA graphs) off,
 # which says what launching the step's ~1,000 kernels one by one costs.
 DEFAULT_XLA_VARIANTS = ("--xla_gpu_enable_latency_hiding_scheduler=true", "--xla_gpu_enable_command_buffer=")
-# Seconds left for the summary and the archives after the last job.
+# Seconds kept after the last job for the summary.
 RESERVE_S = 20.0
 # Lines of the jobs' output not echoed to stdout (still in log.txt): the CPU-only machine's plugin noise.
-NOISE = ("cuda drivers", "absl::", "plugin", "TPU_", "libtpu", "InitGoogle", "Source Location", "libtpu_init")
+NOISE = ("cuda drivers", "absl::", "plugin", "TPU_", "libtpu", "InitGoogle", "Source Location")
 PYTHON = sys.executable or "python3"
 
 
@@ -205,8 +205,8 @@ def run_jobs(
     out.mkdir(parents=True, exist_ok=True)
     deadline = clock() + budget_s - RESERVE_S
     outcomes = []
-    (out / "jobs.jsonl").write_text("")
-    with open(out / "log.txt", "w") as log, open(out / "results.jsonl", "w") as results:
+    with (open(out / "log.txt", "w") as log, open(out / "results.jsonl", "w") as results,
+          open(out / "jobs.jsonl", "w") as outcome_lines):
         for job in jobs:
             left = deadline - clock()
             if job.estimate_s > left:
@@ -217,8 +217,8 @@ def run_jobs(
             echo(f"== {job.id}: {outcome.status} after {outcome.seconds:.0f} s (estimate {job.estimate_s:.0f} s)"
                  + (f": {outcome.reason}" if outcome.reason else ""))
             outcomes.append(outcome)
-            with open(out / "jobs.jsonl", "a") as f:
-                f.write(json.dumps(dataclasses.asdict(outcome)) + "\n")
+            outcome_lines.write(json.dumps(dataclasses.asdict(outcome)) + "\n")
+            outcome_lines.flush()
     return outcomes
 
 
