@@ -1,7 +1,7 @@
 """Every device measurement issue 6 owes, most important first, within one device call's time.
 
 A drawn task gets 15 minutes of device time in all, the machine's start included, and one
-command may run 10 minutes: not enough for everything (estimates below, ~35 minutes).
+command may run 10 minutes: not enough for everything (estimates below, ~23 minutes).
 So the measurements are jobs in priority order, and each call runs as many as its
 ``--budget-s`` allows:
 
@@ -62,7 +62,8 @@ class Job:
     """One measurement: ``argv`` run in the repository root, its JSON stdout lines kept as results.
 
     ``id`` is ``kind/model@size`` (``ours/resnet50@224``); ``estimate_s`` is the wall time it
-    is expected to take on an H100, compiles included (a guess until a device run replaces it).
+    is expected to take, compiles included: what it took on the H200 on 2026-11-26 plus ~40%
+    (the batch search's is a guess: it ran out of lease after 170 s and three probes).
     """
 
     id: str
@@ -122,21 +123,21 @@ def plan(
         model, size = _split(spec)
         tag, found = f"{model}@{size}", []
         if model in torchvision_models:  # eager + torch.compile: the compile takes a minute or two
-            found.append(Job(f"torchvision/{tag}", {"resnet18": 100, "resnet101": 240}.get(model, 170),
+            found.append(Job(f"torchvision/{tag}", {"resnet18": 45, "resnet101": 105}.get(model, 85),
                              (PYTHON, peer_script, "--model", model, "--batch-size", str(batch), "--image-size", size)))
         if model in flax_models:
-            found.append(Job(f"flax/{tag}", {"resnet18": 50, "resnet101": 130}.get(model, 80),
+            found.append(Job(f"flax/{tag}", {"resnet18": 30, "resnet101": 60}.get(model, 55),
                              (PYTHON, "benchmarks/peer_flax.py", "--model", model, "--batch-size", str(batch),
                               "--image-size", size, "--steps", str(steps))))
         return found
 
     def ours(spec: str) -> Job:
         model, size = _split(spec)
-        estimate = {"resnet18": 45, "resnet101": 130}.get(model, 80 if not model.startswith("resnetrs") else 90)
+        estimate = {"resnet18": 25, "resnet101": 70}.get(model, 75 if model.startswith("resnetrs") else 40)
         return Job(f"ours/{model}@{size}", estimate, _bench(model, size, batch, steps))
 
     profile_dir = "/tmp/device_benchmark_profile"
-    profile = Job(f"profile/{vtag}", 110, _shell(
+    profile = Job(f"profile/{vtag}", 40, _shell(
         # command buffers (CUDA graphs) off: kernels inside one name no HLO instruction in the trace
         f"rm -rf {profile_dir}\n"
         f"XLA_FLAGS=--xla_gpu_enable_command_buffer= {shlex.join(_bench(vmodel, vsize, batch, 20, '--profile', profile_dir))}"
@@ -146,7 +147,7 @@ def plan(
         f"{PYTHON} benchmarks/kernel_bandwidth.py {profile_dir} --top 30 | tee \"$OUT/kernel_bandwidth.txt\""))
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
-    trainer = Job(f"trainer/{vtag}", 170, _shell(
+    trainer = Job(f"trainer/{vtag}", 95, _shell(
         # the bare step of the recipe, then `resnet-jax train` itself on fake data made on the host
         # (host-to-device copies, metrics kept on device, a log line every steps/2 steps); its
         # metrics.jsonl lines (with "split") become results of this job
@@ -158,15 +159,15 @@ def plan(
         f"--config.log_every_steps={max(1, steps // 2)} --config.checkpoint_every_steps=1000000000 "
         "--config.eval_every_epochs=1000000 --config.compilation_cache_dir=\n"
         f"cat {workdir}/metrics.jsonl"))
-    compile_report = Job(f"compile-report/{vtag}", 60, _shell(
+    compile_report = Job(f"compile-report/{vtag}", 25, _shell(
         f"{PYTHON} benchmarks/gpu_compile_report.py --model {vmodel} --batch-size {batch} --image-size {vsize} "
         "--top 10 --dump-hlo /tmp/compile_report.hlo.txt | tee /tmp/compile_report.txt\n"
         "tar -czf \"$OUT/compile_report.tar.gz\" -C /tmp compile_report.txt compile_report.hlo.txt"))
-    max_batch = Job(f"max-batch/{vtag}", 420,
+    max_batch = Job(f"max-batch/{vtag}", 480,
                     _bench(vmodel, vsize, batch, 10, "--find-max-batch"))
-    dispatch = [Job(f"dispatch-{k}/{vtag}", 100,
+    dispatch = [Job(f"dispatch-{k}/{vtag}", 40,
                     _bench(vmodel, vsize, batch, steps, "--steps-per-dispatch", str(k))) for k in dispatch_variants]
-    xla = [Job(f"xla-{i}/{vtag}", 80, _bench(vmodel, vsize, batch, steps), (("XLA_FLAGS", flags),))
+    xla = [Job(f"xla-{i}/{vtag}", 40, _bench(vmodel, vsize, batch, steps), (("XLA_FLAGS", flags),))
            for i, flags in enumerate(xla_variants, 1)]
 
     head, rest = models[0], models[1:]
@@ -376,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        [int(k) for k in a.dispatch_variants.split(",") if k.strip()],
                        tv, flax, ".whl/peer_torchvision.py" if os.path.exists(".whl/peer_torchvision.py")
                        else "../shared/bench/peer_torchvision.py"), a.only, a.skip)
-    device = Job("device/-", 30, (PYTHON, "-c", (
+    device = Job("device/-", 10, (PYTHON, "-c", (
         "import json, subprocess, jax\n"
         "gpu = subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv,noheader'],"
         " capture_output=True, text=True).stdout.strip() if __import__('shutil').which('nvidia-smi') else ''\n"
