@@ -7,7 +7,8 @@ So the measurements are jobs in priority order, and each call runs as many as it
 
 1. ResNet-50 @224: ours, torchvision (eager, torch.compile), flax's plain ResNet: the
    README's headline row and its ratio;
-2. a profile of that step (``kernel_bandwidth.py``: where its time goes);
+2. the stem's candidate kernels (``stem_variants.py``), then a profile of the step
+   (``kernel_bandwidth.py``: where its time goes);
 3. ours for ResNet-18, ResNet-101 and ResNet-RS-50 @160 (its recipe's step);
 4. the trainer's whole loop against its bare step;
 5. the other models' peers; steps per dispatch and XLA flag variants; the step compiled on
@@ -145,6 +146,9 @@ def plan(
         # the trace and HLO first: if the report fails on them, they still come back to debug it here
         f"tar -czf \"$OUT/profile.tar.gz\" -C {os.path.dirname(profile_dir)} {os.path.basename(profile_dir)}\n"
         f"{PYTHON} benchmarks/kernel_bandwidth.py {profile_dir} --top 30 | tee \"$OUT/kernel_bandwidth.txt\""))
+    # the stem's candidate kernels (benchmarks/stem_variants.py), timed alone at the step's shapes
+    stem = Job(f"stem-variants/{vtag}", 60, (PYTHON, "benchmarks/stem_variants.py", "--batch-size", str(batch),
+                                              "--image-size", vsize))
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(
@@ -171,7 +175,7 @@ def plan(
            for i, flags in enumerate(xla_variants, 1)]
 
     head, rest = models[0], models[1:]
-    return [ours(head), *peers(head), profile, *map(ours, rest), trainer,
+    return [ours(head), *peers(head), stem, profile, *map(ours, rest), trainer,
             *[job for spec in rest for job in peers(spec)], *dispatch, *xla, compile_report, max_batch]
 
 
@@ -303,6 +307,9 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
         lines.append(f"{v['model']} @{v['image_size']} {what.strip()}: {v['images_per_second']:.0f} img/s "
                      f"(min {v['images_per_second_min']:.0f}, max {v['images_per_second_max']:.0f})"
                      + (f" {v['images_per_second'] / base - 1:+.1%} vs the plain run" if base else ""))
+    for c in (r for r in rows if kind(r) == "stem-variants"):
+        lines.append(f"stem {c['part']} {c['variant']} @{c['image_size']}: {c['ms']:.3f} ms forward+backward "
+                     f"({c['vs_current']:.2f}x the current kernel; max rel. diff {c['max_rel_diff_vs_first']:.1e})")
     for m in (r for r in rows if kind(r) == "max-batch"):
         lines.append(f"{m['model']} @{m['image_size']} largest batch: {m['max_batch']}"
                      + (f" ({m['max_batch_fails']} does not fit)" if m["max_batch_fails"] else "")

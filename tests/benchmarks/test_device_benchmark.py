@@ -61,8 +61,9 @@ def test_the_headline_row_comes_first_and_the_longest_search_last():
     jobs = plan(torchvision_models={"resnet50", "resnet18", "resnet101"},
                 flax_models={"resnet50", "resnet18", "resnet101"})
     ids = [j.id for j in jobs]
-    assert ids[:4] == ["ours/resnet50@224", "torchvision/resnet50@224", "flax/resnet50@224", "profile/resnet50@224"]
-    assert ids[4:7] == ["ours/resnet18@224", "ours/resnet101@224", "ours/resnetrs50@160"]
+    assert ids[:5] == ["ours/resnet50@224", "torchvision/resnet50@224", "flax/resnet50@224",
+                       "stem-variants/resnet50@224", "profile/resnet50@224"]
+    assert ids[5:8] == ["ours/resnet18@224", "ours/resnet101@224", "ours/resnetrs50@160"]
     assert ids[-1] == "max-batch/resnet50@224"
     assert len(set(ids)) == len(ids)
     # ResNet-RS is timed with its recipe's step (EMA, label smoothing, dropout), as it trains
@@ -72,7 +73,7 @@ def test_the_headline_row_comes_first_and_the_longest_search_last():
     assert not [i for i in ids if i.startswith(("torchvision", "flax")) and "resnetrs" in i]
     assert not [j for j in plan() if j.id.startswith(("torchvision", "flax"))]
     # a bare kind selects all its jobs; a pattern a subset; an unknown id is an error, not an empty run
-    assert [j.id for j in select(jobs, only="ours")] == ids[0:1] + ids[4:7]
+    assert [j.id for j in select(jobs, only="ours")] == ids[0:1] + ids[5:8]
     assert [j.id for j in select(jobs, only="*/resnet18@224", skip="flax")] == [
         "ours/resnet18@224", "torchvision/resnet18@224"]
     with pytest.raises(SystemExit, match="matches no job"):
@@ -99,7 +100,8 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     # the batch search needs a device memory limit: on a CPU it is refused at once, and owed
     assert statuses.pop("max-batch/resnet18@32") == "failed"
     assert set(statuses.values()) == {"done"}, (statuses, run.stdout[-3000:])
-    assert set(statuses) == {"device/-", "ours/resnet18@32", "flax/resnet18@32", "profile/resnet18@32",
+    assert set(statuses) == {"device/-", "ours/resnet18@32", "flax/resnet18@32", "stem-variants/resnet18@32",
+                             "profile/resnet18@32",
                              "trainer/resnet18@32", "dispatch-2/resnet18@32", "xla-1/resnet18@32",
                              "compile-report/resnet18@32"}
     files = sorted(p.name for p in out.iterdir())
@@ -118,4 +120,7 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     row = next(line for line in text.splitlines() if line.startswith("resnet18"))
     assert f"{ours['images_per_second'] / flax['images_per_s']:.2f}" in row.split()
     assert "owed (1): bash benchmarks/device_benchmark.sh --only max-batch/resnet18@32" in text
+    # the stem candidates: one summary line each, the current kernels at 1.00x
+    stem = [line for line in text.splitlines() if line.startswith("stem ")]
+    assert len(stem) == 8 and sum("(1.00x" in line for line in stem) == 2, stem
     assert run.returncode == 1  # not everything done: the call says so
