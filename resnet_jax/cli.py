@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run K train steps per call (jax.lax.scan), one host dispatch for K steps")
     p.add_argument("--find-max-batch", action="store_true",
                    help="also search the largest batch whose step fits the device's memory (GPU or TPU; "
-                        "doubles from --batch-size, then bisects to within 1/16; progress on stderr)")
+                        "to within 1/16: probes where --batch-size's compiled memory extrapolates to the limit, "
+                        "then bisects; progress on stderr)")
     p.add_argument("--with-input", action="store_true",
                    help="feed the step from the real tf.data pipeline: the recipe's dataset and preprocessing, "
                         "else imagenet2012's (needs TensorFlow)")

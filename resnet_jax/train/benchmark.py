@@ -232,7 +232,8 @@ def _required_memory_limit_bytes() -> int:
 
 
 def largest_fitting(
-    fits: Callable[[int], bool], start: int, limit: int, granularity: int = 8, tolerance: float = 1 / 16
+    fits: Callable[[int], bool], start: int, limit: int, granularity: int = 8, tolerance: float = 1 / 16,
+    guess: Callable[[int], int | None] | None = None,
 ) -> tuple[int, int | None]:
     """Searches the largest batch for which ``fits(batch)`` holds, assuming it is monotone.
 
@@ -241,9 +242,25 @@ def largest_fitting(
     until the two are at most ``max(granularity, tolerance * fitted)`` apart. Returns
     ``(fitted, failed)``: the largest batch seen to fit (0 if none did) and the smallest
     seen to fail (None if ``limit`` itself fits, so the search stopped there).
+
+    ``guess(fitted)``, if given, predicts the largest batch that fits from what the probes
+    so far have shown (:func:`find_max_batch` extrapolates compiled memory, which grows
+    linearly with the batch). After a batch fits, the search probes the guess instead of
+    doubling, or, where the guess is not above that batch, one step of the final precision
+    further; after a failure it probes one step below the failed batch before bisecting.
+    With a good guess that is four probes in all instead of eight or more (ResNet-50 on an
+    H200, in a closed-form test), which matters on a GPU, where every probe compiles with
+    autotuning (up to a minute at large batches).
     """
     if start < 1 or start > limit or granularity < 1:
         raise ValueError(f"need 1 <= start <= limit and granularity >= 1, got {start}, {limit}, {granularity}")
+
+    def done(fitted: int, failed: int) -> bool:
+        return failed - fitted <= max(granularity, int(tolerance * fitted))
+
+    def step(batch: int) -> int:  # the precision the search ends at, in whole granules
+        return max(granularity, int(tolerance * batch) // granularity * granularity)
+
     fitted, failed, batch = 0, None, start
     while failed is None:
         if not fits(batch):
@@ -252,7 +269,15 @@ def largest_fitting(
             return batch, None
         else:
             fitted, batch = batch, min(2 * batch, limit)
-    while failed - fitted > max(granularity, int(tolerance * fitted)):
+            predicted = guess(fitted) if guess else None
+            if predicted is not None:
+                predicted = predicted // granularity * granularity
+                batch = min(predicted if predicted > fitted else fitted + step(fitted), limit)
+    if guess and fitted and not done(fitted, failed):
+        below = (failed - step(failed)) // granularity * granularity
+        if fitted < below < failed:
+            fitted, failed = (below, failed) if fits(below) else (fitted, below)
+    while not done(fitted, failed):
         middle = (fitted + failed) // 2 // granularity * granularity
         if not fitted < middle < failed:
             break
@@ -260,28 +285,58 @@ def largest_fitting(
     return fitted, failed
 
 
+# Share of the device's limit kept free when extrapolating compiled memory to a larger batch:
+# the allocator needs a little more than XLA's buffer assignment (on the H200, ResNet-50 at
+# batch 256: 10.17 GiB in use at peak against 10.03 GiB assigned).
+GUESS_MARGIN = 0.02
+
+
+def linear_memory_guess(fitted_bytes: dict[int, float], limit_bytes: float, margin: float = GUESS_MARGIN) -> int | None:
+    """The largest batch whose compiled memory stays within ``(1 - margin) * limit_bytes``,
+    on the line through the two largest batches of ``fitted_bytes`` (batch -> compiled bytes
+    of a step that fitted), or through the origin and the only one. None without a point."""
+    points = sorted(fitted_bytes.items())[-2:]
+    if not points:
+        return None
+    (b1, m1) = points[-1]
+    per_image, fixed = m1 / b1, 0.0
+    if len(points) == 2 and m1 > points[0][1]:
+        (b0, m0) = points[0]
+        per_image = (m1 - m0) / (b1 - b0)
+        fixed = m1 - per_image * b1
+    return int(((1 - margin) * limit_bytes - fixed) / per_image)
+
+
 def find_max_batch(
     model: str, image_size: int, dtype: str, start: int = 64, limit: int = 8192,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True), recipe: Any = None,
+    measured: dict[int, float] | None = None,
 ) -> dict:
     """The largest batch whose train step fits the device's memory, searched by
-    :func:`largest_fitting` from ``start``.
+    :func:`largest_fitting` from ``start``, guided by :func:`linear_memory_guess`.
 
     Each probe compiles the step for that batch. If XLA's buffer assignment already
     exceeds what the device lets XLA allocate (:func:`device_memory_limit_bytes`) it does
     not fit and is not run; otherwise it runs one step, and fails only if that runs out of
-    memory. ``log`` gets one line per probe (default: standard error). ``recipe``: as
-    :func:`benchmark_config`. Returns
+    memory. ``measured``: batch -> compiled bytes of steps already run (the benchmark's own
+    batch), taken as fitting without a probe. ``log`` gets one line per probe (default:
+    standard error). ``recipe``: as :func:`benchmark_config`. Returns
     ``max_batch`` (0 if not even ``start`` fits on the way down), ``max_batch_fails`` (the
-    smallest batch seen not to fit, None if the search stopped at ``limit``) and
-    ``memory_limit_gib``. Raises ``ValueError`` on a backend that reports no memory limit
-    (the CPU: there the limit is host RAM, and running out kills the process instead of
-    raising).
+    smallest batch seen not to fit, None if the search stopped at ``limit``),
+    ``memory_limit_gib`` and ``max_batch_probes`` (the batches compiled). Raises
+    ``ValueError`` on a backend that reports no memory limit (the CPU: there the limit is
+    host RAM, and running out kills the process instead of raising).
     """
     limit_bytes = _required_memory_limit_bytes()
     granularity = math.lcm(8, jax.device_count())  # the batch must split evenly across devices
+    fitted_bytes = dict(measured or {})
+    probes: list[int] = []
 
     def fits(batch: int) -> bool:
+        if batch in fitted_bytes:
+            log(f"  batch {batch:>6}: fits ({fitted_bytes[batch] / 2**30:.2f} GiB compiled, measured above)")
+            return True
+        probes.append(batch)
         t0 = time.perf_counter()
         try:
             r = measure(benchmark_config(model, batch, image_size, dtype, recipe=recipe), steps=1, windows=1,
@@ -294,14 +349,17 @@ def find_max_batch(
                 log(f"  batch {batch:>6}: does not fit (out of memory when run)")
                 return False
             raise
+        if r["compiled_memory_gib"]:
+            fitted_bytes[batch] = r["compiled_memory_gib"] * 2**30
         log(f"  batch {batch:>6}: fits ({r['compiled_memory_gib']:.2f} GiB compiled, "
             f"{time.perf_counter() - t0:.0f} s)")
         return True
 
     log(f"largest batch of {model} @{image_size}px {dtype}: XLA may allocate {limit_bytes / 2**30:.2f} GiB")
     fitted, failed = largest_fitting(fits, min(start, limit) // granularity * granularity or granularity,
-                                     limit, granularity)
-    return {"max_batch": fitted, "max_batch_fails": failed, "memory_limit_gib": limit_bytes / 2**30}
+                                     limit, granularity, guess=lambda _: linear_memory_guess(fitted_bytes, limit_bytes))
+    return {"max_batch": fitted, "max_batch_fails": failed, "memory_limit_gib": limit_bytes / 2**30,
+            "max_batch_probes": probes}
 
 
 def main(args: Any) -> int:
@@ -334,8 +392,10 @@ def main(args: Any) -> int:
         steps_per_dispatch=args.steps_per_dispatch,
     )
     result["config"] = args.config
-    if args.find_max_batch:  # the measured batch fits: the search starts there
-        result.update(find_max_batch(model, image_size, dtype, start=args.batch_size, recipe=recipe))
+    if args.find_max_batch:  # the measured batch fits: the search starts there, without running it again
+        measured = {args.batch_size: result["compiled_memory_gib"] * 2**30} if result["compiled_memory_gib"] else {}
+        result.update(find_max_batch(model, image_size, dtype, start=args.batch_size, recipe=recipe,
+                                     measured=measured))
     if args.json:
         print(json.dumps(result))
     else:

@@ -79,6 +79,55 @@ def test_largest_fitting_brackets_a_known_threshold():
     assert largest_fitting(lambda b: False, start=64, limit=8192) == (0, 8)
 
 
+@pytest.mark.parametrize("overhead", [1.0, 1.03, 1.15])
+def test_a_memory_guided_search_needs_few_probes_and_still_brackets_the_limit(overhead):
+    """Closed-form device: a step of batch b compiles to 0.26 GiB + 39.1 MiB x b (ResNet-50 in
+    bf16, as compiled for the H100) and runs if ``overhead`` times that is within the 104.85
+    GiB XLA may allocate on an H200. The guess extrapolates the compiled bytes, so it is right
+    when the run needs no more than compiled (overhead 1.0, within the guess's 2% margin) and
+    too high when it needs 3% or 15% more: the answer is bracketed as precisely as doubling and
+    bisection bracket it, in four probes for a right guess and never more than the unguided
+    search's."""
+    from resnet_jax.train.benchmark import largest_fitting, linear_memory_guess
+
+    limit, gib = 104.85 * 2**30, 2**30
+    compiled = lambda b: 0.26 * gib + 39.1 * 2**20 * b  # noqa: E731
+    truth = max(b for b in range(8, 8193, 8) if overhead * compiled(b) <= limit)
+
+    def search(guided):
+        seen, probes = {}, []
+
+        def fits(b):
+            probes.append(b)
+            ok = overhead * compiled(b) <= limit
+            if ok:
+                seen[b] = compiled(b)
+            return ok
+
+        guess = (lambda _: linear_memory_guess(seen, limit)) if guided else None
+        return largest_fitting(fits, start=256, limit=8192, guess=guess), probes
+
+    (fitted, failed), probes = search(guided=True)
+    assert fitted <= truth < failed and fitted % 8 == 0 and failed % 8 == 0
+    assert failed - fitted <= max(8, fitted // 16)
+    _, unguided = search(guided=False)
+    assert len(probes) <= len(unguided)
+    if overhead == 1.0:  # 256; the guess through the origin; the guess on the line; one step above it
+        assert len(probes) <= 4, probes
+    print(f"overhead {overhead}: guided {probes}, unguided {unguided}")
+
+
+def test_linear_memory_guess_extrapolates_the_line_through_the_two_largest_batches():
+    from resnet_jax.train.benchmark import linear_memory_guess
+
+    assert linear_memory_guess({}, 100.0) is None
+    # through the origin from one point: 10 bytes per image, 98 bytes usable
+    assert linear_memory_guess({8: 80.0}, 100.0) == 9
+    # 2 bytes per image plus 20 fixed: (98 - 20) / 2; a smaller third point is ignored
+    assert linear_memory_guess({4: 999.0, 10: 40.0, 20: 60.0}, 100.0) == 39
+    assert linear_memory_guess({10: 40.0, 20: 60.0}, 100.0, margin=0.0) == 40
+
+
 def test_find_max_batch_is_refused_before_any_timing_where_there_is_no_memory_limit(monkeypatch):
     """On the CPU there is no device memory limit, and running out of host memory kills the
     process: the flag is refused at once, naming the problem and the way out."""
@@ -109,9 +158,15 @@ def test_find_max_batch_stops_at_the_device_memory_limit_without_running_what_do
     assert (found["max_batch"], found["max_batch_fails"]) == (16, 24)
     assert math.isclose(found["memory_limit_gib"] * 2**30, int(needed_16) + 1)
     probes = {int(line.split()[1].rstrip(":")): line for line in log[1:]}
-    assert list(probes) == [16, 32, 24]
+    # the guess from batch 16's compiled bytes is below 24: one step up, not a doubling
+    assert list(probes) == found["max_batch_probes"] == [16, 24]
     assert "fits (" in probes[16]
-    assert all("does not fit (the compiled step needs" in probes[b] for b in (32, 24))
+    assert "does not fit (the compiled step needs" in probes[24]
+    # a batch the benchmark has just measured is not compiled again
+    log.clear()
+    found = benchmark.find_max_batch(model, size, "float32", start=16, log=log.append, measured={16: needed_16})
+    assert (found["max_batch"], found["max_batch_fails"], found["max_batch_probes"]) == (16, 24, [24])
+    assert "measured above" in log[1]
 
 
 def test_benchmark_times_a_recipes_own_step_ema_included(capsys):
