@@ -216,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     step = start_step
     t_log, images_since_log = time.time(), 0
     t_compile_end = None
+    eval_seconds = checkpoint_seconds = 0.0  # the summary's training time leaves these out
 
     def position(at_step: int) -> dict[str, Any]:
         return {"examples_seen": at_step * local_batch, "epoch": at_step / steps_per_epoch}
@@ -255,7 +256,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
                 t_log, images_since_log = time.time(), 0
             eval_metrics = None
             if step % eval_every == 0 or is_last:
+                t_eval = time.time()
                 eval_metrics = evaluate(s, state)
+                eval_seconds += time.time() - t_eval
                 last_eval = eval_metrics
                 if eval_metrics["top1"] > best[0]:
                     best = (eval_metrics["top1"], step)
@@ -273,10 +276,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
                 or preempted or step == stop_at
             ):
                 _check_finite(acc, step, ckpt)
+                t_save = time.time()
                 ckpt.save(
                     step, state, position(step), config_dict,
                     metrics={"eval_top1": eval_metrics["top1"]} if eval_metrics else None,
                 )
+                checkpoint_seconds += time.time() - t_save
             if preempted:
                 status = "preempted"
                 log(f"preemption: checkpoint of step {step} saved; exiting so the job can be restarted")
@@ -284,13 +289,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         else:
             if step < s.total_steps:
                 status = "stopped"
-    ckpt.wait()
+    t_wait = time.time()
+    ckpt.wait()  # an async save still writing: its time counts as checkpointing
+    checkpoint_seconds += time.time() - t_wait
     best_step = ckpt.best_step()
     ckpt.close()
     writer.close()
-    seconds = time.time() - t_start
-    trained = step - start_step
-    train_time = time.time() - (t_compile_end or time.time())
+    t_end = time.time()
+    seconds = t_end - t_start
+    # Training throughput: the steps after the first (which includes setup and compilation),
+    # over the time after it less evaluation and checkpointing.
+    timed_steps = max(step - start_step - 1, 0)
+    train_seconds = (t_end - t_compile_end - eval_seconds - checkpoint_seconds) if t_compile_end else 0.0
     summary = {
         "status": status,
         "step": step,
@@ -298,8 +308,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         "eval": last_eval,
         "best_top1": best[0] if best[1] is not None else None,
         "best_step": best_step,
-        "images_per_second": trained * c.data.batch_size / train_time if train_time > 0 else None,
+        "images_per_second": timed_steps * c.data.batch_size / train_seconds
+        if timed_steps and train_seconds > 0 else None,
         "seconds": seconds,
+        "first_step_seconds": t_compile_end - t_start if t_compile_end else None,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "checkpoint_seconds": checkpoint_seconds,
         "workdir": workdir,
     }
     if jax.process_index() == 0:
@@ -330,11 +345,15 @@ def _print_summary(summary: dict, c: ml_collections.ConfigDict) -> None:
         )
     if summary["best_step"] is not None:
         lines.append(f" best checkpoint: step {summary['best_step']}")
-    ips = summary["images_per_second"]
+    ips, first = summary["images_per_second"], summary["first_step_seconds"]
     lines.append(
         f" wall time {_format_duration(summary['seconds'])}"
-        + (f", {ips:.0f} images/s after compilation" if ips else "")
+        + (f" = first step {first:.1f} s (setup, compilation)" if first is not None else "")
+        + f" + training {summary['train_seconds']:.1f} s + eval {summary['eval_seconds']:.1f} s"
+        + f" + checkpoints {summary['checkpoint_seconds']:.1f} s"
     )
+    if ips:
+        lines.append(f" training throughput {ips:.0f} images/s (the steps after the first)")
     lines.append(
         f" workdir {summary['workdir']}: checkpoints/, metrics.jsonl, tensorboard/, config.json, summary.json"
     )

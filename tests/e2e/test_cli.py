@@ -1,5 +1,6 @@
 """The commands a user runs, as subprocesses: the README's main job, eval, SIGTERM."""
 
+import json
 import os
 import re
 import signal
@@ -33,6 +34,14 @@ def test_readme_main_command_reaches_97_percent_and_eval_agrees(tmp_path):
     assert "(359 examples)" in run.stdout
     for name in ("metrics.jsonl", "config.json", "summary.json", "tensorboard", "checkpoints"):
         assert os.path.exists(os.path.join(workdir, name)), name
+    # the summary splits the wall time: first step, training, evaluation (every 2 epochs here)
+    # and checkpoints, which add up to it; training throughput leaves out the other three
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    parts = [summary[k] for k in ("first_step_seconds", "train_seconds", "eval_seconds", "checkpoint_seconds")]
+    assert all(p > 0 for p in parts) and abs(sum(parts) - summary["seconds"]) < 1e-3, summary
+    assert re.search(r"wall time \S+ = first step [\d.]+ s \(setup, compilation\) \+ training [\d.]+ s "
+                     r"\+ eval [\d.]+ s \+ checkpoints [\d.]+ s\n training throughput \d+ images/s", run.stdout)
     evaluated = _cli("eval", "--workdir", workdir)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert f"top-1 {accuracy:.2f}%" in evaluated.stdout
