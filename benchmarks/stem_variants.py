@@ -46,7 +46,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -2,14 +2,12 @@
 
 Each is checked against an independent reference: the convolutions and their weight
 gradients against torch's ``conv2d`` under autograd (float32, 7x7/2, padding 3, as
-torchvision's ResNet ``conv1``), the parity max pool against flax's ``nn.max_pool``
-(XLA's reduce-window and select-and-scatter), values and both derivatives, ties included.
+torchvision's ResNet ``conv1``). The parity max pool is checked bit for bit against flax's
+``nn.max_pool`` beside the model's own GPU max pool, in tests/models/test_modules.py.
 """
 
 from __future__ import annotations
 
-import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,29 +39,6 @@ def test_stem_convolutions_and_weight_gradients_equal_torch_conv2d(variant, size
 def test_space_to_depth_refuses_other_kernels():
     with pytest.raises(ValueError, match="7x7"):
         stem_variants.conv_space_to_depth(jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 4)))
-
-
-@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2), (1, 1, 1, 1), (2, 12, 10, 4)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_parity_max_pool_values_and_derivatives_equal_flax_max_pool(shape, dtype):
-    """Bit for bit, as change 3's kernel is tested: inputs with ties (whole windows at 0 after
-    a ReLU, and equal nonzero values), where the derivative must go to each window's first
-    maximum in row-major order."""
-
-    def reference(x):
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-    pool = stem_variants.max_pool_parity
-    x = jax.random.normal(jax.random.key(0), shape)
-    x = jnp.where(jax.random.bernoulli(jax.random.key(1), 0.5, shape), 0.0, x)
-    x = (jnp.round(x * 2) / 2).astype(dtype)
-    y_ref, pullback_ref = jax.vjp(reference, x)
-    y, pullback = jax.vjp(pool, x)
-    chex.assert_trees_all_equal(y, y_ref)
-    cotangent = jax.random.normal(jax.random.key(2), y.shape, dtype)
-    chex.assert_trees_all_equal(pullback(cotangent), pullback_ref(cotangent))
-    tangent = jax.random.normal(jax.random.key(3), shape, dtype)
-    chex.assert_trees_all_equal(jax.jvp(pool, (x,), (tangent,)), jax.jvp(reference, (x,), (tangent,)))
 
 
 def test_the_benchmark_runs_and_every_candidate_agrees(capsys):

@@ -175,13 +175,18 @@ def test_relu_values_and_gradients_equal_jax_relu(name):
         chex.assert_trees_all_equal(jax.jvp(relu, (xd,), (gd,)), jax.jvp(jax.nn.relu, (xd,), (gd,)))
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2), (1, 1, 1, 1)])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2), (1, 1, 1, 1), (2, 12, 10, 4)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_max_pool_values_and_derivatives_equal_flax_max_pool(shape, dtype):
-    """The hand-written derivative (what ``max_pool_3x3_s2`` is on a GPU) against flax's
-    ``nn.max_pool`` (XLA's select-and-scatter), ties included: after a ReLU whole windows
-    are 0, and the gradient must go to the first maximum of each window, as the reference's."""
-    from resnet_jax.models.layers import max_pool_fused_gradient as max_pool_3x3_s2
+@pytest.mark.parametrize("kernel", ["fused_gradient", "parity_candidate"])
+def test_max_pool_values_and_derivatives_equal_flax_max_pool(shape, dtype, kernel):
+    """The hand-written derivative (what ``max_pool_3x3_s2`` is on a GPU; and the parity-plane
+    candidate of ``benchmarks/stem_variants.py``) against flax's ``nn.max_pool`` (XLA's
+    select-and-scatter), bit for bit, ties included: after a ReLU whole windows are 0, and
+    the gradient must go to the first maximum of each window, as the reference's."""
+    from benchmarks.stem_variants import max_pool_parity
+    from resnet_jax.models.layers import max_pool_fused_gradient
+
+    max_pool_3x3_s2 = max_pool_fused_gradient if kernel == "fused_gradient" else max_pool_parity
 
     def reference(x):
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
