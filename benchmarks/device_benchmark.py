@@ -64,7 +64,8 @@ class Job:
 
     ``id`` is ``kind/model@size`` (``ours/resnet50@224``); ``estimate_s`` is the wall time it
     is expected to take, compiles included: what it took on the H200 on 2026-11-26 plus ~40%
-    (the batch search's is a guess: it ran out of lease after 170 s and three probes).
+    (guesses for the stem candidates, never run yet, and the batch search, which ran out of
+    lease after 170 s and three probes).
     """
 
     id: str

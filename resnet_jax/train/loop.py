@@ -171,8 +171,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
 
     Returns a summary: ``status`` (``finished``, ``preempted`` or ``stopped``),
     ``step``, ``total_steps``, ``eval`` (the final eval metrics, when evaluated),
-    ``best_top1``, ``best_step``, ``images_per_second``, ``seconds``, ``workdir``;
-    process 0 also writes it to ``WORKDIR/summary.json`` (``launch/slurm_gpu.sbatch``
+    ``best_top1``, ``best_step``, ``seconds`` (wall time) split into
+    ``first_step_seconds`` (setup and compilation; None if no step ran), ``train_seconds``,
+    ``eval_seconds`` and ``checkpoint_seconds``, ``images_per_second`` (training alone: the
+    steps after the first over ``train_seconds``), ``workdir``; process 0 also writes it to ``WORKDIR/summary.json`` (``launch/slurm_gpu.sbatch``
     reads ``status`` there to requeue a job stopped by its time limit).
     """
     t_start = time.time()
@@ -346,12 +348,14 @@ def _print_summary(summary: dict, c: ml_collections.ConfigDict) -> None:
     if summary["best_step"] is not None:
         lines.append(f" best checkpoint: step {summary['best_step']}")
     ips, first = summary["images_per_second"], summary["first_step_seconds"]
-    lines.append(
-        f" wall time {_format_duration(summary['seconds'])}"
-        + (f" = first step {first:.1f} s (setup, compilation)" if first is not None else "")
-        + f" + training {summary['train_seconds']:.1f} s + eval {summary['eval_seconds']:.1f} s"
-        + f" + checkpoints {summary['checkpoint_seconds']:.1f} s"
-    )
+    if first is None:
+        lines.append(f" wall time {_format_duration(summary['seconds'])} (no training step ran)")
+    else:
+        lines.append(
+            f" wall time {_format_duration(summary['seconds'])} = first step {first:.1f} s (setup, compilation)"
+            f" + training {summary['train_seconds']:.1f} s + eval {summary['eval_seconds']:.1f} s"
+            f" + checkpoints {summary['checkpoint_seconds']:.1f} s"
+        )
     if ips:
         lines.append(f" training throughput {ips:.0f} images/s (the steps after the first)")
     lines.append(
