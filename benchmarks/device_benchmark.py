@@ -147,9 +147,11 @@ def plan(
         # the trace and HLO first: if the report fails on them, they still come back to debug it here
         f"tar -czf \"$OUT/profile.tar.gz\" -C {os.path.dirname(profile_dir)} {os.path.basename(profile_dir)}\n"
         f"{PYTHON} benchmarks/kernel_bandwidth.py {profile_dir} --top 30 | tee \"$OUT/kernel_bandwidth.txt\""))
-    # the stem's candidate kernels (benchmarks/stem_variants.py), timed alone at the step's shapes
-    stem = Job(f"stem-variants/{vtag}", 60, (PYTHON, "benchmarks/stem_variants.py", "--batch-size", str(batch),
-                                              "--image-size", vsize))
+    # the stem's candidate kernels (benchmarks/stem_variants.py), timed alone at the step's shapes,
+    # then in the whole step (the fastest convolution, the parity pool, both) against the model's own
+    stem = Job(f"stem-variants/{vtag}", 180, (PYTHON, "benchmarks/stem_variants.py", "--batch-size", str(batch),
+                                               "--image-size", vsize, "--full-step-model", vmodel,
+                                               "--full-step-steps", str(max(steps // 2, 5))))
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(
@@ -309,8 +311,13 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
                      f"(min {v['images_per_second_min']:.0f}, max {v['images_per_second_max']:.0f})"
                      + (f" {v['images_per_second'] / base - 1:+.1%} vs the plain run" if base else ""))
     for c in (r for r in rows if kind(r) == "stem-variants"):
-        lines.append(f"stem {c['part']} {c['variant']} @{c['image_size']}: {c['ms']:.3f} ms forward+backward "
-                     f"({c['vs_current']:.2f}x the current kernel; max rel. diff {c['max_rel_diff_vs_first']:.1e})")
+        if c["part"] == "train_step":
+            lines.append(f"stem in the {c['model']} step, conv {c['conv']}, pool {c['pool']}: "
+                         f"{c['images_per_second']:.0f} img/s ({c['vs_model']:.3f}x the model's own; "
+                         f"max loss diff {c['max_loss_diff_vs_model']:.1e})")
+        else:
+            lines.append(f"stem {c['part']} {c['variant']} @{c['image_size']}: {c['ms']:.3f} ms forward+backward "
+                         f"({c['vs_current']:.2f}x the current kernel; max rel. diff {c['max_rel_diff_vs_first']:.1e})")
     for m in (r for r in rows if kind(r) == "max-batch"):
         lines.append(f"{m['model']} @{m['image_size']} largest batch: {m['max_batch']}"
                      + (f" ({m['max_batch_fails']} does not fit)" if m["max_batch_fails"] else "")

@@ -30,7 +30,12 @@ Every candidate computes the same function: the convolutions agree to float32 ro
 the pools agree exactly (max is exact, and all three route the gradient to the first maximum
 of the window in row-major order). The tests check this on CPU. On the device, one line per
 candidate: ``{"part", "variant", "ms", "vs_current", "max_rel_diff_vs_first"}``, then a table.
-``device_benchmark.sh`` runs it as the ``stem-variants/`` job:
+
+Then the whole train step (``resnet-jax benchmark``'s measurement, ResNet-50 by default) as
+the model has it, with the parity pool, with the fastest convolution candidate, and with
+both, patched into the model for that run only (:func:`full_step`): what a candidate gains
+where it counts, and the largest difference of the loss over the run against the model's
+own. ``device_benchmark.sh`` runs all of it as the ``stem-variants/`` job:
 
     python3 benchmarks/stem_variants.py --batch-size 256 --image-size 224
 """
@@ -46,6 +51,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,6 +173,69 @@ POOL_VARIANTS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+# ---------------------------------------------------------------- in the whole train step
+def as_lax_conv(impl: Callable[[Array, Array], Array]) -> Callable[..., Array]:
+    """``impl`` (one of :data:`CONV_VARIANTS`) with ``lax.conv_general_dilated``'s signature, as
+    ``nn.Conv(conv_general_dilated=...)`` calls it; refuses any convolution but the 7x7/2 stem's."""
+
+    def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                             dimension_numbers=None, feature_group_count=1, precision=None):
+        stem = (tuple(window_strides) == (2, 2) and [tuple(p) for p in padding] == [(3, 3), (3, 3)]
+                and rhs.shape[:2] == (7, 7) and feature_group_count == 1
+                and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation)))
+        if not stem:
+            raise ValueError(f"{impl} replaces the 7x7/2 stem convolution (padding 3) only")
+        return impl(lhs, rhs)
+
+    return conv_general_dilated
+
+
+def full_step(model: str, batch: int, image: int, dtype_name: str, steps: int,
+              conv_variant: str = "direct", pool_variant: str | None = None) -> dict:
+    """``resnet-jax benchmark``'s measurement of the whole train step of ``model``, with the
+    stem's 7x7/2 convolution computed by ``conv_variant`` and its max pool by ``pool_variant``
+    (None: the model's own), patched in for this call only."""
+    from resnet_jax.models import layers, resnet
+    from resnet_jax.train.benchmark import benchmark_config, measure
+
+    model_conv, model_pool = resnet.conv, layers.max_pool_3x3_s2
+    stem_conv = as_lax_conv(CONV_VARIANTS[conv_variant])
+
+    def conv(features: int, kernel_size: int = 3, strides: int = 1, *args, **kwargs) -> nn.Conv:
+        if kernel_size == 7 and strides == 2 and conv_variant != "direct":
+            kwargs["conv_general_dilated"] = stem_conv
+        return model_conv(features, kernel_size, strides, *args, **kwargs)
+
+    try:
+        resnet.conv = conv
+        if pool_variant:
+            layers.max_pool_3x3_s2 = POOL_VARIANTS[pool_variant]
+        return measure(benchmark_config(model, batch, image, dtype_name), steps=steps)
+    finally:
+        resnet.conv, layers.max_pool_3x3_s2 = model_conv, model_pool
+
+
+def full_steps(model: str, batch: int, image: int, dtype_name: str, steps: int, conv_variant: str,
+               pool_variant: str) -> list[dict]:
+    """The whole step as the model has it, with ``pool_variant``, with ``conv_variant``, and with
+    both: images/s, against the model's own, and the largest loss difference over the run."""
+    rows, base = [], None
+    combinations = dict.fromkeys([("direct", None), ("direct", pool_variant), (conv_variant, None),
+                                  (conv_variant, pool_variant)])  # in order, without repeats
+    for conv_v, pool_v in combinations:
+        r = full_step(model, batch, image, dtype_name, steps, conv_v, pool_v)
+        base = base or r
+        row = {"part": "train_step", "model": model, "conv": conv_v, "pool": pool_v or "model's",
+               "batch_size": batch, "image_size": image, "dtype": dtype_name, "device_kind": r["device_kind"],
+               "images_per_second": round(r["images_per_second"], 1),
+               "vs_model": round(r["images_per_second"] / base["images_per_second"], 4),
+               "peak_memory_gib": r["peak_memory_gib"], "compiled_memory_gib": r["compiled_memory_gib"],
+               "max_loss_diff_vs_model": max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 # ---------------------------------------------------------------- timing
 def _median_ms(fn: Callable[[], object], warmup: int, repeats: int, inner: int) -> float:
     """Median over ``repeats`` of the mean time of ``inner`` back-to-back calls, in ms."""
@@ -265,6 +334,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--inner", type=int, default=10, help="calls per timed repeat")
+    p.add_argument("--full-step-model", default="resnet50",
+                   help="then time this model's whole train step with the fastest conv candidate, the parity "
+                        "pool, and both, against the model's own (default resnet50; 'none' skips it)")
+    p.add_argument("--full-step-steps", type=int, default=50, help="timed steps of each whole-step run")
     a = p.parse_args(argv)
     split = lambda s: [v.strip() for v in s.split(",") if v.strip()]  # noqa: E731
     unknown = sorted(set(split(a.conv)) - set(CONV_VARIANTS)) + sorted(set(split(a.pool)) - set(POOL_VARIANTS))
@@ -277,6 +350,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     for r in rows:
         ratio = f"{r['vs_current']:.2f}x" if r["vs_current"] is not None else "-"
         print(f"  {r['part']:<17}{r['variant']:<8}{r['ms']:>9.3f} ms {ratio:>7}  diff {r['max_rel_diff_vs_first']:.3g}")
+    if a.full_step_model != "none":
+        convs = [r for r in rows if r["part"] == "stem_conv" and r["variant"] != "direct"]
+        best_conv = min(convs, key=lambda r: r["ms"])["variant"] if convs else "direct"
+        steps = full_steps(a.full_step_model, a.batch_size, a.image_size, a.dtype, a.full_step_steps,
+                           best_conv, "parity")
+        print(f"\nwhole {a.full_step_model} train step, batch {a.batch_size} @{a.image_size}px {a.dtype}:")
+        for r in steps:
+            print(f"  conv {r['conv']:<7} pool {r['pool']:<9}{r['images_per_second']:>10.1f} images/s "
+                  f"{r['vs_model']:>7.3f}x  peak {r['peak_memory_gib'] or 0:.2f} GiB  "
+                  f"max loss diff {r['max_loss_diff_vs_model']:.2g}")
 
 
 if __name__ == "__main__":

@@ -90,12 +90,15 @@ def conv(
     name: str,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
+    **options: Any,
 ) -> nn.Conv:
     """A 2-D convolution with PyTorch-style symmetric padding ``kernel_size // 2``.
 
     Bias-free by default (every ResNet conv is followed by BatchNorm; only the SE
     layers use a bias). ``groups`` is the feature-group count (ResNeXt). Kernels are
-    HWIO, initialised Kaiming-normal fan_out. Call it inside a compact module.
+    HWIO, initialised Kaiming-normal fan_out. ``options``: other ``nn.Conv`` fields, e.g.
+    ``precision`` or ``conv_general_dilated`` (another implementation of the same
+    convolution, as ``benchmarks/stem_variants.py`` times). Call it inside a compact module.
     """
     pad = kernel_size // 2
     return nn.Conv(
@@ -109,6 +112,7 @@ def conv(
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
+        **options,
     )
 
 

@@ -120,7 +120,9 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     row = next(line for line in text.splitlines() if line.startswith("resnet18"))
     assert f"{ours['images_per_second'] / flax['images_per_s']:.2f}" in row.split()
     assert "owed (1): bash benchmarks/device_benchmark.sh --only max-batch/resnet18@32" in text
-    # the stem candidates: one summary line each, the current kernels at 1.00x
+    # the stem candidates: one summary line each, the current kernels at 1.00x; then the whole
+    # step four ways (the model's own first)
     stem = [line for line in text.splitlines() if line.startswith("stem ")]
-    assert len(stem) == 8 and sum("(1.00x" in line for line in stem) == 2, stem
+    assert len(stem) == 8 + 4 and sum("(1.00x" in line for line in stem) == 2, stem
+    assert "stem in the resnet18 step, conv direct, pool model's" in stem[8] and "(1.000x" in stem[8]
     assert run.returncode == 1  # not everything done: the call says so
