@@ -233,7 +233,7 @@ def _required_memory_limit_bytes() -> int:
 
 def largest_fitting(
     fits: Callable[[int], bool], start: int, limit: int, granularity: int = 8, tolerance: float = 1 / 16,
-    guess: Callable[[int], int | None] | None = None,
+    guess: Callable[[], int | None] | None = None,
 ) -> tuple[int, int | None]:
     """Searches the largest batch for which ``fits(batch)`` holds, assuming it is monotone.
 
@@ -243,8 +243,8 @@ def largest_fitting(
     ``(fitted, failed)``: the largest batch seen to fit (0 if none did) and the smallest
     seen to fail (None if ``limit`` itself fits, so the search stopped there).
 
-    ``guess(fitted)``, if given, predicts the largest batch that fits from what the probes
-    so far have shown (:func:`find_max_batch` extrapolates compiled memory, which grows
+    ``guess()``, if given, predicts the largest batch that fits from what the probes so
+    far have shown (:func:`find_max_batch` extrapolates compiled memory, which grows
     linearly with the batch). After a batch fits, the search probes the guess instead of
     doubling, or, where the guess is not above that batch, one step of the final precision
     further; after a failure it probes one step below the failed batch before bisecting.
@@ -269,7 +269,7 @@ def largest_fitting(
             return batch, None
         else:
             fitted, batch = batch, min(2 * batch, limit)
-            predicted = guess(fitted) if guess else None
+            predicted = guess() if guess else None
             if predicted is not None:
                 predicted = predicted // granularity * granularity
                 batch = min(predicted if predicted > fitted else fitted + step(fitted), limit)
@@ -357,7 +357,7 @@ def find_max_batch(
 
     log(f"largest batch of {model} @{image_size}px {dtype}: XLA may allocate {limit_bytes / 2**30:.2f} GiB")
     fitted, failed = largest_fitting(fits, min(start, limit) // granularity * granularity or granularity,
-                                     limit, granularity, guess=lambda _: linear_memory_guess(fitted_bytes, limit_bytes))
+                                     limit, granularity, guess=lambda: linear_memory_guess(fitted_bytes, limit_bytes))
     return {"max_batch": fitted, "max_batch_fails": failed, "memory_limit_gib": limit_bytes / 2**30,
             "max_batch_probes": probes}
 

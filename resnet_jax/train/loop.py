@@ -174,8 +174,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     ``best_top1``, ``best_step``, ``seconds`` (wall time) split into
     ``first_step_seconds`` (setup and compilation; None if no step ran), ``train_seconds``,
     ``eval_seconds`` and ``checkpoint_seconds``, ``images_per_second`` (training alone: the
-    steps after the first over ``train_seconds``), ``workdir``; process 0 also writes it to ``WORKDIR/summary.json`` (``launch/slurm_gpu.sbatch``
-    reads ``status`` there to requeue a job stopped by its time limit).
+    steps after the first over ``train_seconds``), ``workdir``. Process 0 also writes it to
+    ``WORKDIR/summary.json`` (``launch/slurm_gpu.sbatch`` reads ``status`` there to requeue
+    a job stopped by its time limit).
     """
     t_start = time.time()
     s = setup(config, devices)

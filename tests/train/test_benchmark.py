@@ -104,7 +104,7 @@ def test_a_memory_guided_search_needs_few_probes_and_still_brackets_the_limit(ov
                 seen[b] = compiled(b)
             return ok
 
-        guess = (lambda _: linear_memory_guess(seen, limit)) if guided else None
+        guess = (lambda: linear_memory_guess(seen, limit)) if guided else None
         return largest_fitting(fits, start=256, limit=8192, guess=guess), probes
 
     (fitted, failed), probes = search(guided=True)
