@@ -90,7 +90,7 @@ class BasicBlock(_Block):
         if self.groups != 1 or self.base_width != 64:
             raise ValueError("BasicBlock supports only groups=1 and base_width=64")
         y = self.conv(self.planes, 3, self.strides, name="conv1")(x)
-        y = self.act(self.norm(name="bn1")(y, train))
+        y = self.norm(name="bn1", activation=self.act)(y, train)
         y = self.conv(self.planes, 3, 1, name="conv2")(y)
         return self.norm(name="bn2", zero_init_scale=self.zero_init_last)(y, train)
 
@@ -104,9 +104,9 @@ class Bottleneck(_Block):
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         s1, s3 = (self.strides, 1) if self.stride_on_1x1 else (1, self.strides)
         y = self.conv(width, 1, s1, name="conv1")(x)
-        y = self.act(self.norm(name="bn1")(y, train))
+        y = self.norm(name="bn1", activation=self.act)(y, train)
         y = self.conv(width, 3, s3, groups=self.groups, name="conv2")(y)
-        y = self.act(self.norm(name="bn2")(y, train))
+        y = self.norm(name="bn2", activation=self.act)(y, train)
         y = self.conv(self.planes * self.expansion, 1, 1, name="conv3")(y)
         return self.norm(name="bn3", zero_init_scale=self.zero_init_last)(y, train)
 

@@ -139,6 +139,9 @@ class BatchNorm(nn.Module):
       zero_init_scale: initialise the scale (gamma) with zeros instead of ones; used
         on the last BatchNorm of each residual block so that blocks start as identity.
       group_size: examples per statistics group, or None for the whole batch.
+      activation: applied to the output (e.g. the ReLU of ``conv -> BN -> ReLU``), or
+        None. Same result as calling it on the output; knowing it lets the training
+        computation treat BatchNorm and its activation as one function.
       dtype: output dtype; statistics and normalisation run in float32.
     """
 
@@ -146,6 +149,7 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-5
     zero_init_scale: bool = False
     group_size: int | None = None
+    activation: Callable[[Array], Array] | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -166,24 +170,32 @@ class BatchNorm(nn.Module):
                     f"BatchNorm group_size={group} does not divide the batch of {batch}; "
                     "choose a bn_group_size that divides the per-step batch"
                 )
-            y, mean, var = _batch_norm_train(x, scale, bias, group, self.epsilon, self.dtype)
+            y, mean, var = _batch_norm_train(
+                x, scale, bias, group, self.epsilon, self.dtype, self.activation
+            )
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
                 ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
             return y
         inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale.astype(jnp.float32)
-        y = (x.astype(jnp.float32) - ra_mean.value) * inv + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        y = ((x.astype(jnp.float32) - ra_mean.value) * inv + bias.astype(jnp.float32)).astype(self.dtype)
+        return y if self.activation is None else self.activation(y)
 
 
 def _batch_norm_train(
-    x: Array, scale: Array, bias: Array, group: int, epsilon: float, dtype: Dtype
+    x: Array,
+    scale: Array,
+    bias: Array,
+    group: int,
+    epsilon: float,
+    dtype: Dtype,
+    activation: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, Array, Array]:
     """Normalises ``x`` (N, ..., C) with the statistics of each group of ``group`` examples.
 
-    Returns the output in ``dtype`` and the float32 (N // group, C) means and biased
-    variances. Plain autodiff: XLA:GPU fuses the float32 ``x - mean`` and ``x_hat`` into
+    Returns the output in ``dtype`` (passed through ``activation`` if given) and the float32
+    (N // group, C) means and biased variances. Plain autodiff: XLA:GPU fuses the float32 ``x - mean`` and ``x_hat`` into
     the kernels that use them and keeps only the compute-dtype input for the backward
     pass (docs/performance.md, changes 1 and 2: a ``jax.checkpoint`` here cost 13% more
     HBM traffic on the H100).
@@ -197,6 +209,8 @@ def _batch_norm_train(
     var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
     inv = jax.lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)
     y = ((grouped - mean) * inv + bias.astype(jnp.float32)).reshape(x.shape).astype(dtype)
+    if activation is not None:
+        y = activation(y)
     return y, mean.reshape(-1, features), var.reshape(-1, features)
 
 
@@ -329,7 +343,7 @@ class Stem(nn.Module):
             for i, w in enumerate(widths):
                 x = self.conv(w, kernel_size=3, strides=2 if i == 0 else 1, name=f"conv1_{i}")(x)
                 if i < 2:
-                    x = self.act(self.norm(name=f"bn1_{i}")(x, train))
+                    x = self.norm(name=f"bn1_{i}", activation=self.act)(x, train)
         elif self.kind == "cifar":
             x = self.conv(self.width, kernel_size=3, strides=1, name="conv1")(x)
         else:
@@ -342,7 +356,7 @@ class Stem(nn.Module):
             x = max_pool_3x3_s2(x)
         elif self.pool == "conv":
             x = self.conv(x.shape[-1], kernel_size=3, strides=2, name="pool_conv")(x)
-            x = self.act(self.norm(name="pool_bn")(x, train))
+            x = self.norm(name="pool_bn", activation=self.act)(x, train)
         elif self.pool != "none":
             raise ValueError(f"unknown stem pool {self.pool!r}; choose max, conv or none")
         return x

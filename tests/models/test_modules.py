@@ -129,6 +129,35 @@ def test_ghost_batchnorm_normalises_each_group_separately():
         BatchNorm(group_size=3).apply(v, x, train=True, mutable=["batch_stats"])
 
 
+@pytest.mark.parametrize("activation, reference", [("relu", jax.nn.relu), ("swish", nn.swish)])
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_with_its_activation_equals_the_activation_of_flax_batchnorm(activation, reference, train):
+    """``BatchNorm(activation=...)`` (how the blocks call it) is the activation applied to
+    flax.linen.BatchNorm's output: values and gradients, in training and evaluation."""
+    from resnet_jax.models.layers import get_activation
+
+    x = jax.random.normal(jax.random.key(5), (8, 4, 4, 6)) * 2 + 0.5
+    cotangent = jax.random.normal(jax.random.key(6), x.shape)
+    params = {"scale": 1 + 0.3 * jax.random.normal(jax.random.key(7), (6,)), "bias": jnp.linspace(-1, 1, 6)}
+    stats = {"mean": jnp.linspace(0, 1, 6), "var": jnp.linspace(1, 2, 6)}
+    ours = BatchNorm(epsilon=1e-5, activation=get_activation(activation))
+    ref = nn.BatchNorm(epsilon=1e-5)
+
+    def loss(kind, x, params):
+        variables = {"params": params, "batch_stats": stats}
+        if kind == "ours":
+            y, _ = ours.apply(variables, x, train=train, mutable=["batch_stats"])
+        else:
+            y, _ = ref.apply(variables, x, use_running_average=not train, mutable=["batch_stats"])
+            y = reference(y)
+        return jnp.sum(y * cotangent), y
+
+    (_, y), grads = jax.value_and_grad(functools.partial(loss, "ours"), argnums=(0, 1), has_aux=True)(x, params)
+    (_, y_ref), grads_ref = jax.value_and_grad(functools.partial(loss, "ref"), argnums=(0, 1), has_aux=True)(x, params)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("group_size", [None, 4])
 def test_batchnorm_gradients_match_flax_batchnorm(group_size):
     """Gradients for x, scale and bias equal flax.linen.BatchNorm's, applied per group
