@@ -1,14 +1,15 @@
 """Every device measurement issue 6 owes, most important first, within one device call's time.
 
 A drawn task gets 15 minutes of device time in all, the machine's start included, and one
-command may run 10 minutes: not enough for everything (estimates below, ~23 minutes).
+command may run 10 minutes: not enough for everything (estimates below, ~29 minutes).
 So the measurements are jobs in priority order, and each call runs as many as its
 ``--budget-s`` allows:
 
 1. ResNet-50 @224: ours, torchvision (eager, torch.compile), flax's plain ResNet: the
    README's headline row and its ratio;
-2. the stem's candidate kernels (``stem_variants.py``), then a profile of the step
-   (``kernel_bandwidth.py``: where its time goes);
+2. the stem's candidate kernels and the Pallas BatchNorm + ReLU (``stem_variants.py``,
+   ``bn_relu_pallas.py``), then a profile of the step (``kernel_bandwidth.py``: where its
+   time goes);
 3. ours for ResNet-18, ResNet-101 and ResNet-RS-50 @160 (its recipe's step);
 4. the trainer's whole loop against its bare step;
 5. the other models' peers; steps per dispatch and XLA flag variants; the step compiled on
@@ -149,9 +150,12 @@ def plan(
         f"{PYTHON} benchmarks/kernel_bandwidth.py {profile_dir} --top 30 | tee \"$OUT/kernel_bandwidth.txt\""))
     # the stem's candidate kernels (benchmarks/stem_variants.py), timed alone at the step's shapes,
     # then in the whole step (the fastest convolution, the parity pool, both) against the model's own
-    stem = Job(f"stem-variants/{vtag}", 180, (PYTHON, "benchmarks/stem_variants.py", "--batch-size", str(batch),
+    # (and with bn_relu_pallas.py's BatchNorm + ReLU, alone and on top of both)
+    stem = Job(f"stem-variants/{vtag}", 220, (PYTHON, "benchmarks/stem_variants.py", "--batch-size", str(batch),
                                                "--image-size", vsize, "--full-step-model", vmodel,
                                                "--full-step-steps", str(max(steps // 2, 5))))
+    # the Pallas BatchNorm + ReLU alone at ResNet-50's inner shapes, and its kernel's block sizes
+    bn_relu = Job(f"bn-relu/b{batch}", 45, (PYTHON, "benchmarks/bn_relu_pallas.py", "--batch-size", str(batch)))
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(
@@ -178,7 +182,7 @@ def plan(
            for i, flags in enumerate(xla_variants, 1)]
 
     head, rest = models[0], models[1:]
-    return [ours(head), *peers(head), stem, profile, *map(ours, rest), trainer,
+    return [ours(head), *peers(head), stem, bn_relu, profile, *map(ours, rest), trainer,
             *[job for spec in rest for job in peers(spec)], *dispatch, *xla, compile_report, max_batch]
 
 
@@ -312,12 +316,20 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
                      + (f" {v['images_per_second'] / base - 1:+.1%} vs the plain run" if base else ""))
     for c in (r for r in rows if kind(r) == "stem-variants"):
         if c["part"] == "train_step":
-            lines.append(f"stem in the {c['model']} step, conv {c['conv']}, pool {c['pool']}: "
+            lines.append(f"stem in the {c['model']} step, conv {c['conv']}, pool {c['pool']}, "
+                         f"BatchNorm+ReLU {c.get('bn_relu', 'model')}: "
                          f"{c['images_per_second']:.0f} img/s ({c['vs_model']:.3f}x the model's own; "
                          f"max loss diff {c['max_loss_diff_vs_model']:.1e})")
         else:
             lines.append(f"stem {c['part']} {c['variant']} @{c['image_size']}: {c['ms']:.3f} ms forward+backward "
                          f"({c['vs_current']:.2f}x the current kernel; max rel. diff {c['max_rel_diff_vs_first']:.1e})")
+    for b in (r for r in rows if kind(r) == "bn-relu" and "error" not in r):
+        if b["part"] == "bn_relu":
+            lines.append(f"BatchNorm+ReLU {tuple(b['shape'])} {b['impl']}: {b['ms']:.3f} ms forward+backward "
+                         f"(max rel. diff {b['max_rel_diff_vs_model']:.1e} vs the model's)")
+        else:
+            lines.append(f"BatchNorm+ReLU grad-sums kernel {b['blocks']} on {tuple(b['shape'])}: {b['ms']:.3f} ms, "
+                         f"{b['gb_per_s']} GB/s")
     for m in (r for r in rows if kind(r) == "max-batch"):
         lines.append(f"{m['model']} @{m['image_size']} largest batch: {m['max_batch']}"
                      + (f" ({m['max_batch_fails']} does not fit)" if m["max_batch_fails"] else "")

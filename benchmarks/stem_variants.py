@@ -32,10 +32,11 @@ of the window in row-major order). The tests check this on CPU. On the device, o
 candidate: ``{"part", "variant", "ms", "vs_current", "max_rel_diff_vs_first"}``, then a table.
 
 Then the whole train step (``resnet-jax benchmark``'s measurement, ResNet-50 by default) as
-the model has it, with the parity pool, with the fastest convolution candidate, and with
-both, patched into the model for that run only (:func:`full_step`): what a candidate gains
-where it counts, and the largest difference of the loss over the run against the model's
-own. ``device_benchmark.sh`` runs all of it as the ``stem-variants/`` job:
+the model has it, with the parity pool, with the fastest convolution candidate, with both,
+and with ``bn_relu_pallas.py``'s BatchNorm + ReLU alone and on top of both, patched into the
+model for that run only (:func:`full_step`): what a candidate gains where it counts, and the
+largest difference of the loss over the run against the model's own.
+``device_benchmark.sh`` runs all of it as the ``stem-variants/`` job:
 
     python3 benchmarks/stem_variants.py --batch-size 256 --image-size 224
 """
@@ -43,6 +44,7 @@ own. ``device_benchmark.sh`` runs all of it as the ``stem-variants/`` job:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import statistics
@@ -191,13 +193,17 @@ def as_lax_conv(impl: Callable[[Array, Array], Array]) -> Callable[..., Array]:
 
 
 def full_step(model: str, batch: int, image: int, dtype_name: str, steps: int,
-              conv_variant: str = "direct", pool_variant: str | None = None) -> dict:
+              conv_variant: str = "direct", pool_variant: str | None = None, bn_relu: str = "model") -> dict:
     """``resnet-jax benchmark``'s measurement of the whole train step of ``model``, with the
-    stem's 7x7/2 convolution computed by ``conv_variant`` and its max pool by ``pool_variant``
-    (None: the model's own), patched in for this call only."""
+    stem's 7x7/2 convolution computed by ``conv_variant``, its max pool by ``pool_variant``
+    (None: the model's own) and, with ``bn_relu="pallas"``, the BatchNorm + ReLU of
+    ``bn_relu_pallas.py``, patched in for this call only."""
+    from benchmarks import bn_relu_pallas
     from resnet_jax.models import layers, resnet
     from resnet_jax.train.benchmark import benchmark_config, measure
 
+    if bn_relu not in ("model", "pallas"):
+        raise ValueError(f"bn_relu must be 'model' or 'pallas', not {bn_relu!r}")
     model_conv, model_pool = resnet.conv, layers.max_pool_3x3_s2
     stem_conv = as_lax_conv(CONV_VARIANTS[conv_variant])
 
@@ -206,28 +212,33 @@ def full_step(model: str, batch: int, image: int, dtype_name: str, steps: int,
             kwargs["conv_general_dilated"] = stem_conv
         return model_conv(features, kernel_size, strides, *args, **kwargs)
 
+    batch_norm = bn_relu_pallas.patched() if bn_relu == "pallas" else contextlib.nullcontext()
     try:
         resnet.conv = conv
         if pool_variant:
             layers.max_pool_3x3_s2 = POOL_VARIANTS[pool_variant]
-        return measure(benchmark_config(model, batch, image, dtype_name), steps=steps)
+        with batch_norm:
+            return measure(benchmark_config(model, batch, image, dtype_name), steps=steps)
     finally:
         resnet.conv, layers.max_pool_3x3_s2 = model_conv, model_pool
 
 
 def full_steps(model: str, batch: int, image: int, dtype_name: str, steps: int, conv_variant: str,
-               pool_variant: str) -> list[dict]:
-    """The whole step as the model has it, with ``pool_variant``, with ``conv_variant``, and with
-    both: images/s, against the model's own, and the largest loss difference over the run."""
+               pool_variant: str, bn_relu: bool = True) -> list[dict]:
+    """The whole step as the model has it, with ``pool_variant``, with ``conv_variant``, with
+    both, and (``bn_relu``) with the Pallas BatchNorm + ReLU alone and on top of both:
+    images/s, against the model's own, and the largest loss difference over the run."""
     rows, base = [], None
-    combinations = dict.fromkeys([("direct", None), ("direct", pool_variant), (conv_variant, None),
-                                  (conv_variant, pool_variant)])  # in order, without repeats
-    for conv_v, pool_v in combinations:
-        r = full_step(model, batch, image, dtype_name, steps, conv_v, pool_v)
+    combinations = [("direct", None, "model"), ("direct", pool_variant, "model"), (conv_variant, None, "model"),
+                    (conv_variant, pool_variant, "model")]
+    if bn_relu:
+        combinations += [("direct", None, "pallas"), (conv_variant, pool_variant, "pallas")]
+    for conv_v, pool_v, bn_v in dict.fromkeys(combinations):  # in order, without repeats
+        r = full_step(model, batch, image, dtype_name, steps, conv_v, pool_v, bn_v)
         base = base or r
         row = {"part": "train_step", "model": model, "conv": conv_v, "pool": pool_v or "model's",
-               "batch_size": batch, "image_size": image, "dtype": dtype_name, "device_kind": r["device_kind"],
-               "images_per_second": round(r["images_per_second"], 1),
+               "bn_relu": bn_v, "batch_size": batch, "image_size": image, "dtype": dtype_name,
+               "device_kind": r["device_kind"], "images_per_second": round(r["images_per_second"], 1),
                "vs_model": round(r["images_per_second"] / base["images_per_second"], 4),
                "peak_memory_gib": r["peak_memory_gib"], "compiled_memory_gib": r["compiled_memory_gib"],
                "max_loss_diff_vs_model": max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))}
@@ -338,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="then time this model's whole train step with the fastest conv candidate, the parity "
                         "pool, and both, against the model's own (default resnet50; 'none' skips it)")
     p.add_argument("--full-step-steps", type=int, default=50, help="timed steps of each whole-step run")
+    p.add_argument("--bn-relu", choices=("pallas", "none"), default="pallas",
+                   help="also time the whole step with bn_relu_pallas.py's BatchNorm + ReLU, alone and with "
+                        "both stem candidates ('none' skips those two runs)")
     a = p.parse_args(argv)
     split = lambda s: [v.strip() for v in s.split(",") if v.strip()]  # noqa: E731
     unknown = sorted(set(split(a.conv)) - set(CONV_VARIANTS)) + sorted(set(split(a.pool)) - set(POOL_VARIANTS))
@@ -354,10 +368,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         convs = [r for r in rows if r["part"] == "stem_conv" and r["variant"] != "direct"]
         best_conv = min(convs, key=lambda r: r["ms"])["variant"] if convs else "direct"
         steps = full_steps(a.full_step_model, a.batch_size, a.image_size, a.dtype, a.full_step_steps,
-                           best_conv, "parity")
+                           best_conv, "parity", bn_relu=a.bn_relu == "pallas")
         print(f"\nwhole {a.full_step_model} train step, batch {a.batch_size} @{a.image_size}px {a.dtype}:")
         for r in steps:
-            print(f"  conv {r['conv']:<7} pool {r['pool']:<9}{r['images_per_second']:>10.1f} images/s "
+            print(f"  conv {r['conv']:<7} pool {r['pool']:<9} bn+relu {r['bn_relu']:<7}{r['images_per_second']:>10.1f} images/s "
                   f"{r['vs_model']:>7.3f}x  peak {r['peak_memory_gib'] or 0:.2f} GiB  "
                   f"max loss diff {r['max_loss_diff_vs_model']:.2g}")
 

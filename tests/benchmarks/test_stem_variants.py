@@ -58,20 +58,22 @@ def test_the_benchmark_runs_and_every_candidate_agrees(capsys):
 
 @pytest.mark.slow
 def test_the_candidates_patched_into_the_model_train_as_the_model_does():
-    """The whole-step comparison runs the real model with a candidate in its stem: in float32
-    the losses of 5 steps match the model's own to rounding, the patch is undone afterwards,
-    and the stem convolution's replacement refuses any other convolution."""
+    """The whole-step comparison runs the real model with a candidate in its stem (and the
+    Pallas BatchNorm + ReLU, off the GPU with XLA's reductions): in float32 the losses of 5
+    steps match the model's own to rounding, the patches are undone afterwards, and the stem
+    convolution's replacement refuses any other convolution."""
     from resnet_jax.models import layers, resnet
 
-    conv_before, pool_before = resnet.conv, layers.max_pool_3x3_s2
+    conv_before, pool_before, bn_before = resnet.conv, layers.max_pool_3x3_s2, layers._batch_norm_train
     rows = stem_variants.full_steps("resnet18", batch=8, image=32, dtype_name="float32", steps=5,
                                     conv_variant="s2d", pool_variant="parity")
-    assert [(r["conv"], r["pool"]) for r in rows] == [
-        ("direct", "model's"), ("direct", "parity"), ("s2d", "model's"), ("s2d", "parity")]
+    assert [(r["conv"], r["pool"], r["bn_relu"]) for r in rows] == [
+        ("direct", "model's", "model"), ("direct", "parity", "model"), ("s2d", "model's", "model"),
+        ("s2d", "parity", "model"), ("direct", "model's", "pallas"), ("s2d", "parity", "pallas")]
     assert rows[0]["vs_model"] == 1.0
     assert rows[1]["max_loss_diff_vs_model"] == 0.0  # the pool is bit-equal
     assert all(r["max_loss_diff_vs_model"] < 1e-4 for r in rows)
-    assert (resnet.conv, layers.max_pool_3x3_s2) == (conv_before, pool_before)
+    assert (resnet.conv, layers.max_pool_3x3_s2, layers._batch_norm_train) == (conv_before, pool_before, bn_before)
     with pytest.raises(ValueError, match="7x7/2 stem convolution"):
         stem_variants.as_lax_conv(stem_variants.conv_direct)(
             jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 4)), (1, 1), [(1, 1), (1, 1)])

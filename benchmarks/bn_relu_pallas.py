@@ -1,0 +1,320 @@
+"""Candidate: BatchNorm + ReLU whose backward reductions run in one hand-written (Pallas) kernel.
+
+Compiled for the H100, the ResNet-50 step moves 7 units of each inner BatchNorm's input
+(bn1, bn2 of every block; 1 unit = one read of the bf16 activation) in its backward pass:
+one XLA reduce fusion reads x, y and dy and writes the masked dy, a second reads that and x
+and writes dx. XLA will not recompute the ReLU mask from x inside its reduction
+(docs/performance.md: ``custom_jvp``, ``jax.checkpoint`` and ``linear_call`` variants all
+kept or wrote the mask). Here the reduction pass is a Pallas (Triton) kernel that reads x
+and dy only and recomputes the mask in registers; the dx pass stays an XLA loop fusion that
+reads x and dy and writes dx: 5 units. Compiled for the H100 the step then moves
+84.14 GiB instead of 87.27 (-3.6%) in 961 kernels instead of 1,025, with the same peak
+memory. The bn3 BatchNorms (ReLU after the residual add) stay as they are: their masked dy
+is also the shortcut's gradient, so it has to be written anyway (7 units, no saving).
+
+How it is built (:func:`bn_relu_apply`): the elementwise ``relu((x - mean) * rsqrt(var + eps)
+* scale + bias)`` with ``mean`` and ``var`` taken as inputs, so the statistics stay plain
+autodiff (as in ``layers._batch_norm_train``). It is a ``custom_jvp`` whose tangent map is a
+``jax.custom_derivatives.linear_call``: forward mode evaluates the textbook tangent, reverse
+mode runs the hand-written transpose. First-order forward mode (``jax.jvp``) keeps working,
+unlike with ``custom_vjp``; second-order derivatives through it do not.
+
+The kernel runs only where the step is lowered for an NVIDIA GPU
+(``jax.lax.platform_dependent``); elsewhere the same sums are plain XLA reductions, or the
+kernel under the Pallas interpreter (``interpret=True``) for the CPU tests. The ReLU mask is
+recomputed in the kernel, in the dx fusion and in the forward pass separately: at an
+element whose pre-activation is within a rounding error of 0 they may disagree (a fused
+multiply-add in one of them), which changes that element's gradient by at most its dy.
+
+Not in the model until a device timing shows the gain: :func:`patched` swaps it into
+``layers._batch_norm_train`` for ReLU BatchNorms with whole-batch statistics (the model's
+own path is kept for ghost BatchNorm and other activations). ``stem_variants.py`` times the
+whole ResNet-50 step with it (``--bn-relu pallas``); this script times the BatchNorm + ReLU
+alone, forward and backward, at ResNet-50's inner shapes, and a few kernel block sizes:
+
+    python3 benchmarks/bn_relu_pallas.py --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+Array = jax.Array
+
+# Rows (N*H*W positions) and channels per kernel instance, rows per loop iteration inside it.
+BLOCK_ROWS, SUB_ROWS, BLOCK_CHANNELS, NUM_WARPS = 512, 32, 128, 4
+
+
+# ---------------------------------------------------------------- the reduction kernel
+def _sums_kernel(x_ref, dy_ref, mean_ref, a_ref, b_ref, out_ref, *, rows: int, sub: int) -> None:
+    """One (rows, channels) block: out[0] = sum of g, out[1] = sum of g * (x - mean), where
+    g = dy where (x - mean) * a + b > 0 else 0, accumulated in float32 ``sub`` rows at a time."""
+    mean, a, b = mean_ref[...], a_ref[...], b_ref[...]
+
+    def body(i: int, acc: tuple[Array, Array]) -> tuple[Array, Array]:
+        sum_g, sum_gc = acc
+        x = x_ref[pl.ds(i * sub, sub), :].astype(jnp.float32)
+        dy = dy_ref[pl.ds(i * sub, sub), :].astype(jnp.float32)
+        centred = x - mean
+        g = jnp.where(centred * a + b > 0, dy, 0.0)
+        return sum_g + g, sum_gc + g * centred
+
+    zeros = jnp.zeros((sub, x_ref.shape[1]), jnp.float32)
+    sum_g, sum_gc = jax.lax.fori_loop(0, rows // sub, body, (zeros, zeros))
+    out_ref[0, :] = jnp.sum(sum_g, axis=0)
+    out_ref[1, :] = jnp.sum(sum_gc, axis=0)
+
+
+def _largest_power_of_two_divisor(n: int, cap: int) -> int:
+    size = cap
+    while size > 1 and n % size:
+        size //= 2
+    return size
+
+
+def relu_grad_sums(
+    x: Array, dy: Array, mean: Array, a: Array, b: Array, *,
+    block_rows: int = BLOCK_ROWS, sub_rows: int = SUB_ROWS, block_channels: int = BLOCK_CHANNELS,
+    num_warps: int = NUM_WARPS, interpret: bool = False,
+) -> tuple[Array, Array]:
+    """Per-channel ``sum(g)`` and ``sum(g * (x - mean))`` over the rows of ``x`` and ``dy``
+    (M, C), where ``g = dy`` where ``(x - mean) * a + b > 0``, else 0; ``mean``, ``a``, ``b``
+    are float32 (C,). Returns two float32 (C,) arrays.
+
+    One Pallas (Triton) kernel reads ``x`` and ``dy`` once and writes one partial sum per
+    block of ``block_rows`` rows; XLA adds the partial sums. Block sizes shrink to the
+    largest powers of two that divide M and C; where that leaves fewer than 8 rows the plain
+    XLA reductions are used instead.
+    """
+    m, c = x.shape
+    rows = _largest_power_of_two_divisor(m, block_rows)
+    channels = _largest_power_of_two_divisor(c, block_channels)
+    if rows < 8 or channels < 8:
+        return relu_grad_sums_xla(x, dy, mean, a, b)
+    sub = min(sub_rows, rows)
+    grid = (m // rows, c // channels)
+    vector = pl.BlockSpec((1, channels), lambda i, j: (0, j))
+    partial = pl.pallas_call(
+        functools.partial(_sums_kernel, rows=rows, sub=sub),
+        grid=grid,
+        in_specs=[pl.BlockSpec((rows, channels), lambda i, j: (i, j))] * 2 + [vector] * 3,
+        out_specs=pl.BlockSpec((None, 2, channels), lambda i, j: (i, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((grid[0], 2, c), jnp.float32),
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        name="batch_norm_relu_grad_sums",
+    )(x, dy, mean.reshape(1, c), a.reshape(1, c), b.reshape(1, c))
+    sums = jnp.sum(partial, axis=0)
+    return sums[0], sums[1]
+
+
+def relu_grad_sums_xla(x: Array, dy: Array, mean: Array, a: Array, b: Array, **_: object) -> tuple[Array, Array]:
+    """:func:`relu_grad_sums` as plain XLA reductions (the CPU and TPU path)."""
+    centred = x.astype(jnp.float32) - mean
+    g = jnp.where(centred * a + b > 0, dy.astype(jnp.float32), 0.0)
+    return jnp.sum(g, axis=0), jnp.sum(g * centred, axis=0)
+
+
+# Where the step is not lowered for a GPU: "xla" (the plain reductions) or "interpret" (the
+# kernel under the Pallas interpreter, for the CPU tests).
+OFF_GPU = {"xla": relu_grad_sums_xla, "interpret": functools.partial(relu_grad_sums, interpret=True)}
+_off_gpu = "xla"
+
+
+def _grad_sums(x: Array, dy: Array, mean: Array, a: Array, b: Array) -> tuple[Array, Array]:
+    return jax.lax.platform_dependent(x, dy, mean, a, b, cuda=relu_grad_sums, default=OFF_GPU[_off_gpu])
+
+
+# ---------------------------------------------------------------- BatchNorm + ReLU
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+def bn_relu_apply(x: Array, mean: Array, var: Array, scale: Array, bias: Array, epsilon: float, dtype) -> Array:
+    """``relu((x - mean) * rsqrt(var + epsilon) * scale + bias)`` in ``dtype``; x is (..., C),
+    the others float32 (C,). Its derivatives are written out (see the module docstring)."""
+    a = jax.lax.rsqrt(var + epsilon) * scale
+    return jnp.maximum((x.astype(jnp.float32) - mean) * a + bias, 0).astype(dtype)
+
+
+def _bn_relu_apply_jvp(epsilon: float, dtype, primals: tuple, tangents: tuple) -> tuple[Array, Array]:
+    y = bn_relu_apply(*primals, epsilon, dtype)
+    # Only the tangents that are not symbolic zeros are linear arguments (a zero one would
+    # be a constant, which linear_call cannot transpose); the transpose returns theirs.
+    present = tuple(not isinstance(t, jax.custom_derivatives.SymbolicZero) for t in tangents)
+    linear = tuple(t for t, p in zip(tangents, present) if p)
+
+    def coefficients(res: tuple) -> tuple[Array, Array, Array, Array, Array]:
+        x, mean, var, scale, bias = res
+        inv = jax.lax.rsqrt(var + epsilon)
+        return x.astype(jnp.float32) - mean, inv, inv * scale, scale, bias
+
+    def tangent(res: tuple, lin: tuple) -> Array:
+        centred, inv, a, scale, bias = coefficients(res)
+        it = iter(lin)
+        tx, tmean, tvar, tscale, tbias = (next(it) if p else None for p in present)
+        tz = jnp.zeros_like(centred)
+        if tx is not None:
+            tz = tz + tx.astype(jnp.float32) * a
+        if tmean is not None:
+            tz = tz - tmean * a
+        if tvar is not None:
+            tz = tz + centred * (-0.5 * scale * inv**3 * tvar)
+        if tscale is not None:
+            tz = tz + centred * (inv * tscale)
+        if tbias is not None:
+            tz = tz + tbias
+        return jnp.where(centred * a + bias > 0, tz, 0.0).astype(dtype)
+
+    def transpose(res: tuple, ct: Array) -> tuple:
+        x, mean, var, scale, bias = res
+        inv = jax.lax.rsqrt(var + epsilon)
+        a = inv * scale
+        c = x.shape[-1]
+        sum_g, sum_gc = _grad_sums(x.reshape(-1, c), ct.reshape(-1, c), mean, a, bias)
+        # The barrier keeps XLA from merging this mask with the forward pass's (it would then
+        # store the mask); dx is one loop fusion reading x and ct.
+        mean_b, a_b, bias_b = jax.lax.optimization_barrier((mean, a, bias))
+        centred = x.astype(jnp.float32) - mean_b
+        ct_x = jnp.where(centred * a_b + bias_b > 0, ct.astype(jnp.float32) * a_b, 0.0).astype(x.dtype)
+        cts = (ct_x, -sum_g * a, sum_gc * (-0.5 * scale * inv**3), sum_gc * inv, sum_g)
+        return tuple(ct_i for ct_i, p in zip(cts, present) if p)
+
+    return y, jax.custom_derivatives.linear_call(tangent, transpose, primals, linear)
+
+
+bn_relu_apply.defjvp(_bn_relu_apply_jvp, symbolic_zeros=True)
+
+
+def batch_norm_relu_train(x: Array, scale: Array, bias: Array, epsilon: float, dtype) -> tuple[Array, Array, Array]:
+    """``relu(BatchNorm(x))`` with whole-batch statistics: ``layers._batch_norm_train`` with
+    ``group = N`` and a ReLU, through :func:`bn_relu_apply`. Returns the output in ``dtype``
+    and the float32 (1, C) mean and biased variance."""
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axis=axes)
+    var = jnp.maximum(jnp.mean(jnp.square(xf), axis=axes) - jnp.square(mean), 0.0)
+    y = bn_relu_apply(x, mean, var, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon, dtype)
+    return y, mean[None], var[None]
+
+
+@contextlib.contextmanager
+def patched(off_gpu: str = "xla") -> Iterator[None]:
+    """Within the block, models built and traced use :func:`batch_norm_relu_train` for every
+    BatchNorm that carries a ReLU and takes whole-batch statistics; ``off_gpu`` picks the
+    sums where the step is not lowered for a GPU (``xla`` or ``interpret``)."""
+    global _off_gpu
+    from resnet_jax.models import layers
+
+    model_train = layers._batch_norm_train
+
+    def train(x, scale, bias, group, epsilon, dtype, activation=None):
+        if activation in layers.RELUS and group == x.shape[0]:
+            return batch_norm_relu_train(x, scale, bias, epsilon, dtype)
+        return model_train(x, scale, bias, group, epsilon, dtype, activation)
+
+    previous, _off_gpu = _off_gpu, off_gpu
+    layers._batch_norm_train = train
+    try:
+        yield
+    finally:
+        layers._batch_norm_train, _off_gpu = model_train, previous
+
+
+# ---------------------------------------------------------------- timing on the device
+def resnet50_inner_shapes(batch: int) -> list[tuple[int, int, int, int]]:
+    """The NHWC shapes of ResNet-50's inner BatchNorm inputs at 224px, one per distinct shape."""
+    return [(batch, 56, 56, 64), (batch, 28, 28, 128), (batch, 14, 14, 256), (batch, 7, 7, 512)]
+
+
+def bn_relu_step(impl: str) -> Callable:
+    """Forward + backward of one BatchNorm + ReLU: (x, scale, bias, ct) -> (y, dx, dscale, dbias)."""
+
+    def forward(x: Array, scale: Array, bias: Array) -> Array:
+        if impl == "pallas":
+            return batch_norm_relu_train(x, scale, bias, 1e-5, x.dtype)[0]
+        from resnet_jax.models import layers
+
+        return layers._batch_norm_train(x, scale, bias, x.shape[0], 1e-5, x.dtype, layers.relu)[0]
+
+    def step(x: Array, scale: Array, bias: Array, ct: Array) -> tuple:
+        y, pullback = jax.vjp(forward, x, scale, bias)
+        return (y, *pullback(ct))
+
+    return jax.jit(step)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--inner", type=int, default=10)
+    p.add_argument("--blocks", default="512x32x4,1024x32x4,512x64x8,256x32x4",
+                   help="kernel block sizes timed on the largest shape: ROWSxSUB_ROWSxWARPS,...")
+    a = p.parse_args(argv)
+    from benchmarks.stem_variants import _median_ms
+
+    dtype = jnp.dtype(a.dtype)
+    kind = jax.devices()[0].device_kind
+    rows = []
+    for shape in resnet50_inner_shapes(a.batch_size):
+        keys = jax.random.split(jax.random.key(0), 4)
+        x = (jax.random.normal(keys[0], shape) + 0.3).astype(dtype)
+        ct = jax.random.normal(keys[1], shape).astype(dtype)
+        scale = 1 + 0.1 * jax.random.normal(keys[2], shape[-1:])
+        bias = 0.1 * jax.random.normal(keys[3], shape[-1:])
+        outs = {}
+        for impl in ("model", "pallas"):
+            fn = bn_relu_step(impl)
+            outs[impl] = fn(x, scale, bias, ct)
+            ms = _median_ms(lambda: fn(x, scale, bias, ct), 3, a.repeats, a.inner)
+            diff = max(float(jnp.max(jnp.abs(u.astype(jnp.float32) - v.astype(jnp.float32))) / (jnp.max(jnp.abs(u.astype(jnp.float32))) + 1e-30))
+                       for u, v in zip(outs["model"], outs[impl]))
+            row = {"part": "bn_relu", "impl": impl, "shape": list(shape), "dtype": a.dtype, "device_kind": kind,
+                   "ms": round(ms, 4), "max_rel_diff_vs_model": diff}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    # the kernel alone at the largest shape, for a few block sizes (Triton: a GPU only)
+    blocks = list(filter(None, a.blocks.split(",")))
+    if jax.default_backend() != "gpu":
+        print(f"the kernel's block sizes ({', '.join(blocks)}) are timed on a GPU only", flush=True)
+        blocks = []
+    shape = resnet50_inner_shapes(a.batch_size)[0]
+    m, c = shape[0] * shape[1] * shape[2], shape[3]
+    x2 = jax.random.normal(jax.random.key(1), (m, c)).astype(dtype)
+    dy2 = jax.random.normal(jax.random.key(2), (m, c)).astype(dtype)
+    zeros, ones = jnp.zeros((c,)), jnp.ones((c,))
+    for spec in blocks:
+        block_rows, sub_rows, warps = map(int, spec.split("x"))
+        fn = jax.jit(functools.partial(relu_grad_sums, block_rows=block_rows, sub_rows=sub_rows, num_warps=warps))
+        try:
+            ms = _median_ms(lambda: fn(x2, dy2, zeros, ones, zeros), 3, a.repeats, a.inner)
+        except Exception as e:  # a block size Triton cannot compile: say so, time the others
+            print(json.dumps({"part": "grad_sums_kernel", "blocks": spec, "error": str(e)[:300]}), flush=True)
+            continue
+        gbps = 2 * x2.size * dtype.itemsize / (ms * 1e-3) / 1e9
+        row = {"part": "grad_sums_kernel", "blocks": spec, "shape": [m, c], "ms": round(ms, 4), "gb_per_s": round(gbps)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(f"\nBatchNorm + ReLU forward + backward on {kind}, {a.dtype} (median ms; model's vs Pallas reductions):")
+    for r in rows:
+        if r["part"] == "bn_relu":
+            print(f"  {str(tuple(r['shape'])):<22}{r['impl']:<8}{r['ms']:>9.3f} ms  diff {r['max_rel_diff_vs_model']:.2g}")
+        else:
+            print(f"  kernel {r['blocks']:<14}{r['ms']:>9.3f} ms  {r['gb_per_s']:>6} GB/s")
+
+
+if __name__ == "__main__":
+    main()

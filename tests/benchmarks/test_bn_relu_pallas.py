@@ -1,0 +1,134 @@
+"""The Pallas BatchNorm + ReLU candidate (``benchmarks/bn_relu_pallas.py``) computes the model's
+function and derivatives. References: float64 NumPy for the kernel's sums, torch's
+``batch_norm(training=True)`` + ``relu`` under autograd for values and reverse-mode
+derivatives, and the textbook formula under plain JAX autodiff for forward mode. On CPU the
+kernel runs under the Pallas interpreter (the same kernel body the GPU compiles).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import bn_relu_pallas
+
+
+def _sums_float64(x, dy, mean, a, b):
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    centred = x - np.asarray(mean, np.float64)
+    g = np.where(centred * np.asarray(a, np.float64) + np.asarray(b, np.float64) > 0, dy, 0.0)
+    return g.sum(0), (g * centred).sum(0)
+
+
+@pytest.mark.parametrize("rows, channels", [(192, 96), (6, 8), (128, 3)])
+def test_the_kernel_sums_equal_float64(rows, channels):
+    """Several row and channel blocks (192 x 96: 3 x 3 blocks of 64 x 32), and the shapes the
+    kernel leaves to XLA (fewer than 8 rows or channels per block)."""
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (rows, channels)) * 2 + 0.5
+    dy = jax.random.normal(keys[1], (rows, channels))
+    mean, a, b = (jax.random.normal(k, (channels,)) for k in keys[2:])
+    got = bn_relu_pallas.relu_grad_sums(x, dy, mean, a, b, block_rows=64, block_channels=32, interpret=True)
+    for g, want in zip(got, _sums_float64(x, dy, mean, a, b)):
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-4)
+
+
+def _textbook(x, scale, bias, epsilon=1e-5):
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    return jax.nn.relu((x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias)
+
+
+def _candidate(x, scale, bias):
+    return bn_relu_pallas.batch_norm_relu_train(x, scale, bias, 1e-5, jnp.float32)[0]
+
+
+@pytest.fixture
+def inputs():
+    keys = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(keys[0], (4, 6, 6, 16)) * 1.5 + 0.7
+    scale = 1 + 0.5 * jax.random.normal(keys[1], (16,))
+    bias = 0.5 * jax.random.normal(keys[2], (16,))
+    ct = jax.random.normal(keys[3], x.shape)
+    return x, scale, bias, ct
+
+
+def test_values_and_gradients_equal_torch_batch_norm_relu(inputs):
+    torch = pytest.importorskip("torch")
+    x, scale, bias, ct = inputs
+    with bn_relu_pallas.patched("interpret"):
+        y, pullback = jax.vjp(_candidate, x, scale, bias)
+        dx, dscale, dbias = pullback(ct)
+    x_t = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).requires_grad_()
+    scale_t = torch.tensor(np.asarray(scale)).requires_grad_()
+    bias_t = torch.tensor(np.asarray(bias)).requires_grad_()
+    y_t = torch.relu(torch.nn.functional.batch_norm(x_t, None, None, scale_t, bias_t, training=True, eps=1e-5))
+    y_t.backward(torch.tensor(np.asarray(ct)).permute(0, 3, 1, 2))
+    close = dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y), y_t.detach().permute(0, 2, 3, 1).numpy(), **close)
+    np.testing.assert_allclose(np.asarray(dx), x_t.grad.permute(0, 2, 3, 1).numpy(), **close)
+    np.testing.assert_allclose(np.asarray(dscale), scale_t.grad.numpy(), **close)
+    np.testing.assert_allclose(np.asarray(dbias), bias_t.grad.numpy(), **close)
+
+
+def test_forward_mode_equals_the_textbook_derivative(inputs):
+    """jax.jvp goes through the hand-written derivative (linear_call), with a tangent for the
+    input only (the others symbolic zeros) and for every argument."""
+    x, scale, bias, ct = inputs
+    dscale, dbias = jnp.sin(jnp.arange(16.0)), jnp.cos(jnp.arange(16.0))
+    for primals, tangents in (((x, scale, bias), (ct, jnp.zeros(16), jnp.zeros(16))),
+                              ((x, scale, bias), (ct, dscale, dbias))):
+        want = jax.jvp(_textbook, primals, tangents)
+        got = jax.jvp(_candidate, primals, tangents)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+    _, got = jax.jvp(lambda x: _candidate(x, scale, bias), (x,), (ct,))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jvp(lambda x: _textbook(x, scale, bias), (x,), (ct,))[1]),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_output_and_gradient_dtypes(inputs):
+    x, scale, bias, ct = inputs
+    x, ct = x.astype(jnp.bfloat16), ct.astype(jnp.bfloat16)
+    with bn_relu_pallas.patched("interpret"):
+        y, pullback = jax.vjp(lambda x, s, b: bn_relu_pallas.batch_norm_relu_train(x, s, b, 1e-5, jnp.bfloat16)[0],
+                              x, scale, bias)
+        dx, dscale, dbias = pullback(ct)
+    assert (y.dtype, dx.dtype, dscale.dtype, dbias.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32)
+    want = jax.grad(lambda x: jnp.sum(_textbook(x, scale, bias) * ct.astype(jnp.float32)))(x.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(want), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_patched_into_resnet18_it_trains_as_the_model_does():
+    """The real model and train step with the candidate patched in (the kernel under the
+    interpreter): float32 losses of 4 steps equal the model's own to rounding; the patch
+    covers only ReLU BatchNorms and is undone afterwards."""
+    from resnet_jax.models import layers
+    from resnet_jax.train.benchmark import benchmark_config, measure
+
+    before = layers._batch_norm_train
+    config = benchmark_config("resnet18", 8, 32, "float32")
+    own = measure(config, steps=4)
+    calls = []
+
+    with bn_relu_pallas.patched("interpret"):
+        patched_train = layers._batch_norm_train
+        original = bn_relu_pallas.batch_norm_relu_train
+
+        def counting(*args, **kwargs):
+            calls.append(args[0].shape)
+            return original(*args, **kwargs)
+
+        bn_relu_pallas.batch_norm_relu_train = counting
+        try:
+            ours = measure(config, steps=4)
+        finally:
+            bn_relu_pallas.batch_norm_relu_train = original
+    assert layers._batch_norm_train is before and patched_train is not before
+    # ResNet-18 at 32px: the stem's BatchNorm is followed by the max pool and each block's bn2
+    # by the residual add, so the candidate replaces bn1 of the 8 blocks, 2 per stage.
+    assert sorted(set(calls)) == [(8, 1, 1, 512), (8, 2, 2, 256), (8, 4, 4, 128), (8, 8, 8, 64)], calls
+    assert len(calls) % 8 == 0, calls
+    np.testing.assert_allclose(ours["losses"], own["losses"], rtol=1e-5, atol=1e-5)
