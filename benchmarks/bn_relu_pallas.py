@@ -26,6 +26,10 @@ recomputed in the kernel, in the dx fusion and in the forward pass separately: a
 element whose pre-activation is within a rounding error of 0 they may disagree (a fused
 multiply-add in one of them), which changes that element's gradient by at most its dy.
 
+Timed on one GPU. XLA's partitioner cannot split the kernel's custom call: before it serves a
+step whose batch is sharded over several GPUs it needs a ``custom_partitioning`` rule (each
+device sums its shard; the sum of the partial sums becomes the all-reduce).
+
 Not in the model until a device timing shows the gain: :func:`patched` swaps it into
 ``layers._batch_norm_train`` for ReLU BatchNorms with whole-batch statistics (the model's
 own path is kept for ghost BatchNorm and other activations). ``stem_variants.py`` times the
