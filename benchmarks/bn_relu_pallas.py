@@ -26,9 +26,11 @@ recomputed in the kernel, in the dx fusion and in the forward pass separately: a
 element whose pre-activation is within a rounding error of 0 they may disagree (a fused
 multiply-add in one of them), which changes that element's gradient by at most its dy.
 
-Timed on one GPU. XLA's partitioner cannot split the kernel's custom call: before it serves a
-step whose batch is sharded over several GPUs it needs a ``custom_partitioning`` rule (each
-device sums its shard; the sum of the partial sums becomes the all-reduce).
+XLA's partitioner cannot split the kernel's custom call (with the batch sharded over several
+GPUs it would replicate x and dy), so the sums are a ``custom_partitioning`` op: each device
+sums its own rows and one all-reduce adds them (:func:`_sharded`). Compiled for two H100s,
+the ResNet-50 step at batch 512 moves 86.28 GiB per device against the model's 90.98, with
+the same all-reduces.
 
 Not in the model until a device timing shows the gain: :func:`patched` swaps it into
 ``layers._batch_norm_train`` for ReLU BatchNorms with whole-batch statistics (the model's
@@ -52,7 +54,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -138,8 +143,42 @@ OFF_GPU = {"xla": relu_grad_sums_xla, "interpret": functools.partial(relu_grad_s
 _off_gpu = "xla"
 
 
+def _sharded(off_gpu: Callable) -> Callable:
+    """The sums as a ``custom_partitioning`` op: XLA's partitioner cannot split the kernel's
+    custom call and would gather a batch-sharded x and dy onto every device. Here each device
+    sums its own rows and the (2, C) results are added across the devices that share the
+    rows (``psum``): the all-reduce that whole-batch BatchNorm needs anyway. Returns the
+    stacked (2, C) sums."""
+
+    def local(x: Array, dy: Array, mean: Array, a: Array, b: Array) -> Array:
+        return jnp.stack(jax.lax.platform_dependent(x, dy, mean, a, b, cuda=relu_grad_sums, default=off_gpu))
+
+    sums = custom_partitioning(local)
+
+    def partition(mesh, arg_shapes, result_shape):
+        spec = arg_shapes[0].sharding.spec
+        rows = spec[0] if len(spec) else None
+        axes = () if rows is None else tuple(rows) if isinstance(rows, tuple) else (rows,)
+        by_rows, replicated = NamedSharding(mesh, P(rows, None)), NamedSharding(mesh, P())
+
+        def lower(x: Array, dy: Array, mean: Array, a: Array, b: Array) -> Array:
+            partial = local(x, dy, mean, a, b)
+            return jax.lax.psum(partial, axes) if axes else partial
+
+        return mesh, lower, replicated, (by_rows, by_rows, replicated, replicated, replicated)
+
+    sums.def_partition(partition=partition,
+                       infer_sharding_from_operands=lambda mesh, arg_shapes, result_shape: NamedSharding(mesh, P()),
+                       sharding_rule="m c, m c, c, c, c -> t c", reduction_factors=("m",))
+    return sums
+
+
+SHARDED = {name: _sharded(fn) for name, fn in OFF_GPU.items()}
+
+
 def _grad_sums(x: Array, dy: Array, mean: Array, a: Array, b: Array) -> tuple[Array, Array]:
-    return jax.lax.platform_dependent(x, dy, mean, a, b, cuda=relu_grad_sums, default=OFF_GPU[_off_gpu])
+    sums = SHARDED[_off_gpu](x, dy, mean, a, b)
+    return sums[0], sums[1]
 
 
 # ---------------------------------------------------------------- BatchNorm + ReLU

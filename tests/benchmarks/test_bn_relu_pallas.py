@@ -35,6 +35,30 @@ def test_the_kernel_sums_equal_float64(rows, channels):
         np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("spec", [("data", None), (None, None), (("data", "model"), None)])
+def test_row_sharded_sums_add_each_devices_rows_without_gathering_them(spec):
+    """With x and dy split by rows over the 8 test devices (or over two mesh axes, or not at
+    all), each device sums its own rows and one all-reduce adds them: the result equals the
+    float64 sums, and no device gathers the whole of x."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+    keys = jax.random.split(jax.random.key(3), 5)
+    x = jax.random.normal(keys[0], (8 * 64, 24)) + 0.2
+    dy = jax.random.normal(keys[1], x.shape)
+    mean, a, b = (jax.random.normal(k, (24,)) for k in keys[2:])
+    rows = NamedSharding(mesh, PartitionSpec(*spec))
+    x_sharded, dy_sharded = jax.device_put(x, rows), jax.device_put(dy, rows)
+    with bn_relu_pallas.patched("interpret"):
+        fn = jax.jit(bn_relu_pallas._grad_sums)
+        got = fn(x_sharded, dy_sharded, mean, a, b)
+        hlo = fn.lower(x_sharded, dy_sharded, mean, a, b).compile().as_text()
+    for g, want in zip(got, _sums_float64(x, dy, mean, a, b)):
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-4)
+    assert "all-gather" not in hlo
+    assert ("all-reduce" in hlo) == (spec[0] is not None)
+
+
 def _textbook(x, scale, bias, epsilon=1e-5):
     mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
     return jax.nn.relu((x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias)
