@@ -2,6 +2,7 @@
 
     python3 -m pip install "jax[cuda12-local]"     # the CUDA plugin, no CUDA libraries (test extra)
     python3 benchmarks/gpu_compile_report.py --model resnet50 --batch-size 256 [--top 15] [--json]
+    python3 benchmarks/gpu_compile_report.py --gpus 2 --batch-size 512 --bn-relu pallas   # 2 GPUs, a candidate
     python3 -m pip install "jax[tpu]"              # libtpu, for --tpu
     python3 benchmarks/gpu_compile_report.py --tpu v5e:2x2      # one chip of that topology
 
@@ -20,7 +21,9 @@ Reported, for the same ``train_step`` that ``resnet-jax train`` runs:
   run faster than traffic / bandwidth, nor than model FLOPs / peak FLOP/s;
 - with ``--top N`` the N kernels that move the most bytes, to find what to fuse next;
 - with ``--max-batch-within GIB`` the largest batch whose step needs at most GIB (one
-  compile per probe): the prediction of ``resnet-jax benchmark --find-max-batch``.
+  compile per probe): the prediction of ``resnet-jax benchmark --find-max-batch``;
+- with ``--gpus N`` the step with its batch split over N GPUs (per-GPU figures), and with
+  ``--bn-relu pallas`` the step with ``bn_relu_pallas.py``'s candidate patched in.
 
 Used in docs/performance.md to predict a change's effect before it is timed on a device.
 """
@@ -50,9 +53,10 @@ DEFAULT_TARGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_s
 TPU_BANDWIDTH = {"v4": 1.2e12, "v5e": 8.19e11, "v5p": 2.765e12, "v6e": 1.64e12}
 
 
-def target_devices(target: str, tpu: str | None = None) -> list:
+def target_devices(target: str, tpu: str | None = None, gpus: int = 1) -> list:
     """The attached GPU, or one compile-only device: of the GPU that ``target`` describes,
-    or of the TPU topology ``tpu`` (e.g. ``v5e:2x2``)."""
+    or of the TPU topology ``tpu`` (e.g. ``v5e:2x2``). ``gpus`` > 1: that many GPUs (attached,
+    or of one compile-only host: topology ``1x1xN``)."""
     from jax.experimental import topologies
 
     if tpu:
@@ -65,19 +69,23 @@ def target_devices(target: str, tpu: str | None = None) -> list:
                 'Install libtpu for this jax (no TPU needed): python3 -m pip install "jax[tpu]"'
             ) from e
     try:
-        return jax.devices("gpu")[:1]
+        attached = jax.devices("gpu")
     except RuntimeError:
-        pass
+        attached = []
+    if attached:
+        if len(attached) < gpus:
+            raise SystemExit(f"gpu_compile_report: {gpus} GPUs asked for, {len(attached)} attached")
+        return attached[:gpus]
     try:
         with open(target) as f:
             config = f.read()
-        topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=config)
+        topology = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{gpus}", target_config=config)
     except (KeyError, RuntimeError, ValueError) as e:  # no CUDA plugin registered, or a bad spec
         raise SystemExit(
             f"gpu_compile_report: cannot compile for a CUDA target here ({e}).\n"
             'Install the CUDA plugin matching jax (no GPU needed): python3 -m pip install "jax[cuda12-local]"'
         ) from e
-    return list(topology.devices)[:1]
+    return list(topology.devices)[:gpus]
 
 
 def gpu_spec(device_kind: str) -> str | None:
@@ -99,7 +107,8 @@ def bandwidth_bytes_per_second(target: str) -> float:
 
 def compile_report(
     model: str, batch_size: int, image_size: int, dtype: str, target: str = DEFAULT_TARGET, tpu: str | None = None,
-    peer: str | None = None, steps_per_dispatch: int = 1, recipe: str | None = None,
+    peer: str | None = None, steps_per_dispatch: int = 1, recipe: str | None = None, gpus: int = 1,
+    bn_relu: str = "model",
 ) -> tuple[dict, str]:
     """Compiles ``model``'s train step for ``target`` (or TPU ``tpu``); returns (figures, optimised HLO text).
 
@@ -108,14 +117,28 @@ def compile_report(
     ``jax.lax.scan`` (``step.compile_multi_step``); traffic, kernels and floors are then per
     step (the program's divided by k), memory is the program's. ``recipe``
     (``configs/FILE.py[:variant]``): that recipe's step, as ``resnet-jax benchmark --config``.
+    ``gpus`` > 1: the step with the batch split over that many GPUs; traffic, kernels, memory
+    and per-image figures are then per GPU (its share of the batch). ``bn_relu="pallas"``:
+    with ``benchmarks/bn_relu_pallas.py``'s BatchNorm + ReLU patched in (a candidate).
     """
+    if bn_relu == "pallas":
+        from benchmarks.bn_relu_pallas import patched
+
+        with patched():
+            report, hlo = compile_report(model, batch_size, image_size, dtype, target, tpu, peer,
+                                         steps_per_dispatch, recipe, gpus)
+        return {**report, "bn_relu": "pallas"}, hlo
+    if bn_relu != "model":
+        raise ValueError(f"bn_relu must be 'model' or 'pallas', not {bn_relu!r}")
+    if gpus < 1 or (gpus > 1 and (tpu or peer is not None)) or batch_size % gpus:
+        raise ValueError("gpus must be >= 1 and divide the batch; more than one is for our step on GPUs only")
     if steps_per_dispatch < 1 or (peer is not None and (steps_per_dispatch > 1 or recipe)):
         raise ValueError("steps_per_dispatch must be >= 1, and 1 for a peer; a recipe is for our step only")
     k = steps_per_dispatch
     from resnet_jax.models import model_macs
     from resnet_jax.train.benchmark import compiled_peak_bytes, device_peak_tflops
 
-    devices = target_devices(target, tpu)
+    devices = target_devices(target, tpu, gpus)
     if peer == "flax":
         from benchmarks.peer_flax import abstract_step, make_model
 
@@ -157,7 +180,8 @@ def compile_report(
     traffic["kernels"] /= k
     traffic["by_phase"] = {phase: b / k for phase, b in traffic["by_phase"].items()}
     traffic["by_kind"] = {kind: {"kernels": v["kernels"] / k, "bytes": v["bytes"] / k} for kind, v in traffic["by_kind"].items()}
-    flops = 6 * model_macs(net, image_size) * batch_size
+    per_device = batch_size // gpus
+    flops = 6 * model_macs(net, image_size) * per_device
     if tpu:
         bandwidth = TPU_BANDWIDTH[tpu.split(":")[0]]
     else:
@@ -172,15 +196,16 @@ def compile_report(
     peak = compiled_peak_bytes(compiled)
     return {
         "model": model if peer is None else f"{peer} peer {model}", "config": recipe, "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
-        "device_kind": devices[0].device_kind, "jax": jax.__version__, "steps_per_dispatch": k,
+        "device_kind": devices[0].device_kind, "gpus": gpus, "bn_relu": bn_relu, "jax": jax.__version__,
+        "steps_per_dispatch": k,
         "compile_seconds_host": compile_seconds,
         "argument_gib": mem.argument_size_in_bytes / 2**30,
         "temp_gib": mem.temp_size_in_bytes / 2**30,
         "output_gib": (mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**30,
         "peak_gib": peak / 2**30,
-        "temp_mib_per_image": mem.temp_size_in_bytes / 2**20 / batch_size,
+        "temp_mib_per_image": mem.temp_size_in_bytes / 2**20 / per_device,
         "traffic_gib": traffic["traffic_bytes"] / 2**30,
-        "traffic_mib_per_image": traffic["traffic_bytes"] / 2**20 / batch_size,
+        "traffic_mib_per_image": traffic["traffic_bytes"] / 2**20 / per_device,
         "kernels": traffic["kernels"],
         "traffic_by_phase_gib": {k: v / 2**30 for k, v in traffic["by_phase"].items()},
         "traffic_by_kind_gib": {k: round(v["bytes"] / 2**30, 3) for k, v in traffic["by_kind"].items()},
@@ -203,7 +228,8 @@ def max_batch_within(args: argparse.Namespace, report: dict) -> dict:
             needed = report["peak_gib"]
         else:
             needed = compile_report(args.model, batch, args.image_size, args.dtype, args.target, args.tpu,
-                                    args.peer, args.steps_per_dispatch, args.config)[0]["peak_gib"]
+                                    args.peer, args.steps_per_dispatch, args.config,
+                                    bn_relu=args.bn_relu)[0]["peak_gib"]
         print(f"  batch {batch:>6}: {needed:.2f} GiB", file=sys.stderr, flush=True)
         return needed <= args.max_batch_within
 
@@ -231,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="also search the largest batch whose compiled step needs at most GIB of device memory "
                         "(compile-only, as resnet-jax benchmark --find-max-batch does on the device; an H100 80GB "
                         "lets XLA allocate ~59 GiB under its default 75%% preallocation)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="split the batch over this many GPUs (compile-only: one host's 1x1xN topology); figures per GPU")
+    p.add_argument("--bn-relu", choices=["model", "pallas"], default="model",
+                   help="pallas: with benchmarks/bn_relu_pallas.py's BatchNorm + ReLU (a candidate) patched in")
     p.add_argument("--top", type=int, default=0, help="list the N kernels that move the most bytes")
     p.add_argument("--dump-hlo", help="write the optimised HLO text here")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
@@ -239,9 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps-per-dispatch must be >= 1; it and --config are for our step only (not with --peer)")
     if args.tpu and args.tpu.split(":")[0] not in TPU_BANDWIDTH:
         p.error(f"--tpu {args.tpu}: unknown generation; use one of {', '.join(TPU_BANDWIDTH)}, e.g. v5e:2x2")
+    if args.gpus > 1 and (args.tpu or args.peer or args.max_batch_within):
+        p.error("--gpus is for our step on GPUs (not with --tpu, --peer or --max-batch-within)")
     r, hlo = compile_report(
         args.model, args.batch_size, args.image_size, args.dtype, args.target, args.tpu, args.peer,
-        args.steps_per_dispatch, args.config,
+        args.steps_per_dispatch, args.config, args.gpus, args.bn_relu,
     )
     if args.dump_hlo:
         with open(args.dump_hlo, "w") as f:
@@ -254,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{r['model']} batch {r['batch_size']} @{r['image_size']}px {r['dtype']}, compiled for {r['device_kind']} "
         f"(jax {r['jax']}) in {r['compile_seconds_host']:.1f} s on the host"
+        + (f"; the batch split over {r['gpus']} GPUs, figures per GPU" if r["gpus"] > 1 else "")
+        + ("; BatchNorm + ReLU from bn_relu_pallas.py" if r["bn_relu"] == "pallas" else "")
         + (f"; {r['steps_per_dispatch']} steps per dispatch, figures per step" if r["steps_per_dispatch"] > 1 else "")
         + "\n"
         f"  memory      peak {r['peak_gib']:.2f} GiB = arguments {r['argument_gib']:.2f} + temporaries "

@@ -156,3 +156,23 @@ def test_patched_into_resnet18_it_trains_as_the_model_does():
     assert sorted(set(calls)) == [(8, 1, 1, 512), (8, 2, 2, 256), (8, 4, 4, 128), (8, 8, 8, 64)], calls
     assert len(calls) % 8 == 0, calls
     np.testing.assert_allclose(ours["losses"], own["losses"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_for_h100s_the_candidate_moves_fewer_bytes_on_one_gpu_and_on_two():
+    """``gpu_compile_report --bn-relu pallas [--gpus 2]`` (compiled for the H100, no GPU
+    needed): ResNet-18's step gets one Triton kernel per inner BatchNorm (bn1 of its 8
+    blocks), moves fewer bytes at the same peak memory, and with the batch split over two
+    GPUs it gathers nothing and still moves fewer bytes per GPU than the model's step."""
+    pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install 'jax[cuda12-local]'")
+    from benchmarks.gpu_compile_report import compile_report
+
+    for gpus in (1, 2):
+        own, own_hlo = compile_report("resnet18", 16, 64, "bfloat16", gpus=gpus)
+        ours, hlo = compile_report("resnet18", 16, 64, "bfloat16", gpus=gpus, bn_relu="pallas")
+        assert (ours["gpus"], ours["bn_relu"]) == (gpus, "pallas")
+        assert hlo.count('custom_call_target="__gpu$xla.gpu.triton"') == 8
+        assert own_hlo.count('custom_call_target="__gpu$xla.gpu.triton"') == 0
+        assert ours["traffic_gib"] < own["traffic_gib"], (gpus, ours["traffic_gib"], own["traffic_gib"])
+        assert ours["peak_gib"] <= own["peak_gib"] * 1.001
+        assert "all-gather" not in hlo
