@@ -145,7 +145,7 @@ _off_gpu = "xla"
 
 def _sharded(off_gpu: Callable) -> Callable:
     """The sums as a ``custom_partitioning`` op: XLA's partitioner cannot split the kernel's
-    custom call and would gather a batch-sharded x and dy onto every device. Here each device
+    custom call and would replicate a batch-sharded x and dy on every device. Here each device
     sums its own rows and the (2, C) results are added across the devices that share the
     rows (``psum``): the all-reduce that whole-batch BatchNorm needs anyway. Returns the
     stacked (2, C) sums."""
