@@ -179,7 +179,8 @@ class BatchNorm(nn.Module):
                 ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
             return y
         inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale.astype(jnp.float32)
-        y = ((x.astype(jnp.float32) - ra_mean.value) * inv + bias.astype(jnp.float32)).astype(self.dtype)
+        y = (x.astype(jnp.float32) - ra_mean.value) * inv + bias.astype(jnp.float32)
+        y = y.astype(self.dtype)
         return y if self.activation is None else self.activation(y)
 
 
@@ -195,10 +196,10 @@ def _batch_norm_train(
     """Normalises ``x`` (N, ..., C) with the statistics of each group of ``group`` examples.
 
     Returns the output in ``dtype`` (passed through ``activation`` if given) and the float32
-    (N // group, C) means and biased variances. Plain autodiff: XLA:GPU fuses the float32 ``x - mean`` and ``x_hat`` into
-    the kernels that use them and keeps only the compute-dtype input for the backward
-    pass (docs/performance.md, changes 1 and 2: a ``jax.checkpoint`` here cost 13% more
-    HBM traffic on the H100).
+    (N // group, C) means and biased variances. Plain autodiff: XLA:GPU fuses the float32
+    ``x - mean`` and ``x_hat`` into the kernels that use them and keeps only the
+    compute-dtype input for the backward pass (docs/performance.md, changes 1 and 2: a
+    ``jax.checkpoint`` here cost 13% more HBM traffic on the H100).
     """
     features = x.shape[-1]
     grouped = x.astype(jnp.float32).reshape((x.shape[0] // group, group) + x.shape[1:])
