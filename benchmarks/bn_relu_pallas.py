@@ -274,6 +274,14 @@ def patched(off_gpu: str = "xla") -> Iterator[None]:
         layers._batch_norm_train, _off_gpu = model_train, previous
 
 
+def batch_norm_relu(choice: str) -> contextlib.AbstractContextManager:
+    """The BatchNorm + ReLU a benchmark asks for: ``"model"`` (the model's own, nothing
+    patched) or ``"pallas"`` (:func:`patched`); anything else is refused."""
+    if choice not in ("model", "pallas"):
+        raise ValueError(f"bn_relu must be 'model' or 'pallas', not {choice!r}")
+    return patched() if choice == "pallas" else contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------- timing on the device
 def resnet50_inner_shapes(batch: int) -> list[tuple[int, int, int, int]]:
     """The NHWC shapes of ResNet-50's inner BatchNorm inputs at 224px, one per distinct shape."""

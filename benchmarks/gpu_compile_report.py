@@ -121,15 +121,13 @@ def compile_report(
     and per-image figures are then per GPU (its share of the batch). ``bn_relu="pallas"``:
     with ``benchmarks/bn_relu_pallas.py``'s BatchNorm + ReLU patched in (a candidate).
     """
-    if bn_relu == "pallas":
-        from benchmarks.bn_relu_pallas import patched
+    if bn_relu != "model":
+        from benchmarks.bn_relu_pallas import batch_norm_relu
 
-        with patched():
+        with batch_norm_relu(bn_relu):  # refuses an unknown choice
             report, hlo = compile_report(model, batch_size, image_size, dtype, target, tpu, peer,
                                          steps_per_dispatch, recipe, gpus)
-        return {**report, "bn_relu": "pallas"}, hlo
-    if bn_relu != "model":
-        raise ValueError(f"bn_relu must be 'model' or 'pallas', not {bn_relu!r}")
+        return {**report, "bn_relu": bn_relu}, hlo
     if gpus < 1 or (gpus > 1 and (tpu or peer is not None)) or batch_size % gpus:
         raise ValueError("gpus must be >= 1 and divide the batch; more than one is for our step on GPUs only")
     if steps_per_dispatch < 1 or (peer is not None and (steps_per_dispatch > 1 or recipe)):

@@ -44,7 +44,6 @@ largest difference of the loss over the run against the model's own.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import statistics
@@ -202,8 +201,7 @@ def full_step(model: str, batch: int, image: int, dtype_name: str, steps: int,
     from resnet_jax.models import layers, resnet
     from resnet_jax.train.benchmark import benchmark_config, measure
 
-    if bn_relu not in ("model", "pallas"):
-        raise ValueError(f"bn_relu must be 'model' or 'pallas', not {bn_relu!r}")
+    batch_norm = bn_relu_pallas.batch_norm_relu(bn_relu)
     model_conv, model_pool = resnet.conv, layers.max_pool_3x3_s2
     stem_conv = as_lax_conv(CONV_VARIANTS[conv_variant])
 
@@ -212,7 +210,6 @@ def full_step(model: str, batch: int, image: int, dtype_name: str, steps: int,
             kwargs["conv_general_dilated"] = stem_conv
         return model_conv(features, kernel_size, strides, *args, **kwargs)
 
-    batch_norm = bn_relu_pallas.patched() if bn_relu == "pallas" else contextlib.nullcontext()
     try:
         resnet.conv = conv
         if pool_variant:
@@ -347,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--inner", type=int, default=10, help="calls per timed repeat")
     p.add_argument("--full-step-model", default="resnet50",
                    help="then time this model's whole train step with the fastest conv candidate, the parity "
-                        "pool, and both, against the model's own (default resnet50; 'none' skips it)")
+                        "pool, both, and the --bn-relu runs, against the model's own (default resnet50; 'none' "
+                        "skips it)")
     p.add_argument("--full-step-steps", type=int, default=50, help="timed steps of each whole-step run")
     p.add_argument("--bn-relu", choices=("pallas", "none"), default="pallas",
                    help="also time the whole step with bn_relu_pallas.py's BatchNorm + ReLU, alone and with "
