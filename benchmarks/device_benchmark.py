@@ -16,7 +16,8 @@ So the measurements are jobs in priority order, and each call runs as many as it
    the device; the largest batch that fits.
 
 A job starts only if its estimate fits in the time left (a later, shorter one may still
-run) and is killed at the deadline. Nothing is dropped silently: every job ends as done,
+run) and is killed at the deadline, or earlier at its own limit where its estimate is a
+guess (the candidates' jobs), so that an overrun cannot take the rows after it. Nothing is dropped silently: every job ends as done,
 failed, killed or skipped, in ``$OUT/jobs.jsonl`` and in the summary, which prints the
 ``--only`` line that runs the rest in the next call. Each result line is written to
 ``$OUT/results.jsonl`` as soon as its job prints it, so a call cut short keeps what finished.
@@ -66,13 +67,16 @@ class Job:
     ``id`` is ``kind/model@size`` (``ours/resnet50@224``); ``estimate_s`` is the wall time it
     is expected to take, compiles included: what it took on the H200 on 2026-11-26 plus ~40%
     (guesses for the stem candidates, never run yet, and the batch search, which ran out of
-    lease after 170 s and three probes).
+    lease after 170 s and three probes). ``limit_s``, where set, kills the job that long after
+    its start even with time left: for a job whose estimate is a guess, so that an overrun
+    costs the jobs after it no more than ``limit_s - estimate_s``.
     """
 
     id: str
     estimate_s: float
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
+    limit_s: float | None = None
 
 
 @dataclasses.dataclass
@@ -153,9 +157,11 @@ def plan(
     # (and with bn_relu_pallas.py's BatchNorm + ReLU, alone and on top of both)
     stem = Job(f"stem-variants/{vtag}", 220, (PYTHON, "benchmarks/stem_variants.py", "--batch-size", str(batch),
                                                "--image-size", vsize, "--full-step-model", vmodel,
-                                               "--full-step-steps", str(max(steps // 2, 5))))
+                                               "--full-step-steps", str(max(steps // 2, 5))),
+               limit_s=330)
     # the Pallas BatchNorm + ReLU alone at ResNet-50's inner shapes, and its kernel's block sizes
-    bn_relu = Job(f"bn-relu/b{batch}", 45, (PYTHON, "benchmarks/bn_relu_pallas.py", "--batch-size", str(batch)))
+    bn_relu = Job(f"bn-relu/b{batch}", 45, (PYTHON, "benchmarks/bn_relu_pallas.py", "--batch-size", str(batch)),
+                  limit_s=90)
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(
@@ -240,6 +246,7 @@ def _run_one(job: Job, out: Path, left: float, log, results, echo, clock) -> Out
     log.flush()
     env = {**os.environ, "OUT": str(out.resolve()), "PYTHONUNBUFFERED": "1", **dict(job.env)}
     start = clock()
+    timeout = min(left, job.limit_s) if job.limit_s else left
     proc = subprocess.Popen(job.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
 
@@ -262,13 +269,14 @@ def _run_one(job: Job, out: Path, left: float, log, results, echo, clock) -> Out
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        code = proc.wait(timeout=max(left, 0.0))
+        code = proc.wait(timeout=max(timeout, 0.0))
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         reader.join(timeout=10)
-        return Outcome(job.id, "killed", clock() - start, job.estimate_s,
-                       f"still running at the deadline ({left:.0f} s after its start)")
+        why = (f"ran past its limit of {timeout:.0f} s" if timeout < left
+               else f"still running at the deadline ({left:.0f} s after its start)")
+        return Outcome(job.id, "killed", clock() - start, job.estimate_s, why)
     reader.join(timeout=10)
     seconds = clock() - start
     if code:

@@ -19,31 +19,35 @@ def _py(code: str) -> tuple[str, ...]:
 
 
 def test_jobs_run_in_order_within_the_budget_and_every_job_is_accounted_for(tmp_path, monkeypatch):
-    """Budget 6 s: a job that does not fit its estimate is skipped and a shorter one after it
-    still runs; a failing job is reported failed; a job still running at the deadline is killed
-    with its whole process group (a child holding its output open included), and the result
-    it printed before stays."""
+    """Budget 8 s: a job that does not fit its estimate is skipped and a shorter one after it
+    still runs; a failing job is reported failed; a job past its own limit is killed there and
+    the next one runs; a job still running at the deadline is killed with its whole process
+    group (a child holding its output open included), and the result it printed before stays."""
     monkeypatch.setattr(db, "RESERVE_S", 0.0)
     jobs = [
         Job("first/a@1", 1, _py('print("warming up"); print(\'{"images_per_s": 10}\'); print("{not json")')),
         Job("second/too-long@1", 100, _py("raise SystemExit('must not run')")),
         Job("third/b@1", 1, _py("raise SystemExit(3)")),
+        Job("guess/g@1", 1, _py('import time; print(\'{"partial": 1}\', flush=True); time.sleep(60)'), limit_s=2),
         Job("fourth/c@1", 1, ("bash", "-c", "echo '{\"xla\": 1}'; sleep 60 & sleep 60")),
         Job("fifth/d@1", 1, _py("print('{\"late\": 1}')")),
     ]
     echoed = []
     start = time.monotonic()
-    outcomes = run_jobs(jobs, tmp_path, budget_s=6, echo=echoed.append)
+    outcomes = run_jobs(jobs, tmp_path, budget_s=8, echo=echoed.append)
     took = time.monotonic() - start
 
     assert [(o.id, o.status) for o in outcomes] == [
         ("first/a@1", "done"), ("second/too-long@1", "skipped"), ("third/b@1", "failed"),
-        ("fourth/c@1", "killed"), ("fifth/d@1", "skipped")]
+        ("guess/g@1", "killed"), ("fourth/c@1", "killed"), ("fifth/d@1", "skipped")]
     assert took < 15, "the killed job's background child must not keep run_jobs waiting"
     assert "needs ~100 s" in outcomes[1].reason and "exit status 3" in outcomes[2].reason
+    assert "limit of 2 s" in outcomes[3].reason and 1.5 < outcomes[3].seconds < 5
+    assert "at the deadline" in outcomes[4].reason
     # each JSON object printed on a line of its own, tagged with its job; other lines only logged
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert rows == [{"job": "first/a@1", "images_per_s": 10}, {"job": "fourth/c@1", "xla": 1}]
+    assert rows == [{"job": "first/a@1", "images_per_s": 10}, {"job": "guess/g@1", "partial": 1},
+                    {"job": "fourth/c@1", "xla": 1}]
     log = (tmp_path / "log.txt").read_text()
     assert "warming up" in log and "{not json" in log and "must not run" not in log
     assert [json.loads(line)["status"] for line in (tmp_path / "jobs.jsonl").read_text().splitlines()] == [
@@ -52,7 +56,7 @@ def test_jobs_run_in_order_within_the_budget_and_every_job_is_accounted_for(tmp_
 
     # the summary names every job not done, in an --only line that selects exactly those jobs
     (owed_line,) = [line for line in summary(rows, outcomes).splitlines() if line.startswith("owed")]
-    assert owed_line.startswith("owed (4): bash benchmarks/device_benchmark.sh --only ")
+    assert owed_line.startswith("owed (5): bash benchmarks/device_benchmark.sh --only ")
     only = owed_line.split("--only ")[1]
     assert [j.id for j in select(jobs, only=only)] == [o.id for o in outcomes if o.status != "done"]
 
@@ -66,6 +70,10 @@ def test_the_headline_row_comes_first_and_the_longest_search_last():
     assert ids[6:9] == ["ours/resnet18@224", "ours/resnet101@224", "ours/resnetrs50@160"]
     assert ids[-1] == "max-batch/resnet50@224"
     assert len(set(ids)) == len(ids)
+    # the candidates' jobs, whose estimates are guesses, stop at a limit above their estimate
+    limited = {j.id: (j.estimate_s, j.limit_s) for j in jobs if j.limit_s}
+    assert set(limited) == {"stem-variants/resnet50@224", "bn-relu/b256"}
+    assert all(estimate < limit for estimate, limit in limited.values())
     # ResNet-RS is timed with its recipe's step (EMA, label smoothing, dropout), as it trains
     rs = next(j for j in jobs if j.id == "ours/resnetrs50@160")
     assert "configs/resnet_rs.py:scaled-50-160" in rs.argv
