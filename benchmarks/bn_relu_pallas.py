@@ -32,11 +32,17 @@ sums its own rows and one all-reduce adds them (:func:`_sharded`). Compiled for 
 the ResNet-50 step at batch 512 moves 86.28 GiB per device against the model's 90.98, with
 the same all-reduces.
 
-Not in the model until a device timing shows the gain: :func:`patched` swaps it into
-``layers._batch_norm_train`` for ReLU BatchNorms with whole-batch statistics (the model's
-own path is kept for ghost BatchNorm and other activations). ``stem_variants.py`` times the
-whole ResNet-50 step with it (``--bn-relu pallas``); this script times the BatchNorm + ReLU
-alone, forward and backward, at ResNet-50's inner shapes, and a few kernel block sizes:
+A second candidate on top of it: every BatchNorm's forward statistics, E[x] and E[x^2], from
+a Pallas kernel of the same kind (:func:`moment_sums`, :func:`batch_moments`). It moves the
+same bytes as XLA's reduce fusions, which reach only 2.4 TB/s on the H200 (its elementwise
+kernels 4.3); compiled for the H100 the step moves 84.2 GiB in 909 kernels.
+
+Not in the model until a device timing shows the gain: :func:`patched` swaps them into
+``layers._batch_norm_train`` for BatchNorms with whole-batch statistics (the model's own
+path is kept for ghost BatchNorm). ``stem_variants.py`` times the whole ResNet-50 step with
+them (``--bn-relu pallas``, ``pallas-stats``); this script times the BatchNorm + ReLU alone,
+forward and backward, at ResNet-50's inner shapes, the statistics kernel against XLA's at
+every BatchNorm shape, and a few block sizes of the backward kernel:
 
     python3 benchmarks/bn_relu_pallas.py --batch-size 256
 """
@@ -67,7 +73,7 @@ Array = jax.Array
 BLOCK_ROWS, SUB_ROWS, BLOCK_CHANNELS, NUM_WARPS = 512, 32, 128, 4
 
 
-# ---------------------------------------------------------------- the reduction kernel
+# ---------------------------------------------------------------- the reduction kernels
 def _sums_kernel(x_ref, dy_ref, mean_ref, a_ref, b_ref, out_ref, *, rows: int, sub: int) -> None:
     """One (rows, channels) block: out[0] = sum of g, out[1] = sum of g * (x - mean), where
     g = dy where (x - mean) * a + b > 0 else 0, accumulated in float32 ``sub`` rows at a time."""
@@ -81,10 +87,27 @@ def _sums_kernel(x_ref, dy_ref, mean_ref, a_ref, b_ref, out_ref, *, rows: int, s
         g = jnp.where(centred * a + b > 0, dy, 0.0)
         return sum_g + g, sum_gc + g * centred
 
+    _accumulate(body, x_ref, out_ref, rows, sub)
+
+
+def _moments_kernel(x_ref, out_ref, *, rows: int, sub: int) -> None:
+    """One (rows, channels) block: out[0] = sum of x, out[1] = sum of x * x, in float32."""
+
+    def body(i: int, acc: tuple[Array, Array]) -> tuple[Array, Array]:
+        sum_x, sum_xx = acc
+        x = x_ref[pl.ds(i * sub, sub), :].astype(jnp.float32)
+        return sum_x + x, sum_xx + x * x
+
+    _accumulate(body, x_ref, out_ref, rows, sub)
+
+
+def _accumulate(body: Callable, x_ref, out_ref, rows: int, sub: int) -> None:
+    """Runs ``body`` over the block's ``rows // sub`` slices of ``sub`` rows with two float32
+    (sub, channels) accumulators, and writes their column sums to ``out_ref[0]`` and ``[1]``."""
     zeros = jnp.zeros((sub, x_ref.shape[1]), jnp.float32)
-    sum_g, sum_gc = jax.lax.fori_loop(0, rows // sub, body, (zeros, zeros))
-    out_ref[0, :] = jnp.sum(sum_g, axis=0)
-    out_ref[1, :] = jnp.sum(sum_gc, axis=0)
+    first, second = jax.lax.fori_loop(0, rows // sub, body, (zeros, zeros))
+    out_ref[0, :] = jnp.sum(first, axis=0)
+    out_ref[1, :] = jnp.sum(second, axis=0)
 
 
 def _largest_power_of_two_divisor(n: int, cap: int) -> int:
@@ -92,6 +115,34 @@ def _largest_power_of_two_divisor(n: int, cap: int) -> int:
     while size > 1 and n % size:
         size //= 2
     return size
+
+
+def _block_sums(
+    kernel: Callable, name: str, matrices: Sequence[Array], vectors: Sequence[Array], *,
+    block_rows: int, sub_rows: int, block_channels: int, num_warps: int, interpret: bool,
+) -> Array | None:
+    """Runs ``kernel`` over (block_rows, block_channels) blocks of the (M, C) ``matrices`` with
+    the float32 (C,) ``vectors`` beside them, and adds its per-block (2, C) partial sums.
+    Returns the float32 (2, C) sums, or None where the largest power-of-two blocks that divide
+    M and C leave fewer than 8 rows or channels (the caller then uses plain XLA)."""
+    m, c = matrices[0].shape
+    rows = _largest_power_of_two_divisor(m, block_rows)
+    channels = _largest_power_of_two_divisor(c, block_channels)
+    if rows < 8 or channels < 8:
+        return None
+    grid = (m // rows, c // channels)
+    vector = pl.BlockSpec((1, channels), lambda i, j: (0, j))
+    partial = pl.pallas_call(
+        functools.partial(kernel, rows=rows, sub=min(sub_rows, rows)),
+        grid=grid,
+        in_specs=[pl.BlockSpec((rows, channels), lambda i, j: (i, j))] * len(matrices) + [vector] * len(vectors),
+        out_specs=pl.BlockSpec((None, 2, channels), lambda i, j: (i, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((grid[0], 2, c), jnp.float32),
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        name=name,
+    )(*matrices, *(v.reshape(1, c) for v in vectors))
+    return jnp.sum(partial, axis=0)
 
 
 def relu_grad_sums(
@@ -108,26 +159,9 @@ def relu_grad_sums(
     largest powers of two that divide M and C; where that leaves fewer than 8 rows the plain
     XLA reductions are used instead.
     """
-    m, c = x.shape
-    rows = _largest_power_of_two_divisor(m, block_rows)
-    channels = _largest_power_of_two_divisor(c, block_channels)
-    if rows < 8 or channels < 8:
-        return relu_grad_sums_xla(x, dy, mean, a, b)
-    sub = min(sub_rows, rows)
-    grid = (m // rows, c // channels)
-    vector = pl.BlockSpec((1, channels), lambda i, j: (0, j))
-    partial = pl.pallas_call(
-        functools.partial(_sums_kernel, rows=rows, sub=sub),
-        grid=grid,
-        in_specs=[pl.BlockSpec((rows, channels), lambda i, j: (i, j))] * 2 + [vector] * 3,
-        out_specs=pl.BlockSpec((None, 2, channels), lambda i, j: (i, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((grid[0], 2, c), jnp.float32),
-        interpret=interpret,
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
-        name="batch_norm_relu_grad_sums",
-    )(x, dy, mean.reshape(1, c), a.reshape(1, c), b.reshape(1, c))
-    sums = jnp.sum(partial, axis=0)
-    return sums[0], sums[1]
+    sums = _block_sums(_sums_kernel, "batch_norm_relu_grad_sums", (x, dy), (mean, a, b), block_rows=block_rows,
+                       sub_rows=sub_rows, block_channels=block_channels, num_warps=num_warps, interpret=interpret)
+    return relu_grad_sums_xla(x, dy, mean, a, b) if sums is None else (sums[0], sums[1])
 
 
 def relu_grad_sums_xla(x: Array, dy: Array, mean: Array, a: Array, b: Array, **_: object) -> tuple[Array, Array]:
@@ -137,21 +171,44 @@ def relu_grad_sums_xla(x: Array, dy: Array, mean: Array, a: Array, b: Array, **_
     return jnp.sum(g, axis=0), jnp.sum(g * centred, axis=0)
 
 
+def moment_sums(
+    x: Array, *, block_rows: int = BLOCK_ROWS, sub_rows: int = SUB_ROWS, block_channels: int = BLOCK_CHANNELS,
+    num_warps: int = NUM_WARPS, interpret: bool = False,
+) -> tuple[Array, Array]:
+    """Per-channel ``sum(x)`` and ``sum(x * x)`` in float32 over the rows of ``x`` (M, C): the
+    forward statistics of every BatchNorm, in one Pallas (Triton) kernel that reads ``x``
+    once. XLA's reduce fusions for these reach 2.4 TB/s on the H200 (the profile in
+    docs/performance.md), where its elementwise kernels reach 4.3. Block sizes and the
+    fallback as :func:`relu_grad_sums`."""
+    sums = _block_sums(_moments_kernel, "batch_norm_moment_sums", (x,), (), block_rows=block_rows,
+                       sub_rows=sub_rows, block_channels=block_channels, num_warps=num_warps, interpret=interpret)
+    return moment_sums_xla(x) if sums is None else (sums[0], sums[1])
+
+
+def moment_sums_xla(x: Array, **_: object) -> tuple[Array, Array]:
+    """:func:`moment_sums` as plain XLA reductions (the model's own)."""
+    xf = x.astype(jnp.float32)
+    return jnp.sum(xf, axis=0), jnp.sum(xf * xf, axis=0)
+
+
 # Where the step is not lowered for a GPU: "xla" (the plain reductions) or "interpret" (the
 # kernel under the Pallas interpreter, for the CPU tests).
 OFF_GPU = {"xla": relu_grad_sums_xla, "interpret": functools.partial(relu_grad_sums, interpret=True)}
+MOMENTS_OFF_GPU = {"xla": moment_sums_xla, "interpret": functools.partial(moment_sums, interpret=True)}
 _off_gpu = "xla"
 
 
-def _sharded(off_gpu: Callable) -> Callable:
-    """The sums as a ``custom_partitioning`` op: XLA's partitioner cannot split the kernel's
-    custom call and would replicate a batch-sharded x and dy on every device. Here each device
-    sums its own rows and the (2, C) results are added across the devices that share the
-    rows (``psum``): the all-reduce that whole-batch BatchNorm needs anyway. Returns the
-    stacked (2, C) sums."""
+def _sharded(on_gpu: Callable, off_gpu: Callable, row_args: int, vector_args: int) -> Callable:
+    """Sums over rows as a ``custom_partitioning`` op: XLA's partitioner cannot split a
+    kernel's custom call and would replicate batch-sharded inputs on every device. Here each
+    device sums its own rows and the (2, C) results are added across the devices that share
+    the rows (``psum``): the all-reduce that whole-batch BatchNorm needs anyway. The first
+    ``row_args`` arguments are (M, C) and split by rows, the ``vector_args`` after them (C,)
+    vectors. Returns the
+    stacked (2, C) sums of ``on_gpu`` where lowered for an NVIDIA GPU, else of ``off_gpu``."""
 
-    def local(x: Array, dy: Array, mean: Array, a: Array, b: Array) -> Array:
-        return jnp.stack(jax.lax.platform_dependent(x, dy, mean, a, b, cuda=relu_grad_sums, default=off_gpu))
+    def local(*args: Array) -> Array:
+        return jnp.stack(jax.lax.platform_dependent(*args, cuda=on_gpu, default=off_gpu))
 
     sums = custom_partitioning(local)
 
@@ -161,24 +218,45 @@ def _sharded(off_gpu: Callable) -> Callable:
         axes = () if rows is None else tuple(rows) if isinstance(rows, tuple) else (rows,)
         by_rows, replicated = NamedSharding(mesh, P(rows, None)), NamedSharding(mesh, P())
 
-        def lower(x: Array, dy: Array, mean: Array, a: Array, b: Array) -> Array:
-            partial = local(x, dy, mean, a, b)
+        def lower(*args: Array) -> Array:
+            partial = local(*args)
             return jax.lax.psum(partial, axes) if axes else partial
 
-        return mesh, lower, replicated, (by_rows, by_rows, replicated, replicated, replicated)
+        return mesh, lower, replicated, (by_rows,) * row_args + (replicated,) * vector_args
 
+    operands = ", ".join(["m c"] * row_args + ["c"] * vector_args)
     sums.def_partition(partition=partition,
                        infer_sharding_from_operands=lambda mesh, arg_shapes, result_shape: NamedSharding(mesh, P()),
-                       sharding_rule="m c, m c, c, c, c -> t c", reduction_factors=("m",))
+                       sharding_rule=f"{operands} -> t c", reduction_factors=("m",))
     return sums
 
 
-SHARDED = {name: _sharded(fn) for name, fn in OFF_GPU.items()}
+SHARDED = {name: _sharded(relu_grad_sums, fn, row_args=2, vector_args=3) for name, fn in OFF_GPU.items()}
+MOMENTS = {name: _sharded(moment_sums, fn, row_args=1, vector_args=0) for name, fn in MOMENTS_OFF_GPU.items()}
 
 
 def _grad_sums(x: Array, dy: Array, mean: Array, a: Array, b: Array) -> tuple[Array, Array]:
     sums = SHARDED[_off_gpu](x, dy, mean, a, b)
     return sums[0], sums[1]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def batch_moments(xf: Array, storage_dtype) -> tuple[Array, Array]:
+    """``mean(x)`` and ``mean(x * x)`` over the rows of ``xf`` (M, C), float32 (C,), through
+    :func:`moment_sums` (on a GPU). ``xf`` is the float32 view of an activation stored in
+    ``storage_dtype``: the kernel reads ``xf.astype(storage_dtype)``, which XLA folds back to
+    the stored array (a widening convert and its inverse), and the derivatives meet the
+    BatchNorm's other uses of ``xf`` in float32, so dx is summed once in float32 and
+    converted once, as in the model. The tangent is written out as plain reductions,
+    ``mean(t)`` and ``mean(2 x t)``: what autodiff of the model's ``jnp.mean`` gives."""
+    sums = MOMENTS[_off_gpu](xf.astype(storage_dtype))
+    return sums[0] / xf.shape[0], sums[1] / xf.shape[0]
+
+
+@batch_moments.defjvp
+def _batch_moments_jvp(storage_dtype, primals: tuple, tangents: tuple) -> tuple:
+    (xf,), (tf,) = primals, tangents
+    return batch_moments(xf, storage_dtype), (jnp.mean(tf, axis=0), jnp.mean(2 * xf * tf, axis=0))
 
 
 # ---------------------------------------------------------------- BatchNorm + ReLU
@@ -239,31 +317,54 @@ def _bn_relu_apply_jvp(epsilon: float, dtype, primals: tuple, tangents: tuple) -
 bn_relu_apply.defjvp(_bn_relu_apply_jvp, symbolic_zeros=True)
 
 
-def batch_norm_relu_train(x: Array, scale: Array, bias: Array, epsilon: float, dtype) -> tuple[Array, Array, Array]:
-    """``relu(BatchNorm(x))`` with whole-batch statistics: ``layers._batch_norm_train`` with
-    ``group = N`` and a ReLU, through :func:`bn_relu_apply`. Returns the output in ``dtype``
-    and the float32 (1, C) mean and biased variance."""
-    xf = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(xf, axis=axes)
-    var = jnp.maximum(jnp.mean(jnp.square(xf), axis=axes) - jnp.square(mean), 0.0)
-    y = bn_relu_apply(x, mean, var, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon, dtype)
+def batch_norm_relu_train(
+    x: Array, scale: Array, bias: Array, epsilon: float, dtype, activation: Callable | None = jax.nn.relu,
+    *, pallas_stats: bool = False,
+) -> tuple[Array, Array, Array]:
+    """``activation(BatchNorm(x))`` with whole-batch statistics: ``layers._batch_norm_train``
+    with ``group = N``. A ReLU (any of ``layers.RELUS``, the default) goes through
+    :func:`bn_relu_apply`; another function or None (a BatchNorm before a residual add) gets
+    the plain formula. ``pallas_stats``: the forward statistics through :func:`batch_moments`
+    (the Pallas kernel on a GPU) instead of ``jnp.mean``. Returns the output in ``dtype`` and
+    the float32 (1, C) mean and biased variance."""
+    from resnet_jax.models.layers import RELUS
+
+    c, xf = x.shape[-1], x.astype(jnp.float32)
+    if pallas_stats:
+        mean, mean_sq = batch_moments(xf.reshape(-1, c), x.dtype)
+    else:
+        axes = tuple(range(x.ndim - 1))
+        mean, mean_sq = jnp.mean(xf, axis=axes), jnp.mean(jnp.square(xf), axis=axes)
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
+    if activation in RELUS:
+        y = bn_relu_apply(x, mean, var, scale, bias, epsilon, dtype)
+    else:
+        y = ((xf - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias).astype(dtype)
+        y = y if activation is None else activation(y)
     return y, mean[None], var[None]
 
 
+# What a benchmark may ask for: the model's own BatchNorm, the Pallas backward reductions of
+# the ReLU BatchNorms, or those and the Pallas forward statistics of every BatchNorm.
+CHOICES = ("model", "pallas", "pallas-stats")
+
+
 @contextlib.contextmanager
-def patched(off_gpu: str = "xla") -> Iterator[None]:
+def patched(off_gpu: str = "xla", stats: bool = False) -> Iterator[None]:
     """Within the block, models built and traced use :func:`batch_norm_relu_train` for every
-    BatchNorm that carries a ReLU and takes whole-batch statistics; ``off_gpu`` picks the
-    sums where the step is not lowered for a GPU (``xla`` or ``interpret``)."""
+    BatchNorm that carries a ReLU and takes whole-batch statistics; with ``stats``, also every
+    other whole-batch BatchNorm, and all of them take their statistics from the Pallas
+    kernel (:func:`batch_moments`). ``off_gpu`` picks the sums where the step is not lowered
+    for a GPU (``xla`` or ``interpret``)."""
     global _off_gpu
     from resnet_jax.models import layers
 
     model_train = layers._batch_norm_train
 
     def train(x, scale, bias, group, epsilon, dtype, activation=None):
-        if activation in layers.RELUS and group == x.shape[0]:
-            return batch_norm_relu_train(x, scale, bias, epsilon, dtype)
+        if group == x.shape[0] and (stats or activation in layers.RELUS):
+            return batch_norm_relu_train(x, scale, bias, epsilon, dtype, activation, pallas_stats=stats)
         return model_train(x, scale, bias, group, epsilon, dtype, activation)
 
     previous, _off_gpu = _off_gpu, off_gpu
@@ -275,11 +376,12 @@ def patched(off_gpu: str = "xla") -> Iterator[None]:
 
 
 def batch_norm_relu(choice: str) -> contextlib.AbstractContextManager:
-    """The BatchNorm + ReLU a benchmark asks for: ``"model"`` (the model's own, nothing
-    patched) or ``"pallas"`` (:func:`patched`); anything else is refused."""
-    if choice not in ("model", "pallas"):
-        raise ValueError(f"bn_relu must be 'model' or 'pallas', not {choice!r}")
-    return patched() if choice == "pallas" else contextlib.nullcontext()
+    """The BatchNorm a benchmark asks for (:data:`CHOICES`): ``"model"`` (the model's own,
+    nothing patched), ``"pallas"`` (:func:`patched`) or ``"pallas-stats"`` (:func:`patched`
+    with ``stats=True``); anything else is refused."""
+    if choice not in CHOICES:
+        raise ValueError(f"bn_relu must be one of {', '.join(map(repr, CHOICES))}, not {choice!r}")
+    return contextlib.nullcontext() if choice == "model" else patched(stats=choice == "pallas-stats")
 
 
 # ---------------------------------------------------------------- timing on the device
@@ -288,12 +390,20 @@ def resnet50_inner_shapes(batch: int) -> list[tuple[int, int, int, int]]:
     return [(batch, 56, 56, 64), (batch, 28, 28, 128), (batch, 14, 14, 256), (batch, 7, 7, 512)]
 
 
+def resnet50_batch_norm_shapes(batch: int) -> list[tuple[int, int, int, int]]:
+    """The NHWC shapes of every ResNet-50 BatchNorm input at 224px, one per distinct shape:
+    the stem's, then each stage's inner (width) and outer (4 x width) ones."""
+    stages = [(56, 64), (28, 128), (14, 256), (7, 512)]
+    return [(batch, 112, 112, 64)] + [(batch, s, s, c) for s, w in stages for c in (w, 4 * w)]
+
+
 def bn_relu_step(impl: str) -> Callable:
-    """Forward + backward of one BatchNorm + ReLU: (x, scale, bias, ct) -> (y, dx, dscale, dbias)."""
+    """Forward + backward of one BatchNorm + ReLU: (x, scale, bias, ct) -> (y, dx, dscale, dbias).
+    ``impl``: ``"model"``, ``"pallas"`` or ``"pallas-stats"`` (:data:`CHOICES`)."""
 
     def forward(x: Array, scale: Array, bias: Array) -> Array:
-        if impl == "pallas":
-            return batch_norm_relu_train(x, scale, bias, 1e-5, x.dtype)[0]
+        if impl != "model":
+            return batch_norm_relu_train(x, scale, bias, 1e-5, x.dtype, pallas_stats=impl == "pallas-stats")[0]
         from resnet_jax.models import layers
 
         return layers._batch_norm_train(x, scale, bias, x.shape[0], 1e-5, x.dtype, layers.relu)[0]
@@ -327,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         scale = 1 + 0.1 * jax.random.normal(keys[2], shape[-1:])
         bias = 0.1 * jax.random.normal(keys[3], shape[-1:])
         outs = {}
-        for impl in ("model", "pallas"):
+        for impl in CHOICES:
             fn = bn_relu_step(impl)
             outs[impl] = fn(x, scale, bias, ct)
             ms = _median_ms(lambda: fn(x, scale, bias, ct), 3, a.repeats, a.inner)
@@ -335,6 +445,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                        for u, v in zip(outs["model"], outs[impl]))
             row = {"part": "bn_relu", "impl": impl, "shape": list(shape), "dtype": a.dtype, "device_kind": kind,
                    "ms": round(ms, 4), "max_rel_diff_vs_model": diff}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    # every BatchNorm's forward statistics: the Pallas kernel (on a GPU; elsewhere XLA's own
+    # reductions, so both rows time the same thing) against the model's XLA reductions
+    moments = {"pallas": jax.jit(lambda x: MOMENTS["xla"](x)),
+               "xla": jax.jit(lambda x: jnp.stack(moment_sums_xla(x)))}
+    for shape in resnet50_batch_norm_shapes(a.batch_size):
+        x2 = (jax.random.normal(jax.random.key(4), (shape[0] * shape[1] * shape[2], shape[3])) + 0.3).astype(dtype)
+        want = moments["xla"](x2)
+        for impl, fn in moments.items():
+            got = fn(x2)
+            ms = _median_ms(lambda: fn(x2), 3, a.repeats, a.inner)
+            diff = float(jnp.max(jnp.abs(got - want) / (jnp.abs(want) + 1e-6)))
+            row = {"part": "moments", "impl": impl, "shape": list(shape), "ms": round(ms, 4),
+                   "gb_per_s": round(x2.size * dtype.itemsize / (ms * 1e-3) / 1e9), "max_rel_diff_vs_xla": diff}
             print(json.dumps(row), flush=True)
             rows.append(row)
     # the kernel alone at the largest shape, for a few block sizes (Triton: a GPU only)
@@ -359,10 +484,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         row = {"part": "grad_sums_kernel", "blocks": spec, "shape": [m, c], "ms": round(ms, 4), "gb_per_s": round(gbps)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print(f"\nBatchNorm + ReLU forward + backward on {kind}, {a.dtype} (median ms; model's vs Pallas reductions):")
+    print(f"\nBatchNorm + ReLU forward + backward on {kind}, {a.dtype} (median ms; model's vs Pallas reductions), "
+          "then the statistics alone (Pallas vs XLA), then the backward kernel's block sizes:")
     for r in rows:
         if r["part"] == "bn_relu":
-            print(f"  {str(tuple(r['shape'])):<22}{r['impl']:<8}{r['ms']:>9.3f} ms  diff {r['max_rel_diff_vs_model']:.2g}")
+            print(f"  {str(tuple(r['shape'])):<22}{r['impl']:<13}{r['ms']:>9.3f} ms  diff {r['max_rel_diff_vs_model']:.2g}")
+        elif r["part"] == "moments":
+            print(f"  stats {str(tuple(r['shape'])):<22}{r['impl']:<7}{r['ms']:>9.3f} ms  {r['gb_per_s']:>6} GB/s")
         else:
             print(f"  kernel {r['blocks']:<14}{r['ms']:>9.3f} ms  {r['gb_per_s']:>6} GB/s")
 

@@ -7,11 +7,11 @@ So the measurements are jobs in priority order, and each call runs as many as it
 
 1. ResNet-50 @224: ours, torchvision (eager, torch.compile), flax's plain ResNet: the
    README's headline row and its ratio;
-2. the stem's candidate kernels and the Pallas BatchNorm + ReLU (``stem_variants.py``,
-   ``bn_relu_pallas.py``), then a profile of the step (``kernel_bandwidth.py``: where its
-   time goes);
+2. the stem's candidate kernels and the Pallas BatchNorm kernels (``stem_variants.py``,
+   ``bn_relu_pallas.py``);
 3. ours for ResNet-18, ResNet-101 and ResNet-RS-50 @160 (its recipe's step);
-4. the trainer's whole loop against its bare step;
+4. a profile of the step (``kernel_bandwidth.py``: where its time goes); the trainer's
+   whole loop against its bare step;
 5. the other models' peers; steps per dispatch and XLA flag variants; the step compiled on
    the device; the largest batch that fits.
 
@@ -155,13 +155,14 @@ def plan(
     # the stem's candidate kernels (benchmarks/stem_variants.py), timed alone at the step's shapes,
     # then in the whole step (the fastest convolution, the parity pool, both) against the model's own
     # (and with bn_relu_pallas.py's BatchNorm + ReLU, alone and on top of both)
-    stem = Job(f"stem-variants/{vtag}", 220, (PYTHON, "benchmarks/stem_variants.py", "--batch-size", str(batch),
+    stem = Job(f"stem-variants/{vtag}", 250, (PYTHON, "benchmarks/stem_variants.py", "--batch-size", str(batch),
                                                "--image-size", vsize, "--full-step-model", vmodel,
                                                "--full-step-steps", str(max(steps // 2, 5))),
-               limit_s=330)
-    # the Pallas BatchNorm + ReLU alone at ResNet-50's inner shapes, and its kernel's block sizes
-    bn_relu = Job(f"bn-relu/b{batch}", 45, (PYTHON, "benchmarks/bn_relu_pallas.py", "--batch-size", str(batch)),
-                  limit_s=90)
+               limit_s=360)
+    # the Pallas BatchNorm + ReLU alone at ResNet-50's inner shapes, the statistics kernel at
+    # every BatchNorm's shape, and the backward kernel's block sizes
+    bn_relu = Job(f"bn-relu/b{batch}", 70, (PYTHON, "benchmarks/bn_relu_pallas.py", "--batch-size", str(batch)),
+                  limit_s=130)
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(
@@ -188,7 +189,7 @@ def plan(
            for i, flags in enumerate(xla_variants, 1)]
 
     head, rest = models[0], models[1:]
-    return [ours(head), *peers(head), stem, bn_relu, profile, *map(ours, rest), trainer,
+    return [ours(head), *peers(head), stem, bn_relu, *map(ours, rest), profile, trainer,
             *[job for spec in rest for job in peers(spec)], *dispatch, *xla, compile_report, max_batch]
 
 
@@ -335,6 +336,9 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
         if b["part"] == "bn_relu":
             lines.append(f"BatchNorm+ReLU {tuple(b['shape'])} {b['impl']}: {b['ms']:.3f} ms forward+backward "
                          f"(max rel. diff {b['max_rel_diff_vs_model']:.1e} vs the model's)")
+        elif b["part"] == "moments":
+            lines.append(f"BatchNorm statistics {tuple(b['shape'])} {b['impl']}: {b['ms']:.3f} ms, {b['gb_per_s']} GB/s "
+                         f"(max rel. diff {b['max_rel_diff_vs_xla']:.1e} vs XLA's)")
         else:
             lines.append(f"BatchNorm+ReLU grad-sums kernel {b['blocks']} on {tuple(b['shape'])}: {b['ms']:.3f} ms, "
                          f"{b['gb_per_s']} GB/s")

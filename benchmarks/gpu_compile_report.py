@@ -23,7 +23,8 @@ Reported, for the same ``train_step`` that ``resnet-jax train`` runs:
 - with ``--max-batch-within GIB`` the largest batch whose step needs at most GIB (one
   compile per probe): the prediction of ``resnet-jax benchmark --find-max-batch``;
 - with ``--gpus N`` the step with its batch split over N GPUs (per-GPU figures), and with
-  ``--bn-relu pallas`` the step with ``bn_relu_pallas.py``'s candidate patched in.
+  ``--bn-relu pallas`` the step with ``bn_relu_pallas.py``'s candidate patched in
+  (``pallas-stats``: with its forward statistics kernel too).
 
 Used in docs/performance.md to predict a change's effect before it is timed on a device.
 """
@@ -119,7 +120,8 @@ def compile_report(
     (``configs/FILE.py[:variant]``): that recipe's step, as ``resnet-jax benchmark --config``.
     ``gpus`` > 1: the step with the batch split over that many GPUs; traffic, kernels, memory
     and per-image figures are then per GPU (its share of the batch). ``bn_relu="pallas"``:
-    with ``benchmarks/bn_relu_pallas.py``'s BatchNorm + ReLU patched in (a candidate).
+    with ``benchmarks/bn_relu_pallas.py``'s BatchNorm + ReLU patched in (a candidate);
+    ``"pallas-stats"``: and its forward statistics kernel for every BatchNorm.
     """
     if bn_relu != "model":
         from benchmarks.bn_relu_pallas import batch_norm_relu
@@ -257,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                         "lets XLA allocate ~59 GiB under its default 75%% preallocation)")
     p.add_argument("--gpus", type=int, default=1,
                    help="split the batch over this many GPUs (compile-only: one host's 1x1xN topology); figures per GPU")
-    p.add_argument("--bn-relu", choices=["model", "pallas"], default="model",
-                   help="pallas: with benchmarks/bn_relu_pallas.py's BatchNorm + ReLU (a candidate) patched in")
+    p.add_argument("--bn-relu", choices=["model", "pallas", "pallas-stats"], default="model",
+                   help="pallas: with benchmarks/bn_relu_pallas.py's BatchNorm + ReLU (a candidate) patched in; "
+                        "pallas-stats: and its forward statistics kernel for every BatchNorm")
     p.add_argument("--top", type=int, default=0, help="list the N kernels that move the most bytes")
     p.add_argument("--dump-hlo", help="write the optimised HLO text here")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
@@ -285,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{r['model']} batch {r['batch_size']} @{r['image_size']}px {r['dtype']}, compiled for {r['device_kind']} "
         f"(jax {r['jax']}) in {r['compile_seconds_host']:.1f} s on the host"
         + (f"; the batch split over {r['gpus']} GPUs, figures per GPU" if r["gpus"] > 1 else "")
-        + ("; BatchNorm + ReLU from bn_relu_pallas.py" if r["bn_relu"] == "pallas" else "")
+        + {"pallas": "; BatchNorm + ReLU from bn_relu_pallas.py",
+           "pallas-stats": "; BatchNorm + ReLU and every BatchNorm's statistics from bn_relu_pallas.py"}.get(r["bn_relu"], "")
         + (f"; {r['steps_per_dispatch']} steps per dispatch, figures per step" if r["steps_per_dispatch"] > 1 else "")
         + "\n"
         f"  memory      peak {r['peak_gib']:.2f} GiB = arguments {r['argument_gib']:.2f} + temporaries "

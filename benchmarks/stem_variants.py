@@ -33,8 +33,8 @@ candidate: ``{"part", "variant", "ms", "vs_current", "max_rel_diff_vs_first"}``,
 
 Then the whole train step (``resnet-jax benchmark``'s measurement, ResNet-50 by default) as
 the model has it, with the parity pool, with the fastest convolution candidate, with both,
-and with ``bn_relu_pallas.py``'s BatchNorm + ReLU alone and on top of both, patched into the
-model for that run only (:func:`full_step`): what a candidate gains where it counts, and the
+with ``bn_relu_pallas.py``'s BatchNorm + ReLU alone, with it and its statistics kernel, and
+with those on top of both, patched into the model for that run only (:func:`full_step`): what a candidate gains where it counts, and the
 largest difference of the loss over the run against the model's own.
 ``device_benchmark.sh`` runs all of it as the ``stem-variants/`` job:
 
@@ -195,8 +195,8 @@ def full_step(model: str, batch: int, image: int, dtype_name: str, steps: int,
               conv_variant: str = "direct", pool_variant: str | None = None, bn_relu: str = "model") -> dict:
     """``resnet-jax benchmark``'s measurement of the whole train step of ``model``, with the
     stem's 7x7/2 convolution computed by ``conv_variant``, its max pool by ``pool_variant``
-    (None: the model's own) and, with ``bn_relu="pallas"``, the BatchNorm + ReLU of
-    ``bn_relu_pallas.py``, patched in for this call only."""
+    (None: the model's own) and, with ``bn_relu="pallas"`` or ``"pallas-stats"``, the
+    BatchNorm candidates of ``bn_relu_pallas.py``, patched in for this call only."""
     from benchmarks import bn_relu_pallas
     from resnet_jax.models import layers, resnet
     from resnet_jax.train.benchmark import benchmark_config, measure
@@ -223,13 +223,15 @@ def full_step(model: str, batch: int, image: int, dtype_name: str, steps: int,
 def full_steps(model: str, batch: int, image: int, dtype_name: str, steps: int, conv_variant: str,
                pool_variant: str, bn_relu: bool = True) -> list[dict]:
     """The whole step as the model has it, with ``pool_variant``, with ``conv_variant``, with
-    both, and (``bn_relu``) with the Pallas BatchNorm + ReLU alone and on top of both:
-    images/s, against the model's own, and the largest loss difference over the run."""
+    both, and (``bn_relu``) with the Pallas BatchNorm + ReLU alone, with it and the Pallas
+    statistics, and with those on top of both: images/s, against the model's own, and the
+    largest loss difference over the run."""
     rows, base = [], None
     combinations = [("direct", None, "model"), ("direct", pool_variant, "model"), (conv_variant, None, "model"),
                     (conv_variant, pool_variant, "model")]
     if bn_relu:
-        combinations += [("direct", None, "pallas"), (conv_variant, pool_variant, "pallas")]
+        combinations += [("direct", None, "pallas"), ("direct", None, "pallas-stats"),
+                         (conv_variant, pool_variant, "pallas-stats")]
     for conv_v, pool_v, bn_v in dict.fromkeys(combinations):  # in order, without repeats
         r = full_step(model, batch, image, dtype_name, steps, conv_v, pool_v, bn_v)
         base = base or r
@@ -348,8 +350,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "skips it)")
     p.add_argument("--full-step-steps", type=int, default=50, help="timed steps of each whole-step run")
     p.add_argument("--bn-relu", choices=("pallas", "none"), default="pallas",
-                   help="also time the whole step with bn_relu_pallas.py's BatchNorm + ReLU, alone and with "
-                        "both stem candidates ('none' skips those two runs)")
+                   help="also time the whole step with bn_relu_pallas.py's BatchNorm + ReLU, with it and its "
+                        "statistics kernel, and with those and both stem candidates ('none' skips those three runs)")
     a = p.parse_args(argv)
     split = lambda s: [v.strip() for v in s.split(",") if v.strip()]  # noqa: E731
     unknown = sorted(set(split(a.conv)) - set(CONV_VARIANTS)) + sorted(set(split(a.pool)) - set(POOL_VARIANTS))
@@ -369,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                            best_conv, "parity", bn_relu=a.bn_relu == "pallas")
         print(f"\nwhole {a.full_step_model} train step, batch {a.batch_size} @{a.image_size}px {a.dtype}:")
         for r in steps:
-            print(f"  conv {r['conv']:<7} pool {r['pool']:<9} bn+relu {r['bn_relu']:<7}{r['images_per_second']:>10.1f} images/s "
+            print(f"  conv {r['conv']:<7} pool {r['pool']:<9} bn {r['bn_relu']:<13}{r['images_per_second']:>10.1f} images/s "
                   f"{r['vs_model']:>7.3f}x  peak {r['peak_memory_gib'] or 0:.2f} GiB  "
                   f"max loss diff {r['max_loss_diff_vs_model']:.2g}")
 

@@ -35,6 +35,16 @@ def test_the_kernel_sums_equal_float64(rows, channels):
         np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows, channels", [(192, 96), (6, 8)])
+def test_the_moments_kernel_sums_equal_float64(rows, channels):
+    """sum(x) and sum(x * x) per channel, over 3 x 3 blocks and on a shape left to XLA."""
+    x = jax.random.normal(jax.random.key(5), (rows, channels)) * 3 + 1.5
+    got = bn_relu_pallas.moment_sums(x, block_rows=64, block_channels=32, interpret=True)
+    x64 = np.asarray(x, np.float64)
+    for g, want in zip(got, (x64.sum(0), (x64 * x64).sum(0))):
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("spec", [("data", None), (None, None), (("data", "model"), None)])
 def test_row_sharded_sums_add_each_devices_rows_without_gathering_them(spec):
     """With x and dy split by rows over the 8 test devices (or over two mesh axes, or not at
@@ -55,6 +65,16 @@ def test_row_sharded_sums_add_each_devices_rows_without_gathering_them(spec):
         hlo = fn.lower(x_sharded, dy_sharded, mean, a, b).compile().as_text()
     for g, want in zip(got, _sums_float64(x, dy, mean, a, b)):
         np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-4)
+    assert "all-gather" not in hlo
+    assert ("all-reduce" in hlo) == (spec[0] is not None)
+    # the forward statistics' kernel the same way
+    with bn_relu_pallas.patched("interpret"):
+        fn = jax.jit(bn_relu_pallas.batch_moments, static_argnums=1)
+        mean, mean_sq = fn(x_sharded, jnp.float32)
+        hlo = fn.lower(x_sharded, jnp.float32).compile().as_text()
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(np.asarray(mean), x64.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(mean_sq), (x64 * x64).mean(0), rtol=1e-5, atol=1e-6)
     assert "all-gather" not in hlo
     assert ("all-reduce" in hlo) == (spec[0] is not None)
 
@@ -96,6 +116,43 @@ def test_values_and_gradients_equal_torch_batch_norm_relu(inputs):
     np.testing.assert_allclose(np.asarray(dbias), bias_t.grad.numpy(), **close)
 
 
+@pytest.mark.parametrize("activation", ["relu", None])
+def test_with_the_pallas_statistics_values_and_gradients_equal_torch(inputs, activation):
+    """``pallas_stats``: the statistics from the moments kernel (its derivative written out),
+    with the ReLU candidate and with no activation (a BatchNorm before a residual add):
+    values and reverse-mode derivatives against torch, forward mode against the textbook."""
+    torch = pytest.importorskip("torch")
+    x, scale, bias, ct = inputs
+    act = jax.nn.relu if activation else None
+
+    def candidate(x, scale, bias):
+        return bn_relu_pallas.batch_norm_relu_train(x, scale, bias, 1e-5, jnp.float32, act, pallas_stats=True)[0]
+
+    with bn_relu_pallas.patched("interpret"):
+        y, pullback = jax.vjp(candidate, x, scale, bias)
+        dx, dscale, dbias = pullback(ct)
+        _, tangent = jax.jvp(candidate, (x, scale, bias), (ct, jnp.sin(jnp.arange(16.0)), jnp.zeros(16)))
+    x_t = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).requires_grad_()
+    scale_t = torch.tensor(np.asarray(scale)).requires_grad_()
+    bias_t = torch.tensor(np.asarray(bias)).requires_grad_()
+    y_t = torch.nn.functional.batch_norm(x_t, None, None, scale_t, bias_t, training=True, eps=1e-5)
+    y_t = torch.relu(y_t) if activation else y_t
+    y_t.backward(torch.tensor(np.asarray(ct)).permute(0, 3, 1, 2))
+    close = dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y), y_t.detach().permute(0, 2, 3, 1).numpy(), **close)
+    np.testing.assert_allclose(np.asarray(dx), x_t.grad.permute(0, 2, 3, 1).numpy(), **close)
+    np.testing.assert_allclose(np.asarray(dscale), scale_t.grad.numpy(), **close)
+    np.testing.assert_allclose(np.asarray(dbias), bias_t.grad.numpy(), **close)
+
+    def textbook(x, scale, bias):
+        mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+        y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+        return jax.nn.relu(y) if activation else y
+
+    _, want = jax.jvp(textbook, (x, scale, bias), (ct, jnp.sin(jnp.arange(16.0)), jnp.zeros(16)))
+    np.testing.assert_allclose(np.asarray(tangent), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
 def test_forward_mode_equals_the_textbook_derivative(inputs):
     """jax.jvp goes through the hand-written derivative (linear_call), with a tangent for the
     input only (the others symbolic zeros) and for every argument."""
@@ -125,10 +182,11 @@ def test_bf16_output_and_gradient_dtypes(inputs):
 
 
 @pytest.mark.slow
-def test_patched_into_resnet18_it_trains_as_the_model_does():
-    """The real model and train step with the candidate patched in (the kernel under the
+@pytest.mark.parametrize("stats", [False, True], ids=["backward", "backward+stats"])
+def test_patched_into_resnet18_it_trains_as_the_model_does(stats):
+    """The real model and train step with the candidate patched in (the kernels under the
     interpreter): float32 losses of 4 steps equal the model's own to rounding; the patch
-    covers only ReLU BatchNorms and is undone afterwards."""
+    covers only ReLU BatchNorms (with ``stats``, every BatchNorm) and is undone afterwards."""
     from resnet_jax.models import layers
     from resnet_jax.train.benchmark import benchmark_config, measure
 
@@ -137,7 +195,7 @@ def test_patched_into_resnet18_it_trains_as_the_model_does():
     own = measure(config, steps=4)
     calls = []
 
-    with bn_relu_pallas.patched("interpret"):
+    with bn_relu_pallas.patched("interpret", stats=stats):
         patched_train = layers._batch_norm_train
         original = bn_relu_pallas.batch_norm_relu_train
 
@@ -151,28 +209,34 @@ def test_patched_into_resnet18_it_trains_as_the_model_does():
         finally:
             bn_relu_pallas.batch_norm_relu_train = original
     assert layers._batch_norm_train is before and patched_train is not before
-    # ResNet-18 at 32px: the stem's BatchNorm is followed by the max pool and each block's bn2
-    # by the residual add, so the candidate replaces bn1 of the 8 blocks, 2 per stage.
-    assert sorted(set(calls)) == [(8, 1, 1, 512), (8, 2, 2, 256), (8, 4, 4, 128), (8, 8, 8, 64)], calls
-    assert len(calls) % 8 == 0, calls
+    if stats:  # every BatchNorm: the stem's, two per block, and the 3 downsampling shortcuts'
+        assert (8, 16, 16, 64) in calls and len(calls) % 20 == 0, calls
+    else:
+        # ResNet-18 at 32px: the stem's BatchNorm is followed by the max pool and each block's
+        # bn2 by the residual add, so the candidate replaces bn1 of the 8 blocks, 2 per stage.
+        assert sorted(set(calls)) == [(8, 1, 1, 512), (8, 2, 2, 256), (8, 4, 4, 128), (8, 8, 8, 64)], calls
+        assert len(calls) % 8 == 0, calls
     np.testing.assert_allclose(ours["losses"], own["losses"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
 def test_compiled_for_h100s_the_candidate_moves_fewer_bytes_on_one_gpu_and_on_two():
-    """``gpu_compile_report --bn-relu pallas [--gpus 2]`` (compiled for the H100, no GPU
-    needed): ResNet-18's step gets one Triton kernel per inner BatchNorm (bn1 of its 8
-    blocks), moves fewer bytes at the same peak memory, and with the batch split over two
-    GPUs it gathers nothing and still moves fewer bytes per GPU than the model's step."""
+    """``gpu_compile_report --bn-relu pallas|pallas-stats [--gpus 2]`` (compiled for the H100,
+    no GPU needed): ResNet-18's step gets one Triton kernel per inner BatchNorm (bn1 of its 8
+    blocks; with the statistics one more per BatchNorm), moves fewer bytes at the same peak
+    memory, and with the batch split over two GPUs it gathers nothing and still moves fewer
+    bytes per GPU than the model's step."""
     pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install 'jax[cuda12-local]'")
     from benchmarks.gpu_compile_report import compile_report
 
     for gpus in (1, 2):
         own, own_hlo = compile_report("resnet18", 16, 64, "bfloat16", gpus=gpus)
-        ours, hlo = compile_report("resnet18", 16, 64, "bfloat16", gpus=gpus, bn_relu="pallas")
-        assert (ours["gpus"], ours["bn_relu"]) == (gpus, "pallas")
-        assert hlo.count('custom_call_target="__gpu$xla.gpu.triton"') == 8
         assert own_hlo.count('custom_call_target="__gpu$xla.gpu.triton"') == 0
-        assert ours["traffic_gib"] < own["traffic_gib"], (gpus, ours["traffic_gib"], own["traffic_gib"])
-        assert ours["peak_gib"] <= own["peak_gib"] * 1.001
-        assert "all-gather" not in hlo
+        # "pallas-stats": one more kernel for each of the 20 BatchNorms' statistics, same bytes
+        for choice, kernels in (("pallas", 8), ("pallas-stats", 8 + 20)):
+            ours, hlo = compile_report("resnet18", 16, 64, "bfloat16", gpus=gpus, bn_relu=choice)
+            assert (ours["gpus"], ours["bn_relu"]) == (gpus, choice)
+            assert hlo.count('custom_call_target="__gpu$xla.gpu.triton"') == kernels
+            assert ours["traffic_gib"] < own["traffic_gib"], (gpus, choice, ours["traffic_gib"], own["traffic_gib"])
+            assert ours["peak_gib"] <= own["peak_gib"] * 1.001
+            assert "all-gather" not in hlo

@@ -65,9 +65,9 @@ def test_the_headline_row_comes_first_and_the_longest_search_last():
     jobs = plan(torchvision_models={"resnet50", "resnet18", "resnet101"},
                 flax_models={"resnet50", "resnet18", "resnet101"})
     ids = [j.id for j in jobs]
-    assert ids[:6] == ["ours/resnet50@224", "torchvision/resnet50@224", "flax/resnet50@224",
-                       "stem-variants/resnet50@224", "bn-relu/b256", "profile/resnet50@224"]
-    assert ids[6:9] == ["ours/resnet18@224", "ours/resnet101@224", "ours/resnetrs50@160"]
+    assert ids[:5] == ["ours/resnet50@224", "torchvision/resnet50@224", "flax/resnet50@224",
+                       "stem-variants/resnet50@224", "bn-relu/b256"]
+    assert ids[5:9] == ["ours/resnet18@224", "ours/resnet101@224", "ours/resnetrs50@160", "profile/resnet50@224"]
     assert ids[-1] == "max-batch/resnet50@224"
     assert len(set(ids)) == len(ids)
     # the candidates' jobs, whose estimates are guesses, stop at a limit above their estimate
@@ -81,7 +81,7 @@ def test_the_headline_row_comes_first_and_the_longest_search_last():
     assert not [i for i in ids if i.startswith(("torchvision", "flax")) and "resnetrs" in i]
     assert not [j for j in plan() if j.id.startswith(("torchvision", "flax"))]
     # a bare kind selects all its jobs; a pattern a subset; an unknown id is an error, not an empty run
-    assert [j.id for j in select(jobs, only="ours")] == ids[0:1] + ids[6:9]
+    assert [j.id for j in select(jobs, only="ours")] == ids[0:1] + ids[5:8]
     assert [j.id for j in select(jobs, only="*/resnet18@224", skip="flax")] == [
         "ours/resnet18@224", "torchvision/resnet18@224"]
     with pytest.raises(SystemExit, match="matches no job"):
@@ -129,13 +129,16 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     assert f"{ours['images_per_second'] / flax['images_per_s']:.2f}" in row.split()
     assert "owed (1): bash benchmarks/device_benchmark.sh --only max-batch/resnet18@32" in text
     # the stem candidates: one summary line each, the current kernels at 1.00x; then the whole
-    # step six ways (the model's own first), the last two with the Pallas BatchNorm + ReLU
+    # step seven ways (the model's own first), the last three with the Pallas BatchNorm + ReLU
     stem = [line for line in text.splitlines() if line.startswith("stem ")]
-    assert len(stem) == 8 + 6 and sum("(1.00x" in line for line in stem) == 2, stem
+    assert len(stem) == 8 + 7 and sum("(1.00x" in line for line in stem) == 2, stem
     assert "stem in the resnet18 step, conv direct, pool model's, BatchNorm+ReLU model" in stem[8]
-    assert "(1.000x" in stem[8] and "BatchNorm+ReLU pallas" in stem[-1]
-    # the BatchNorm + ReLU alone: the model's and the candidate at each of the 4 inner shapes
-    # (the kernel's block sizes are timed on a GPU only)
+    assert "(1.000x" in stem[8] and "BatchNorm+ReLU pallas-stats" in stem[-1]
+    # the BatchNorm + ReLU alone: the model's and the two candidates at each of the 4 inner
+    # shapes; the statistics, Pallas and XLA, at each of the 9 BatchNorm shapes (the
+    # backward kernel's block sizes are timed on a GPU only)
     bn_relu = [line for line in text.splitlines() if line.startswith("BatchNorm+ReLU (")]
-    assert len(bn_relu) == 8 and sum(" pallas:" in line for line in bn_relu) == 4, bn_relu
+    assert len(bn_relu) == 12 and sum(" pallas:" in line for line in bn_relu) == 4, bn_relu
+    stats = [line for line in text.splitlines() if line.startswith("BatchNorm statistics (")]
+    assert len(stats) == 18 and sum(" pallas:" in line for line in stats) == 9, stats
     assert run.returncode == 1  # not everything done: the call says so

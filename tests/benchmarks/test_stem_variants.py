@@ -59,7 +59,7 @@ def test_the_benchmark_runs_and_every_candidate_agrees(capsys):
 @pytest.mark.slow
 def test_the_candidates_patched_into_the_model_train_as_the_model_does():
     """The whole-step comparison runs the real model with a candidate in its stem (and the
-    Pallas BatchNorm + ReLU, off the GPU with XLA's reductions): in float32 the losses of 5
+    Pallas BatchNorm + ReLU and statistics, off the GPU with XLA's reductions): in float32 the losses of 5
     steps match the model's own to rounding, the patches are undone afterwards, and the stem
     convolution's replacement refuses any other convolution."""
     from resnet_jax.models import layers, resnet
@@ -69,7 +69,8 @@ def test_the_candidates_patched_into_the_model_train_as_the_model_does():
                                     conv_variant="s2d", pool_variant="parity")
     assert [(r["conv"], r["pool"], r["bn_relu"]) for r in rows] == [
         ("direct", "model's", "model"), ("direct", "parity", "model"), ("s2d", "model's", "model"),
-        ("s2d", "parity", "model"), ("direct", "model's", "pallas"), ("s2d", "parity", "pallas")]
+        ("s2d", "parity", "model"), ("direct", "model's", "pallas"), ("direct", "model's", "pallas-stats"),
+        ("s2d", "parity", "pallas-stats")]
     assert rows[0]["vs_model"] == 1.0
     assert rows[1]["max_loss_diff_vs_model"] == 0.0  # the pool is bit-equal
     assert all(r["max_loss_diff_vs_model"] < 1e-4 for r in rows)
