@@ -98,22 +98,29 @@ def inputs():
     return x, scale, bias, ct
 
 
-def test_values_and_gradients_equal_torch_batch_norm_relu(inputs):
+def _assert_equals_torch(inputs, candidate, relu: bool = True) -> None:
+    """Values and x, scale, bias gradients of ``candidate`` (the kernels under the
+    interpreter) against torch's ``batch_norm(training=True)`` (+ ``relu``) under autograd."""
     torch = pytest.importorskip("torch")
     x, scale, bias, ct = inputs
     with bn_relu_pallas.patched("interpret"):
-        y, pullback = jax.vjp(_candidate, x, scale, bias)
+        y, pullback = jax.vjp(candidate, x, scale, bias)
         dx, dscale, dbias = pullback(ct)
     x_t = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).requires_grad_()
     scale_t = torch.tensor(np.asarray(scale)).requires_grad_()
     bias_t = torch.tensor(np.asarray(bias)).requires_grad_()
-    y_t = torch.relu(torch.nn.functional.batch_norm(x_t, None, None, scale_t, bias_t, training=True, eps=1e-5))
+    y_t = torch.nn.functional.batch_norm(x_t, None, None, scale_t, bias_t, training=True, eps=1e-5)
+    y_t = torch.relu(y_t) if relu else y_t
     y_t.backward(torch.tensor(np.asarray(ct)).permute(0, 3, 1, 2))
     close = dict(rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(y), y_t.detach().permute(0, 2, 3, 1).numpy(), **close)
     np.testing.assert_allclose(np.asarray(dx), x_t.grad.permute(0, 2, 3, 1).numpy(), **close)
     np.testing.assert_allclose(np.asarray(dscale), scale_t.grad.numpy(), **close)
     np.testing.assert_allclose(np.asarray(dbias), bias_t.grad.numpy(), **close)
+
+
+def test_values_and_gradients_equal_torch_batch_norm_relu(inputs):
+    _assert_equals_torch(inputs, _candidate)
 
 
 @pytest.mark.parametrize("activation", ["relu", None])
@@ -121,28 +128,15 @@ def test_with_the_pallas_statistics_values_and_gradients_equal_torch(inputs, act
     """``pallas_stats``: the statistics from the moments kernel (its derivative written out),
     with the ReLU candidate and with no activation (a BatchNorm before a residual add):
     values and reverse-mode derivatives against torch, forward mode against the textbook."""
-    torch = pytest.importorskip("torch")
     x, scale, bias, ct = inputs
     act = jax.nn.relu if activation else None
 
     def candidate(x, scale, bias):
         return bn_relu_pallas.batch_norm_relu_train(x, scale, bias, 1e-5, jnp.float32, act, pallas_stats=True)[0]
 
+    _assert_equals_torch(inputs, candidate, relu=activation is not None)
     with bn_relu_pallas.patched("interpret"):
-        y, pullback = jax.vjp(candidate, x, scale, bias)
-        dx, dscale, dbias = pullback(ct)
         _, tangent = jax.jvp(candidate, (x, scale, bias), (ct, jnp.sin(jnp.arange(16.0)), jnp.zeros(16)))
-    x_t = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).requires_grad_()
-    scale_t = torch.tensor(np.asarray(scale)).requires_grad_()
-    bias_t = torch.tensor(np.asarray(bias)).requires_grad_()
-    y_t = torch.nn.functional.batch_norm(x_t, None, None, scale_t, bias_t, training=True, eps=1e-5)
-    y_t = torch.relu(y_t) if activation else y_t
-    y_t.backward(torch.tensor(np.asarray(ct)).permute(0, 3, 1, 2))
-    close = dict(rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(y), y_t.detach().permute(0, 2, 3, 1).numpy(), **close)
-    np.testing.assert_allclose(np.asarray(dx), x_t.grad.permute(0, 2, 3, 1).numpy(), **close)
-    np.testing.assert_allclose(np.asarray(dscale), scale_t.grad.numpy(), **close)
-    np.testing.assert_allclose(np.asarray(dbias), bias_t.grad.numpy(), **close)
 
     def textbook(x, scale, bias):
         mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
