@@ -1,7 +1,7 @@
 """Every device measurement issue 6 owes, most important first, within one device call's time.
 
 A drawn task gets 15 minutes of device time in all, the machine's start included, and one
-command may run 10 minutes: not enough for everything (estimates below, ~29 minutes).
+command may run 10 minutes: not enough for everything (estimates below, ~28 minutes).
 So the measurements are jobs in priority order, and each call runs as many as its
 ``--budget-s`` allows:
 
