@@ -17,9 +17,10 @@ So the measurements are jobs in priority order, and each call runs as many as it
 
 A job starts only if its estimate fits in the time left (a later, shorter one may still
 run) and is killed at the deadline, or earlier at its own limit where its estimate is a
-guess (the candidates' jobs), so that an overrun cannot take the rows after it. Nothing is dropped silently: every job ends as done,
-failed, killed or skipped, in ``$OUT/jobs.jsonl`` and in the summary, which prints the
-``--only`` line that runs the rest in the next call. Each result line is written to
+guess (the candidates' jobs), so that an overrun cannot take the rows after it. Nothing
+is dropped silently: every job ends as done, failed, killed or skipped, in
+``$OUT/jobs.jsonl`` and in the summary, which prints the ``--only`` line that runs the
+rest in the next call. Each result line is written to
 ``$OUT/results.jsonl`` as soon as its job prints it, so a call cut short keeps what finished.
 
     here:       bash benchmarks/prepare_device.sh     # .whl/: ml-collections + the peer script
