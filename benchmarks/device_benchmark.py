@@ -333,8 +333,11 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
         else:
             lines.append(f"stem {c['part']} {c['variant']} @{c['image_size']}: {c['ms']:.3f} ms forward+backward "
                          f"({c['vs_current']:.2f}x the current kernel; max rel. diff {c['max_rel_diff_vs_first']:.1e})")
-    for b in (r for r in rows if kind(r) == "bn-relu" and "error" not in r):
-        if b["part"] == "bn_relu":
+    for b in (r for r in rows if kind(r) == "bn-relu"):
+        if "error" in b:  # a candidate that failed on the device: its error, not a timing
+            what = b.get("impl") or b.get("blocks")
+            lines.append(f"BatchNorm kernel {b['part']} {what} {tuple(b.get('shape', ()))} failed: {b['error'][:200]}")
+        elif b["part"] == "bn_relu":
             lines.append(f"BatchNorm+ReLU {tuple(b['shape'])} {b['impl']}: {b['ms']:.3f} ms forward+backward "
                          f"(max rel. diff {b['max_rel_diff_vs_model']:.1e} vs the model's)")
         elif b["part"] == "moments":

@@ -234,3 +234,28 @@ def test_compiled_for_h100s_the_candidate_moves_fewer_bytes_on_one_gpu_and_on_tw
             assert ours["traffic_gib"] < own["traffic_gib"], (gpus, choice, ours["traffic_gib"], own["traffic_gib"])
             assert ours["peak_gib"] <= own["peak_gib"] * 1.001
             assert "all-gather" not in hlo
+
+
+def test_the_device_job_reports_a_failing_candidate_and_times_the_rest(monkeypatch, capsys):
+    """``main`` (the bn-relu/ device job): a candidate that raises gets an error row, and the
+    other candidates and the statistics are still timed."""
+    import json
+
+    real_step = bn_relu_pallas.bn_relu_step
+
+    def step(impl):
+        if impl == "pallas":
+            def broken(*args):
+                raise RuntimeError("Triton refused the kernel")
+            return broken
+        return real_step(impl)
+
+    monkeypatch.setattr(bn_relu_pallas, "bn_relu_step", step)
+    monkeypatch.setattr(bn_relu_pallas, "resnet50_inner_shapes", lambda batch: [(batch, 4, 4, 16)])
+    monkeypatch.setattr(bn_relu_pallas, "resnet50_batch_norm_shapes", lambda batch: [(batch, 4, 4, 32)])
+    bn_relu_pallas.main(["--batch-size", "2", "--repeats", "1", "--inner", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["part"], r["impl"], "error" in r) for r in rows] == [
+        ("bn_relu", "model", False), ("bn_relu", "pallas", True), ("bn_relu", "pallas-stats", False),
+        ("moments", "pallas", False), ("moments", "xla", False)]
+    assert "Triton refused the kernel" in rows[1]["error"]

@@ -142,3 +142,19 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     stats = [line for line in text.splitlines() if line.startswith("BatchNorm statistics (")]
     assert len(stats) == 18 and sum(" pallas:" in line for line in stats) == 9, stats
     assert run.returncode == 1  # not everything done: the call says so
+
+
+def test_a_candidate_kernel_that_fails_on_the_device_is_reported_not_dropped():
+    """bn_relu_pallas.py prints an error row for a candidate that fails to compile or run and
+    times the rest; the summary shows the error beside the timings that did come back."""
+    rows = [
+        {"job": "bn-relu/b256", "part": "bn_relu", "impl": "pallas", "shape": [256, 56, 56, 64],
+         "error": "TritonError: something the device's Triton refused"},
+        {"job": "bn-relu/b256", "part": "moments", "impl": "pallas", "shape": [256, 56, 56, 256], "ms": 0.1,
+         "gb_per_s": 4112, "max_rel_diff_vs_xla": 1e-6},
+        {"job": "bn-relu/b256", "part": "grad_sums_kernel", "blocks": "1024x32x4", "error": "out of resources"},
+    ]
+    text = summary(rows, [db.Outcome("bn-relu/b256", "done", 60.0, 70.0)])
+    assert "BatchNorm kernel bn_relu pallas (256, 56, 56, 64) failed: TritonError" in text
+    assert "BatchNorm statistics (256, 56, 56, 256) pallas: 0.100 ms, 4112 GB/s" in text
+    assert "BatchNorm kernel grad_sums_kernel 1024x32x4 () failed: out of resources" in text
