@@ -326,10 +326,11 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
                      + (f" {v['images_per_second'] / base - 1:+.1%} vs the plain run" if base else ""))
     for c in (r for r in rows if kind(r) == "stem-variants"):
         if c["part"] == "train_step":
-            lines.append(f"stem in the {c['model']} step, conv {c['conv']}, pool {c['pool']}, "
-                         f"BatchNorm+ReLU {c.get('bn_relu', 'model')}: "
-                         f"{c['images_per_second']:.0f} img/s ({c['vs_model']:.3f}x the model's own; "
-                         f"max loss diff {c['max_loss_diff_vs_model']:.1e})")
+            head = (f"stem in the {c['model']} step, conv {c['conv']}, pool {c['pool']}, "
+                    f"BatchNorm+ReLU {c.get('bn_relu', 'model')}: ")
+            lines.append(head + (f"failed: {c['error'][:200]}" if "error" in c else
+                                 f"{c['images_per_second']:.0f} img/s ({c['vs_model']:.3f}x the model's own; "
+                                 f"max loss diff {c['max_loss_diff_vs_model']:.1e})"))
         else:
             lines.append(f"stem {c['part']} {c['variant']} @{c['image_size']}: {c['ms']:.3f} ms forward+backward "
                          f"({c['vs_current']:.2f}x the current kernel; max rel. diff {c['max_rel_diff_vs_first']:.1e})")

@@ -233,10 +233,16 @@ def full_steps(model: str, batch: int, image: int, dtype_name: str, steps: int, 
         combinations += [("direct", None, "pallas"), ("direct", None, "pallas-stats"),
                          (conv_variant, pool_variant, "pallas-stats")]
     for conv_v, pool_v, bn_v in dict.fromkeys(combinations):  # in order, without repeats
-        r = full_step(model, batch, image, dtype_name, steps, conv_v, pool_v, bn_v)
+        what = {"part": "train_step", "model": model, "conv": conv_v, "pool": pool_v or "model's", "bn_relu": bn_v}
+        try:  # a candidate that fails on the device is a result: say so, run the rest
+            r = full_step(model, batch, image, dtype_name, steps, conv_v, pool_v, bn_v)
+        except Exception as e:
+            if base is None:  # the model's own step failed: nothing to compare against
+                raise
+            print(json.dumps({**what, "error": str(e)[:300]}), flush=True)
+            continue
         base = base or r
-        row = {"part": "train_step", "model": model, "conv": conv_v, "pool": pool_v or "model's",
-               "bn_relu": bn_v, "batch_size": batch, "image_size": image, "dtype": dtype_name,
+        row = {**what, "batch_size": batch, "image_size": image, "dtype": dtype_name,
                "device_kind": r["device_kind"], "images_per_second": round(r["images_per_second"], 1),
                "vs_model": round(r["images_per_second"] / base["images_per_second"], 4),
                "peak_memory_gib": r["peak_memory_gib"], "compiled_memory_gib": r["compiled_memory_gib"],

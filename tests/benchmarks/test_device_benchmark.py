@@ -145,16 +145,21 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
 
 
 def test_a_candidate_kernel_that_fails_on_the_device_is_reported_not_dropped():
-    """bn_relu_pallas.py prints an error row for a candidate that fails to compile or run and
-    times the rest; the summary shows the error beside the timings that did come back."""
+    """bn_relu_pallas.py and stem_variants.py print an error row for a candidate that fails to
+    compile or run and time the rest; the summary shows the error beside the timings that
+    did come back."""
     rows = [
         {"job": "bn-relu/b256", "part": "bn_relu", "impl": "pallas", "shape": [256, 56, 56, 64],
          "error": "TritonError: something the device's Triton refused"},
         {"job": "bn-relu/b256", "part": "moments", "impl": "pallas", "shape": [256, 56, 56, 256], "ms": 0.1,
          "gb_per_s": 4112, "max_rel_diff_vs_xla": 1e-6},
         {"job": "bn-relu/b256", "part": "grad_sums_kernel", "blocks": "1024x32x4", "error": "out of resources"},
+        {"job": "stem-variants/resnet50@224", "part": "train_step", "model": "resnet50", "conv": "direct",
+         "pool": "model's", "bn_relu": "pallas-stats", "error": "RuntimeError: no kernel image"},
     ]
     text = summary(rows, [db.Outcome("bn-relu/b256", "done", 60.0, 70.0)])
+    assert ("stem in the resnet50 step, conv direct, pool model's, BatchNorm+ReLU pallas-stats: "
+            "failed: RuntimeError: no kernel image") in text
     assert "BatchNorm kernel bn_relu pallas (256, 56, 56, 64) failed: TritonError" in text
     assert "BatchNorm statistics (256, 56, 56, 256) pallas: 0.100 ms, 4112 GB/s" in text
     assert "BatchNorm kernel grad_sums_kernel 1024x32x4 () failed: out of resources" in text

@@ -78,3 +78,30 @@ def test_the_candidates_patched_into_the_model_train_as_the_model_does():
     with pytest.raises(ValueError, match="7x7/2 stem convolution"):
         stem_variants.as_lax_conv(stem_variants.conv_direct)(
             jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 4)), (1, 1), [(1, 1), (1, 1)])
+
+
+def test_a_whole_step_candidate_that_fails_is_reported_and_the_rest_still_run(monkeypatch, capsys):
+    """full_steps: a candidate's step that raises gets an error row and the runs after it
+    still happen; a failure of the model's own step (nothing to compare with) is raised."""
+    import json
+
+    def fake_step(model, batch, image, dtype_name, steps, conv_v, pool_v, bn_v):
+        if bn_v == "pallas":
+            raise RuntimeError("Triton refused the kernel")
+        return {"device_kind": "cpu", "images_per_second": 100.0 + len(conv_v), "peak_memory_gib": None,
+                "compiled_memory_gib": 1.0, "losses": [2.0, 1.5]}
+
+    monkeypatch.setattr(stem_variants, "full_step", fake_step)
+    rows = stem_variants.full_steps("resnet18", 8, 32, "float32", 2, "s2d", "parity")
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["bn_relu"] for r in rows] == ["model"] * 4 + ["pallas-stats"] * 2
+    failed = [r for r in printed if "error" in r]
+    assert len(printed) == 7 and [(r["conv"], r["bn_relu"]) for r in failed] == [("direct", "pallas")]
+    assert "Triton refused" in failed[0]["error"]
+
+    def broken(*args):
+        raise RuntimeError("no device")
+
+    monkeypatch.setattr(stem_variants, "full_step", broken)
+    with pytest.raises(RuntimeError, match="no device"):
+        stem_variants.full_steps("resnet18", 8, 32, "float32", 2, "s2d", "parity")
