@@ -192,9 +192,7 @@ def moment_sums_xla(x: Array, **_: object) -> tuple[Array, Array]:
 
 
 # Where the step is not lowered for a GPU: "xla" (the plain reductions) or "interpret" (the
-# kernel under the Pallas interpreter, for the CPU tests).
-OFF_GPU = {"xla": relu_grad_sums_xla, "interpret": functools.partial(relu_grad_sums, interpret=True)}
-MOMENTS_OFF_GPU = {"xla": moment_sums_xla, "interpret": functools.partial(moment_sums, interpret=True)}
+# kernel under the Pallas interpreter, for the CPU tests); :func:`patched` sets it.
 _off_gpu = "xla"
 
 
@@ -204,8 +202,8 @@ def _sharded(on_gpu: Callable, off_gpu: Callable, row_args: int, vector_args: in
     device sums its own rows and the (2, C) results are added across the devices that share
     the rows (``psum``): the all-reduce that whole-batch BatchNorm needs anyway. The first
     ``row_args`` arguments are (M, C) and split by rows, the ``vector_args`` after them (C,)
-    vectors. Returns the
-    stacked (2, C) sums of ``on_gpu`` where lowered for an NVIDIA GPU, else of ``off_gpu``."""
+    vectors. Returns the stacked (2, C) sums of ``on_gpu`` where lowered for an NVIDIA GPU,
+    else of ``off_gpu``."""
 
     def local(*args: Array) -> Array:
         return jnp.stack(jax.lax.platform_dependent(*args, cuda=on_gpu, default=off_gpu))
@@ -231,12 +229,19 @@ def _sharded(on_gpu: Callable, off_gpu: Callable, row_args: int, vector_args: in
     return sums
 
 
-SHARDED = {name: _sharded(relu_grad_sums, fn, row_args=2, vector_args=3) for name, fn in OFF_GPU.items()}
-MOMENTS = {name: _sharded(moment_sums, fn, row_args=1, vector_args=0) for name, fn in MOMENTS_OFF_GPU.items()}
+def _by_off_gpu(kernel: Callable, xla: Callable, row_args: int, vector_args: int) -> dict[str, Callable]:
+    """The sharded op of ``kernel`` for each choice of ``_off_gpu``: ``xla`` (off a GPU, the
+    plain reductions) and ``interpret`` (off a GPU, the kernel under the interpreter)."""
+    return {name: _sharded(kernel, off_gpu, row_args, vector_args)
+            for name, off_gpu in (("xla", xla), ("interpret", functools.partial(kernel, interpret=True)))}
+
+
+GRAD_SUMS = _by_off_gpu(relu_grad_sums, relu_grad_sums_xla, row_args=2, vector_args=3)
+MOMENTS = _by_off_gpu(moment_sums, moment_sums_xla, row_args=1, vector_args=0)
 
 
 def _grad_sums(x: Array, dy: Array, mean: Array, a: Array, b: Array) -> tuple[Array, Array]:
-    sums = SHARDED[_off_gpu](x, dy, mean, a, b)
+    sums = GRAD_SUMS[_off_gpu](x, dy, mean, a, b)
     return sums[0], sums[1]
 
 
