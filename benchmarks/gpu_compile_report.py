@@ -1,6 +1,6 @@
 """Compile the trainer's train step for an NVIDIA GPU (or a TPU) without one; report what XLA built.
 
-    python3 -m pip install "jax[cuda12-local]"     # the CUDA plugin, no CUDA libraries (test extra)
+    python3 -m pip install "jax[cuda12-local]"     # the CUDA plugin, no CUDA libraries (test extra; cuda13-local also works)
     python3 benchmarks/gpu_compile_report.py --model resnet50 --batch-size 256 [--top 15] [--json]
     python3 benchmarks/gpu_compile_report.py --gpus 2 --batch-size 512 --bn-relu pallas   # 2 GPUs, a candidate
     python3 -m pip install "jax[tpu]"              # libtpu, for --tpu
@@ -171,7 +171,10 @@ def compile_report(
     else:
         raise ValueError(f"unknown peer {peer!r}; the one peer that compiles here is 'flax'")
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    # jax >= 0.11's Pallas Triton lowering reads the target GPU from the default device, which
+    # is the CPU without a GPU ("No supported GPU devices found"); make it the compile target.
+    with jax.default_device(devices[0]):
+        compiled = step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0
     hlo = compiled.as_text()
     mem = compiled.memory_analysis()

@@ -49,6 +49,16 @@ def tiny_config(**changes):
     return c
 
 
+def require_cuda_plugin() -> None:
+    """Skips the calling test unless a jax CUDA plugin is installed (``jax[cuda12-local]``, the
+    test extra's, or ``jax[cuda13-local]``, the device image's kind under jax 0.11): the tests
+    that compile for an H100 with it, without a GPU or CUDA libraries."""
+    import importlib.util
+
+    if not any(importlib.util.find_spec(f"jax_plugins.xla_{cuda}") for cuda in ("cuda12", "cuda13")):
+        pytest.skip("needs the CUDA plugin: pip install 'jax[cuda12-local]'")
+
+
 def use_cuda_kernels(patch):
     """Swaps in, through ``patch`` (a ``pytest.MonkeyPatch``), the kernels a model runs when it is
     compiled for an NVIDIA GPU (``jax.lax.platform_dependent``), which a CPU otherwise never runs

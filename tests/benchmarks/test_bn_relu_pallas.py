@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import bn_relu_pallas
+from tests.conftest import require_cuda_plugin
 
 
 def _sums_float64(x, dy, mean, a, b):
@@ -220,7 +221,7 @@ def test_compiled_for_h100s_the_candidate_moves_fewer_bytes_on_one_gpu_and_on_tw
     blocks; with the statistics one more per BatchNorm), moves fewer bytes at the same peak
     memory, and with the batch split over two GPUs it gathers nothing and still moves fewer
     bytes per GPU than the model's step."""
-    pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install 'jax[cuda12-local]'")
+    require_cuda_plugin()
     from benchmarks.gpu_compile_report import compile_report
 
     for gpus in (1, 2):

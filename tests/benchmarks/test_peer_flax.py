@@ -8,6 +8,7 @@ import pytest
 from benchmarks.peer_flax import init_state, make_model, make_train_step
 from resnet_jax.models import model_macs
 from resnet_jax.models.complexity import model_params
+from tests.conftest import require_cuda_plugin
 
 # torchvision's model table (parameters; GFLOPS there are multiply-adds at 224px).
 TORCHVISION = {"resnet18": (11_689_512, 1.81), "resnet50": (25_557_032, 4.09), "resnet101": (44_549_160, 7.80)}
@@ -38,7 +39,7 @@ def test_peer_step_fits_one_batch():
 @pytest.mark.slow
 def test_on_an_h100_our_resnet50_step_moves_fewer_bytes_and_keeps_less_than_plain_flax():
     """The README's claim at its own setting: ResNet-50, batch 256, 224px, bf16, compiled for an H100."""
-    pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install 'jax[cuda12-local]'")
+    require_cuda_plugin()
     from benchmarks.gpu_compile_report import compile_report
 
     ours, _ = compile_report("resnet50", 256, 224, "bfloat16")

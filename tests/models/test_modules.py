@@ -12,6 +12,7 @@ import pytest
 
 from resnet_jax.models import BatchNorm, ResNet, create_model
 from resnet_jax.models.layers import Shortcut, avg_pool_ceil, conv
+from tests.conftest import require_cuda_plugin
 
 TINY = dict(widths=(16, 16, 32, 32), stem_width=8, num_classes=7)
 
@@ -280,7 +281,7 @@ def test_max_pool_backward_on_an_h100_moves_a_third_of_flax_max_pools_bytes():
     """XLA:GPU lowers nn.max_pool's gradient to a scatter fed by four int32 index tensors;
     ``max_pool_3x3_s2`` compiled for a GPU is one fused pass over the input, the output and
     the cotangent (the stem of a ResNet at 112x112x64)."""
-    pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install 'jax[cuda12-local]'")
+    require_cuda_plugin()
     from benchmarks.gpu_compile_report import target_devices, DEFAULT_TARGET
     from benchmarks.hlo_traffic import entry_kernels
     from resnet_jax.models.layers import max_pool_3x3_s2
@@ -321,7 +322,7 @@ def _h100_activation_bytes_per_image(name: str, size: int) -> float:
     """Device memory per image that XLA assigns to the train step compiled for an H100:
     temporaries at batch 16 minus batch 8, over 8 (what does not grow with the batch,
     gradients and workspaces, cancels). Compiled without a GPU by the CUDA plugin."""
-    pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install 'jax[cuda12-local]'")
+    require_cuda_plugin()
     from benchmarks.gpu_compile_report import compile_report
 
     temp = [compile_report(name, batch, size, "bfloat16")[0]["temp_gib"] * 2**30 for batch in (8, 16)]
