@@ -42,7 +42,8 @@ Not in the model until a device timing shows the gain: :func:`patched` swaps the
 path is kept for ghost BatchNorm). ``stem_variants.py`` times the whole ResNet-50 step with
 them (``--bn-relu pallas``, ``pallas-stats``); this script times the BatchNorm + ReLU alone,
 forward and backward, at ResNet-50's inner shapes, the statistics kernel against XLA's at
-every BatchNorm shape, and a few block sizes of the backward kernel:
+every BatchNorm shape, and both kernels alone at a few block sizes (``--blocks``; their
+register use, compiled for the H100 without one, is in docs/performance.md):
 
     python3 benchmarks/bn_relu_pallas.py --batch-size 256
 """
@@ -427,8 +428,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--inner", type=int, default=10)
-    p.add_argument("--blocks", default="512x32x4,1024x32x4,512x64x8,256x32x4",
-                   help="kernel block sizes timed on the largest shape: ROWSxSUB_ROWSxWARPS,...")
+    p.add_argument("--blocks", default="512x32x4,1024x32x4,512x64x8,256x32x4,512x32x8,512x16x8",
+                   help="block sizes of both kernels, each timed alone at its largest ResNet-50 shape: "
+                        "ROWSxSUB_ROWSxWARPS,...")
     a = p.parse_args(argv)
     from benchmarks.stem_variants import _median_ms
 
@@ -477,37 +479,44 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "gb_per_s": round(x2.size * dtype.itemsize / (ms * 1e-3) / 1e9), "max_rel_diff_vs_xla": diff}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    # the kernel alone at the largest shape, for a few block sizes (Triton: a GPU only)
+    # each kernel alone at its largest shape, for a few block sizes (Triton: a GPU only): the
+    # backward sums at the largest inner shape, the moments at the stem's (the largest of all)
     blocks = list(filter(None, a.blocks.split(",")))
     if jax.default_backend() != "gpu":
-        print(f"the kernel's block sizes ({', '.join(blocks)}) are timed on a GPU only", flush=True)
+        print(f"the kernels' block sizes ({', '.join(blocks)}) are timed on a GPU only", flush=True)
         blocks = []
-    shape = resnet50_inner_shapes(a.batch_size)[0]
-    m, c = shape[0] * shape[1] * shape[2], shape[3]
-    x2 = jax.random.normal(jax.random.key(1), (m, c)).astype(dtype)
-    dy2 = jax.random.normal(jax.random.key(2), (m, c)).astype(dtype)
-    zeros, ones = jnp.zeros((c,)), jnp.ones((c,))
+    kernels = {}
+    if blocks:
+        n, h, w, c = resnet50_inner_shapes(a.batch_size)[0]
+        x2, dy2 = (jax.random.normal(jax.random.key(k), (n * h * w, c)).astype(dtype) for k in (1, 2))
+        zeros, ones = jnp.zeros((c,)), jnp.ones((c,))
+        n, h, w, c = resnet50_batch_norm_shapes(a.batch_size)[0]
+        x3 = (jax.random.normal(jax.random.key(3), (n * h * w, c)) + 0.3).astype(dtype)
+        kernels = {"grad_sums_kernel": (relu_grad_sums, (x2, dy2), (zeros, ones, zeros)),
+                   "moments_kernel": (moment_sums, (x3,), ())}
     for spec in blocks:
         block_rows, sub_rows, warps = map(int, spec.split("x"))
-        fn = jax.jit(functools.partial(relu_grad_sums, block_rows=block_rows, sub_rows=sub_rows, num_warps=warps))
-        try:
-            ms = _median_ms(lambda: fn(x2, dy2, zeros, ones, zeros), 3, a.repeats, a.inner)
-        except Exception as e:  # a block size Triton cannot compile: say so, time the others
-            print(json.dumps({"part": "grad_sums_kernel", "blocks": spec, "error": str(e)[:300]}), flush=True)
-            continue
-        gbps = 2 * x2.size * dtype.itemsize / (ms * 1e-3) / 1e9
-        row = {"part": "grad_sums_kernel", "blocks": spec, "shape": [m, c], "ms": round(ms, 4), "gb_per_s": round(gbps)}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        for part, (kernel, matrices, vectors) in kernels.items():
+            fn = jax.jit(functools.partial(kernel, block_rows=block_rows, sub_rows=sub_rows, num_warps=warps))
+            try:
+                ms = _median_ms(lambda: fn(*matrices, *vectors), 3, a.repeats, a.inner)
+            except Exception as e:  # a block size Triton cannot compile: say so, time the others
+                print(json.dumps({"part": part, "blocks": spec, "error": str(e)[:300]}), flush=True)
+                continue
+            gbps = sum(x.size * x.dtype.itemsize for x in matrices) / (ms * 1e-3) / 1e9
+            row = {"part": part, "blocks": spec, "shape": list(matrices[0].shape), "ms": round(ms, 4),
+                   "gb_per_s": round(gbps)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     print(f"\nBatchNorm + ReLU forward + backward on {kind}, {a.dtype} (median ms; model's vs Pallas reductions), "
-          "then the statistics alone (Pallas vs XLA), then the backward kernel's block sizes:")
+          "then the statistics alone (Pallas vs XLA), then both kernels' block sizes:")
     for r in rows:
         if r["part"] == "bn_relu":
             print(f"  {str(tuple(r['shape'])):<22}{r['impl']:<13}{r['ms']:>9.3f} ms  diff {r['max_rel_diff_vs_model']:.2g}")
         elif r["part"] == "moments":
             print(f"  stats {str(tuple(r['shape'])):<22}{r['impl']:<7}{r['ms']:>9.3f} ms  {r['gb_per_s']:>6} GB/s")
         else:
-            print(f"  kernel {r['blocks']:<14}{r['ms']:>9.3f} ms  {r['gb_per_s']:>6} GB/s")
+            print(f"  {r['part']:<17}{r['blocks']:<14}{r['ms']:>9.3f} ms  {r['gb_per_s']:>6} GB/s")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def plan(
                                                "--full-step-steps", str(max(steps // 2, 5))),
                limit_s=360)
     # the Pallas BatchNorm + ReLU alone at ResNet-50's inner shapes, the statistics kernel at
-    # every BatchNorm's shape, and the backward kernel's block sizes
+    # every BatchNorm's shape, and both kernels' block sizes
     bn_relu = Job(f"bn-relu/b{batch}", 70, (PYTHON, "benchmarks/bn_relu_pallas.py", "--batch-size", str(batch)),
                   limit_s=130)
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
@@ -344,9 +344,9 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
         elif b["part"] == "moments":
             lines.append(f"BatchNorm statistics {tuple(b['shape'])} {b['impl']}: {b['ms']:.3f} ms, {b['gb_per_s']} GB/s "
                          f"(max rel. diff {b['max_rel_diff_vs_xla']:.1e} vs XLA's)")
-        else:
-            lines.append(f"BatchNorm+ReLU grad-sums kernel {b['blocks']} on {tuple(b['shape'])}: {b['ms']:.3f} ms, "
-                         f"{b['gb_per_s']} GB/s")
+        else:  # grad_sums_kernel, moments_kernel: one kernel alone at one block size
+            lines.append(f"BatchNorm {b['part'].replace('_', ' ')} {b['blocks']} on {tuple(b['shape'])}: "
+                         f"{b['ms']:.3f} ms, {b['gb_per_s']} GB/s")
     for m in (r for r in rows if kind(r) == "max-batch"):
         lines.append(f"{m['model']} @{m['image_size']} largest batch: {m['max_batch']}"
                      + (f" ({m['max_batch_fails']} does not fit)" if m["max_batch_fails"] else "")

@@ -136,7 +136,7 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     assert "(1.000x" in stem[8] and "BatchNorm+ReLU pallas-stats" in stem[-1]
     # the BatchNorm + ReLU alone: the model's and the two candidates at each of the 4 inner
     # shapes; the statistics, Pallas and XLA, at each of the 9 BatchNorm shapes (the
-    # backward kernel's block sizes are timed on a GPU only)
+    # kernels' block sizes are timed on a GPU only)
     bn_relu = [line for line in text.splitlines() if line.startswith("BatchNorm+ReLU (")]
     assert len(bn_relu) == 12 and sum(" pallas:" in line for line in bn_relu) == 4, bn_relu
     stats = [line for line in text.splitlines() if line.startswith("BatchNorm statistics (")]
@@ -154,6 +154,8 @@ def test_a_candidate_kernel_that_fails_on_the_device_is_reported_not_dropped():
         {"job": "bn-relu/b256", "part": "moments", "impl": "pallas", "shape": [256, 56, 56, 256], "ms": 0.1,
          "gb_per_s": 4112, "max_rel_diff_vs_xla": 1e-6},
         {"job": "bn-relu/b256", "part": "grad_sums_kernel", "blocks": "1024x32x4", "error": "out of resources"},
+        {"job": "bn-relu/b256", "part": "moments_kernel", "blocks": "512x32x8", "shape": [3211264, 64], "ms": 0.15,
+         "gb_per_s": 2741},
         {"job": "stem-variants/resnet50@224", "part": "train_step", "model": "resnet50", "conv": "direct",
          "pool": "model's", "bn_relu": "pallas-stats", "error": "RuntimeError: no kernel image"},
     ]
@@ -163,3 +165,4 @@ def test_a_candidate_kernel_that_fails_on_the_device_is_reported_not_dropped():
     assert "BatchNorm kernel bn_relu pallas (256, 56, 56, 64) failed: TritonError" in text
     assert "BatchNorm statistics (256, 56, 56, 256) pallas: 0.100 ms, 4112 GB/s" in text
     assert "BatchNorm kernel grad_sums_kernel 1024x32x4 () failed: out of resources" in text
+    assert "BatchNorm moments kernel 512x32x8 on (3211264, 64): 0.150 ms, 2741 GB/s" in text
