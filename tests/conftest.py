@@ -55,7 +55,13 @@ def require_cuda_plugin() -> None:
     that compile for an H100 with it, without a GPU or CUDA libraries."""
     import importlib.util
 
-    if not any(importlib.util.find_spec(f"jax_plugins.xla_{cuda}") for cuda in ("cuda12", "cuda13")):
+    def installed(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # no jax_plugins package at all
+            return False
+
+    if not any(installed(f"jax_plugins.xla_{cuda}") for cuda in ("cuda12", "cuda13")):
         pytest.skip("needs the CUDA plugin: pip install 'jax[cuda12-local]'")
 
 
