@@ -437,6 +437,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     dtype = jnp.dtype(a.dtype)
     kind = jax.devices()[0].device_kind
     rows = []
+
+    def run_and_time(fn: Callable, args: Sequence[Array], **what: object) -> tuple[object, float] | None:
+        """``fn(*args)`` and its median ms; a candidate that fails to compile or run is a result:
+        its error row (``what`` names it) is printed, None returned, and the rest still timed."""
+        try:
+            out = fn(*args)
+            return out, _median_ms(lambda: fn(*args), 3, a.repeats, a.inner)
+        except Exception as e:
+            print(json.dumps({**what, "error": str(e)[:300]}), flush=True)
+            return None
+
+    def emit(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
     for shape in resnet50_inner_shapes(a.batch_size):
         keys = jax.random.split(jax.random.key(0), 4)
         x = (jax.random.normal(keys[0], shape) + 0.3).astype(dtype)
@@ -445,20 +460,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         bias = 0.1 * jax.random.normal(keys[3], shape[-1:])
         outs = {}
         for impl in CHOICES:
-            fn = bn_relu_step(impl)
-            try:  # a candidate that fails to compile or run is a result: say so, time the rest
-                outs[impl] = fn(x, scale, bias, ct)
-                ms = _median_ms(lambda: fn(x, scale, bias, ct), 3, a.repeats, a.inner)
-            except Exception as e:
-                print(json.dumps({"part": "bn_relu", "impl": impl, "shape": list(shape), "error": str(e)[:300]}),
-                      flush=True)
+            what = {"part": "bn_relu", "impl": impl, "shape": list(shape)}
+            if (timed := run_and_time(bn_relu_step(impl), (x, scale, bias, ct), **what)) is None:
                 continue
+            outs[impl], ms = timed
             diff = max(float(jnp.max(jnp.abs(u.astype(jnp.float32) - v.astype(jnp.float32))) / (jnp.max(jnp.abs(u.astype(jnp.float32))) + 1e-30))
                        for u, v in zip(outs["model"], outs[impl]))
-            row = {"part": "bn_relu", "impl": impl, "shape": list(shape), "dtype": a.dtype, "device_kind": kind,
-                   "ms": round(ms, 4), "max_rel_diff_vs_model": diff}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            emit({**what, "dtype": a.dtype, "device_kind": kind, "ms": round(ms, 4), "max_rel_diff_vs_model": diff})
     # every BatchNorm's forward statistics: the Pallas kernel (on a GPU; elsewhere XLA's own
     # reductions, so both rows time the same thing) against the model's XLA reductions
     moments = {"pallas": jax.jit(lambda x: MOMENTS["xla"](x)),
@@ -467,18 +475,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         x2 = (jax.random.normal(jax.random.key(4), (shape[0] * shape[1] * shape[2], shape[3])) + 0.3).astype(dtype)
         want = moments["xla"](x2)
         for impl, fn in moments.items():
-            try:
-                got = fn(x2)
-                ms = _median_ms(lambda: fn(x2), 3, a.repeats, a.inner)
-            except Exception as e:
-                print(json.dumps({"part": "moments", "impl": impl, "shape": list(shape), "error": str(e)[:300]}),
-                      flush=True)
+            what = {"part": "moments", "impl": impl, "shape": list(shape)}
+            if (timed := run_and_time(fn, (x2,), **what)) is None:
                 continue
+            got, ms = timed
             diff = float(jnp.max(jnp.abs(got - want) / (jnp.abs(want) + 1e-6)))
-            row = {"part": "moments", "impl": impl, "shape": list(shape), "ms": round(ms, 4),
-                   "gb_per_s": round(x2.size * dtype.itemsize / (ms * 1e-3) / 1e9), "max_rel_diff_vs_xla": diff}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            emit({**what, "ms": round(ms, 4), "gb_per_s": round(x2.size * dtype.itemsize / (ms * 1e-3) / 1e9),
+                  "max_rel_diff_vs_xla": diff})
     # each kernel alone at its largest shape, for a few block sizes (Triton: a GPU only): the
     # backward sums at the largest inner shape, the moments at the stem's (the largest of all)
     blocks = list(filter(None, a.blocks.split(",")))
@@ -498,16 +501,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         block_rows, sub_rows, warps = map(int, spec.split("x"))
         for part, (kernel, matrices, vectors) in kernels.items():
             fn = jax.jit(functools.partial(kernel, block_rows=block_rows, sub_rows=sub_rows, num_warps=warps))
-            try:
-                ms = _median_ms(lambda: fn(*matrices, *vectors), 3, a.repeats, a.inner)
-            except Exception as e:  # a block size Triton cannot compile: say so, time the others
-                print(json.dumps({"part": part, "blocks": spec, "error": str(e)[:300]}), flush=True)
+            if (timed := run_and_time(fn, (*matrices, *vectors), part=part, blocks=spec)) is None:
                 continue
+            ms = timed[1]
             gbps = sum(x.size * x.dtype.itemsize for x in matrices) / (ms * 1e-3) / 1e9
-            row = {"part": part, "blocks": spec, "shape": list(matrices[0].shape), "ms": round(ms, 4),
-                   "gb_per_s": round(gbps)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            emit({"part": part, "blocks": spec, "shape": list(matrices[0].shape), "ms": round(ms, 4),
+                  "gb_per_s": round(gbps)})
     print(f"\nBatchNorm + ReLU forward + backward on {kind}, {a.dtype} (median ms; model's vs Pallas reductions), "
           "then the statistics alone (Pallas vs XLA), then both kernels' block sizes:")
     for r in rows:

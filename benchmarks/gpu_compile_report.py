@@ -241,6 +241,8 @@ def max_batch_within(args: argparse.Namespace, report: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.bn_relu_pallas import CHOICES as BN_RELU_CHOICES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", metavar="FILE.py[:variant]",
                    help="compile this recipe's step (EMA, label smoothing, ...), as resnet-jax benchmark --config")
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                         "lets XLA allocate ~59 GiB under its default 75%% preallocation)")
     p.add_argument("--gpus", type=int, default=1,
                    help="split the batch over this many GPUs (compile-only: one host's 1x1xN topology); figures per GPU")
-    p.add_argument("--bn-relu", choices=["model", "pallas", "pallas-stats"], default="model",
+    p.add_argument("--bn-relu", choices=BN_RELU_CHOICES, default="model",
                    help="pallas: with benchmarks/bn_relu_pallas.py's BatchNorm + ReLU (a candidate) patched in; "
                         "pallas-stats: and its forward statistics kernel for every BatchNorm")
     p.add_argument("--top", type=int, default=0, help="list the N kernels that move the most bytes")

@@ -34,8 +34,9 @@ candidate: ``{"part", "variant", "ms", "vs_current", "max_rel_diff_vs_first"}``,
 Then the whole train step (``resnet-jax benchmark``'s measurement, ResNet-50 by default) as
 the model has it, with the parity pool, with the fastest convolution candidate, with both,
 with ``bn_relu_pallas.py``'s BatchNorm + ReLU alone, with it and its statistics kernel, and
-with those on top of both, patched into the model for that run only (:func:`full_step`): what a candidate gains where it counts, and the
-largest difference of the loss over the run against the model's own.
+with those on top of both, patched into the model for that run only (:func:`full_step`):
+what a candidate gains where it counts, and the largest difference of the loss over the run
+against the model's own.
 ``device_benchmark.sh`` runs all of it as the ``stem-variants/`` job:
 
     python3 benchmarks/stem_variants.py --batch-size 256 --image-size 224

@@ -59,9 +59,9 @@ def test_the_benchmark_runs_and_every_candidate_agrees(capsys):
 @pytest.mark.slow
 def test_the_candidates_patched_into_the_model_train_as_the_model_does():
     """The whole-step comparison runs the real model with a candidate in its stem (and the
-    Pallas BatchNorm + ReLU and statistics, off the GPU with XLA's reductions): in float32 the losses of 5
-    steps match the model's own to rounding, the patches are undone afterwards, and the stem
-    convolution's replacement refuses any other convolution."""
+    Pallas BatchNorm + ReLU and statistics, off the GPU with XLA's reductions): in float32 the
+    losses of 5 steps match the model's own to rounding, the patches are undone afterwards,
+    and the stem convolution's replacement refuses any other convolution."""
     from resnet_jax.models import layers, resnet
 
     conv_before, pool_before, bn_before = resnet.conv, layers.max_pool_3x3_s2, layers._batch_norm_train
