@@ -7,8 +7,8 @@ So the measurements are jobs in priority order, and each call runs as many as it
 
 1. ResNet-50 @224: ours, torchvision (eager, torch.compile), flax's plain ResNet: the
    README's headline row and its ratio;
-2. the stem's candidate kernels and the Pallas BatchNorm kernels (``stem_variants.py``,
-   ``bn_relu_pallas.py``);
+2. the stem's candidate kernels, the step with each of its GPU kernel choices undone, and the
+   Pallas BatchNorm kernels alone (``stem_variants.py``, ``bn_relu_pallas.py``);
 3. ours for ResNet-18, ResNet-101 and ResNet-RS-50 @160 (its recipe's step);
 4. a profile of the step (``kernel_bandwidth.py``: where its time goes); the trainer's
    whole loop against its bare step;
@@ -67,8 +67,8 @@ class Job:
 
     ``id`` is ``kind/model@size`` (``ours/resnet50@224``); ``estimate_s`` is the wall time it
     is expected to take, compiles included: what it took on the H200 on 2026-11-26 plus ~40%
-    (guesses for the stem candidates, never run yet, and the batch search, which ran out of
-    lease after 170 s and three probes). ``limit_s``, where set, kills the job that long after
+    (the stem and BatchNorm jobs: their H100 times of the same day plus a margin; the batch
+    search is a guess: it ran out of lease after 170 s and three probes). ``limit_s``, where set, kills the job that long after
     its start even with time left: for a job whose estimate is a guess, so that an overrun
     costs the jobs after it no more than ``limit_s - estimate_s``.
     """
@@ -154,16 +154,16 @@ def plan(
         f"tar -czf \"$OUT/profile.tar.gz\" -C {os.path.dirname(profile_dir)} {os.path.basename(profile_dir)}\n"
         f"{PYTHON} benchmarks/kernel_bandwidth.py {profile_dir} --top 30 | tee \"$OUT/kernel_bandwidth.txt\""))
     # the stem's candidate kernels (benchmarks/stem_variants.py), timed alone at the step's shapes,
-    # then in the whole step (the fastest convolution, the parity pool, both) against the model's own
-    # (and with bn_relu_pallas.py's BatchNorm + ReLU, alone and on top of both)
-    stem = Job(f"stem-variants/{vtag}", 250, (PYTHON, "benchmarks/stem_variants.py", "--batch-size", str(batch),
+    # then the whole step as the model has it, with each of its GPU kernel choices undone, and with
+    # all three undone (H100, 2026-11-26: 169 s with seven whole-step runs; five now)
+    stem = Job(f"stem-variants/{vtag}", 170, (PYTHON, "benchmarks/stem_variants.py", "--batch-size", str(batch),
                                                "--image-size", vsize, "--full-step-model", vmodel,
                                                "--full-step-steps", str(max(steps // 2, 5))),
-               limit_s=360)
+               limit_s=300)
     # the Pallas BatchNorm + ReLU alone at ResNet-50's inner shapes, the statistics kernel at
     # every BatchNorm's shape, and both kernels' block sizes
-    bn_relu = Job(f"bn-relu/b{batch}", 70, (PYTHON, "benchmarks/bn_relu_pallas.py", "--batch-size", str(batch)),
-                  limit_s=130)
+    bn_relu = Job(f"bn-relu/b{batch}", 35, (PYTHON, "benchmarks/bn_relu_pallas.py", "--batch-size", str(batch)),
+                  limit_s=90)  # H100, 2026-11-26: 22 s
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(
@@ -327,7 +327,7 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
     for c in (r for r in rows if kind(r) == "stem-variants"):
         if c["part"] == "train_step":
             head = (f"stem in the {c['model']} step, conv {c['conv']}, pool {c['pool']}, "
-                    f"BatchNorm+ReLU {c.get('bn_relu', 'model')}: ")
+                    f"BatchNorm {c.get('bn_relu', 'model')}: ")
             lines.append(head + (f"failed: {c['error'][:200]}" if "error" in c else
                                  f"{c['images_per_second']:.0f} img/s ({c['vs_model']:.3f}x the model's own; "
                                  f"max loss diff {c['max_loss_diff_vs_model']:.1e})"))

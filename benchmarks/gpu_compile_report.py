@@ -23,8 +23,8 @@ Reported, for the same ``train_step`` that ``resnet-jax train`` runs:
 - with ``--max-batch-within GIB`` the largest batch whose step needs at most GIB (one
   compile per probe): the prediction of ``resnet-jax benchmark --find-max-batch``;
 - with ``--gpus N`` the step with its batch split over N GPUs (per-GPU figures), and with
-  ``--bn-relu pallas`` the step with ``bn_relu_pallas.py``'s candidate patched in
-  (``pallas-stats``: with its forward statistics kernel too).
+  ``--bn-relu xla`` the step with XLA's BatchNorm reductions in place of the model's Pallas
+  kernels (``pallas``: the backward kernel alone; ``bn_relu_pallas.batch_norm``).
 
 Used in docs/performance.md to predict a change's effect before it is timed on a device.
 """
@@ -119,14 +119,14 @@ def compile_report(
     step (the program's divided by k), memory is the program's. ``recipe``
     (``configs/FILE.py[:variant]``): that recipe's step, as ``resnet-jax benchmark --config``.
     ``gpus`` > 1: the step with the batch split over that many GPUs; traffic, kernels, memory
-    and per-image figures are then per GPU (its share of the batch). ``bn_relu="pallas"``:
-    with ``benchmarks/bn_relu_pallas.py``'s BatchNorm + ReLU patched in (a candidate);
-    ``"pallas-stats"``: and its forward statistics kernel for every BatchNorm.
+    and per-image figures are then per GPU (its share of the batch). ``bn_relu``: the
+    BatchNorm, one of ``bn_relu_pallas.CHOICES`` (``"model"``: the model's own, on a GPU its
+    Pallas kernels; ``"xla"``: XLA's reductions; ``"pallas"``: the backward kernel alone).
     """
     if bn_relu != "model":
-        from benchmarks.bn_relu_pallas import batch_norm_relu
+        from benchmarks.bn_relu_pallas import batch_norm
 
-        with batch_norm_relu(bn_relu):  # refuses an unknown choice
+        with batch_norm(bn_relu):  # refuses an unknown choice
             report, hlo = compile_report(model, batch_size, image_size, dtype, target, tpu, peer,
                                          steps_per_dispatch, recipe, gpus)
         return {**report, "bn_relu": bn_relu}, hlo
@@ -265,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=1,
                    help="split the batch over this many GPUs (compile-only: one host's 1x1xN topology); figures per GPU")
     p.add_argument("--bn-relu", choices=BN_RELU_CHOICES, default="model",
-                   help="pallas: with benchmarks/bn_relu_pallas.py's BatchNorm + ReLU (a candidate) patched in; "
-                        "pallas-stats: and its forward statistics kernel for every BatchNorm")
+                   help="the BatchNorm: model (the model's own: on a GPU its Pallas kernels), xla (XLA's "
+                        "reductions, the model before 2026-11-26), pallas (the backward kernel alone)")
     p.add_argument("--top", type=int, default=0, help="list the N kernels that move the most bytes")
     p.add_argument("--dump-hlo", help="write the optimised HLO text here")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{r['model']} batch {r['batch_size']} @{r['image_size']}px {r['dtype']}, compiled for {r['device_kind']} "
         f"(jax {r['jax']}) in {r['compile_seconds_host']:.1f} s on the host"
         + (f"; the batch split over {r['gpus']} GPUs, figures per GPU" if r["gpus"] > 1 else "")
-        + {"pallas": "; BatchNorm + ReLU from bn_relu_pallas.py",
-           "pallas-stats": "; BatchNorm + ReLU and every BatchNorm's statistics from bn_relu_pallas.py"}.get(r["bn_relu"], "")
+        + {"xla": "; BatchNorm with XLA's reductions (no Pallas kernels)",
+           "pallas": "; BatchNorm with the Pallas backward kernel alone"}.get(r["bn_relu"], "")
         + (f"; {r['steps_per_dispatch']} steps per dispatch, figures per step" if r["steps_per_dispatch"] > 1 else "")
         + "\n"
         f"  memory      peak {r['peak_gib']:.2f} GiB = arguments {r['argument_gib']:.2f} + temporaries "

@@ -68,12 +68,21 @@ def require_cuda_plugin() -> None:
 def use_cuda_kernels(patch):
     """Swaps in, through ``patch`` (a ``pytest.MonkeyPatch``), the kernels a model runs when it is
     compiled for an NVIDIA GPU (``jax.lax.platform_dependent``), which a CPU otherwise never runs
-    inside a whole model: the ReLU whose derivative comes from its output, and the max pool's
-    fused gradient. Every CUDA-only kernel belongs here, so that the tests using it cover them all."""
-    from resnet_jax.models import layers
+    inside a whole model: the ReLU whose derivative comes from its output, the max pool over
+    parity planes, the stem convolution as space to depth, and BatchNorm with whole-batch
+    statistics through the Pallas kernels (under the Pallas interpreter). Every CUDA-only
+    kernel belongs here, so that the tests using it cover them all."""
+    from resnet_jax.models import layers, pallas_batch_norm
+
+    def batch_norm_train(x, scale, bias, group, epsilon, dtype, activation=None):
+        if group != x.shape[0]:
+            return layers.batch_norm_train_xla(x, scale, bias, group, epsilon, dtype, activation)
+        return pallas_batch_norm.batch_norm_train(x, scale, bias, epsilon, dtype, activation, interpret=True)
 
     patch.setitem(layers.ACTIVATIONS, "relu", layers.relu_from_output)
-    patch.setattr(layers, "max_pool_3x3_s2", layers.max_pool_fused_gradient)
+    patch.setattr(layers, "max_pool_3x3_s2", layers.max_pool_parity)
+    patch.setattr(layers, "conv_7x7_s2", layers.conv_7x7_s2_space_to_depth)
+    patch.setattr(layers, "_batch_norm_train", batch_norm_train)
 
 
 @pytest.fixture

@@ -129,12 +129,12 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     assert f"{ours['images_per_second'] / flax['images_per_s']:.2f}" in row.split()
     assert "owed (1): bash benchmarks/device_benchmark.sh --only max-batch/resnet18@32" in text
     # the stem candidates: one summary line each, the current kernels at 1.00x; then the whole
-    # step seven ways (the model's own first), the last three with the Pallas BatchNorm + ReLU
+    # step five ways: the model's own first, each GPU choice undone, then all three undone
     stem = [line for line in text.splitlines() if line.startswith("stem ")]
-    assert len(stem) == 8 + 7 and sum("(1.00x" in line for line in stem) == 2, stem
-    assert "stem in the resnet18 step, conv direct, pool model's, BatchNorm+ReLU model" in stem[8]
-    assert "(1.000x" in stem[8] and "BatchNorm+ReLU pallas-stats" in stem[-1]
-    # the BatchNorm + ReLU alone: the model's and the two candidates at each of the 4 inner
+    assert len(stem) == 8 + 5 and sum("(1.00x" in line for line in stem) == 2, stem
+    assert "stem in the resnet18 step, conv model's, pool model's, BatchNorm model" in stem[8]
+    assert "(1.000x" in stem[8] and "conv direct, pool slices, BatchNorm xla" in stem[-1]
+    # the BatchNorm + ReLU alone: the model's, XLA's and the backward kernel alone at each of the 4 inner
     # shapes; the statistics, Pallas and XLA, at each of the 9 BatchNorm shapes (the
     # kernels' block sizes are timed on a GPU only)
     bn_relu = [line for line in text.splitlines() if line.startswith("BatchNorm+ReLU (")]
@@ -157,10 +157,10 @@ def test_a_candidate_kernel_that_fails_on_the_device_is_reported_not_dropped():
         {"job": "bn-relu/b256", "part": "moments_kernel", "blocks": "512x32x8", "shape": [3211264, 64], "ms": 0.15,
          "gb_per_s": 2741},
         {"job": "stem-variants/resnet50@224", "part": "train_step", "model": "resnet50", "conv": "direct",
-         "pool": "model's", "bn_relu": "pallas-stats", "error": "RuntimeError: no kernel image"},
+         "pool": "model's", "bn_relu": "xla", "error": "RuntimeError: no kernel image"},
     ]
     text = summary(rows, [db.Outcome("bn-relu/b256", "done", 60.0, 70.0)])
-    assert ("stem in the resnet50 step, conv direct, pool model's, BatchNorm+ReLU pallas-stats: "
+    assert ("stem in the resnet50 step, conv direct, pool model's, BatchNorm xla: "
             "failed: RuntimeError: no kernel image") in text
     assert "BatchNorm kernel bn_relu pallas (256, 56, 56, 64) failed: TritonError" in text
     assert "BatchNorm statistics (256, 56, 56, 256) pallas: 0.100 ms, 4112 GB/s" in text

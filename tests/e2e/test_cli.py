@@ -73,7 +73,9 @@ def test_a_restart_takes_the_train_step_from_the_persistent_compilation_cache(tm
     env = {**ENV, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # cache even a fast CPU compile
 
     def train_steps_cached():
-        return sorted(name for name in os.listdir(cache) if name.startswith("jit_train_step-"))
+        (folder,) = os.listdir(cache)  # one per library version and Pallas module (loop.enable_compilation_cache)
+        assert folder.startswith("resnet_jax-"), folder
+        return sorted(name for name in os.listdir(cache / folder) if name.startswith("jit_train_step-"))
 
     first = _cli(*args, "--config.stop_after_steps=1", env=env)
     assert first.returncode == 0, first.stderr[-3000:]

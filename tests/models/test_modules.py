@@ -207,16 +207,17 @@ def test_relu_values_and_gradients_equal_jax_relu(name):
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2), (1, 1, 1, 1), (2, 12, 10, 4)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("kernel", ["fused_gradient", "parity_candidate"])
+@pytest.mark.parametrize("kernel", ["parity", "strided_slices"])
 def test_max_pool_values_and_derivatives_equal_flax_max_pool(shape, dtype, kernel):
-    """The hand-written derivative (what ``max_pool_3x3_s2`` is on a GPU; and the parity-plane
-    candidate of ``benchmarks/stem_variants.py``) against flax's ``nn.max_pool`` (XLA's
-    select-and-scatter), bit for bit, ties included: after a ReLU whole windows are 0, and
-    the gradient must go to the first maximum of each window, as the reference's."""
-    from benchmarks.stem_variants import max_pool_parity
-    from resnet_jax.models.layers import max_pool_fused_gradient
+    """The hand-written derivatives (the parity-plane pool, what ``max_pool_3x3_s2`` is on a
+    GPU; and the strided-slice one it replaced, still timed by ``benchmarks/stem_variants.py``)
+    against flax's ``nn.max_pool`` (XLA's select-and-scatter), bit for bit, ties included:
+    after a ReLU whole windows are 0, and the gradient must go to the first maximum of each
+    window, as the reference's."""
+    from benchmarks.stem_variants import max_pool_fused_gradient
+    from resnet_jax.models.layers import max_pool_parity
 
-    max_pool_3x3_s2 = max_pool_fused_gradient if kernel == "fused_gradient" else max_pool_parity
+    max_pool_3x3_s2 = max_pool_parity if kernel == "parity" else max_pool_fused_gradient
 
     def reference(x):
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -253,8 +254,10 @@ def test_stem_relu_after_the_max_pool_equals_the_textbook_order(kind, kernels, d
     conv_f = functools.partial(conv, dtype=dtype)
     norm_f = functools.partial(BatchNorm, dtype=dtype)
     ours = layers.Stem(kind, 8, "max", conv_f, norm_f, act)
-    # act not one of layers.RELUS: the Stem keeps the textbook order (and pool "none": flax's pool)
-    textbook = layers.Stem(kind, 8, "none", conv_f, norm_f, lambda y: jax.nn.relu(y))
+    # pool "none": the Stem keeps the textbook order, then flax's pool. The same ReLU, so that the
+    # deep stem's inner BatchNorm + ReLU run the same kernels in both (its values and derivatives
+    # equal jax.nn.relu's bit for bit: test_relu_values_and_gradients_equal_jax_relu)
+    textbook = layers.Stem(kind, 8, "none", conv_f, norm_f, act)
     x = jnp.round(3 * jax.random.normal(jax.random.key(0), (2, 20, 20, 3))).astype(dtype)
     variables = ours.init(jax.random.key(1), x, train=False)
     params = jax.tree_util.tree_map(lambda p: jnp.round(4 * p) / 4 if p.ndim == 4 else p, variables["params"])
@@ -275,6 +278,75 @@ def test_stem_relu_after_the_max_pool_equals_the_textbook_order(kind, kernels, d
     assert 0.2 < float(jnp.mean(y == 0)) < 0.8, "the test needs windows that are all <= 0 and windows that are not"
     cotangent = jax.random.normal(jax.random.key(2), y.shape, y.dtype)
     chex.assert_trees_all_equal(pullback(cotangent), pullback_ref(cotangent))
+
+
+@pytest.mark.parametrize("size", [(16, 16), (15, 17), (1, 2)])
+@pytest.mark.parametrize("channels", [None, 16])
+def test_space_to_depth_stem_convolution_and_weight_gradient_equal_torch_conv2d(size, channels):
+    """``conv_7x7_s2_space_to_depth`` (the classic stem's convolution on a GPU) against torch's
+    ``conv2d(stride=2, padding=3)`` under autograd, torchvision's ``conv1``: float32 values and
+    weight gradients, even and odd image sizes, 12 folded channels and 16 (zero-padded)."""
+    torch = pytest.importorskip("torch")
+    from resnet_jax.models.layers import conv_7x7_s2_direct, conv_7x7_s2_space_to_depth
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, *size, 3)).astype(np.float32)
+    kernel = rng.normal(size=(7, 7, 3, 5)).astype(np.float32)
+    x_t = torch.tensor(x).permute(0, 3, 1, 2)
+    k_t = torch.tensor(kernel).permute(3, 2, 0, 1).requires_grad_()
+    y_t = torch.nn.functional.conv2d(x_t, k_t, stride=2, padding=3)
+    cotangent = rng.normal(size=y_t.shape).astype(np.float32)
+    y_t.backward(torch.tensor(cotangent))
+    for impl in (functools.partial(conv_7x7_s2_space_to_depth, channels=channels), conv_7x7_s2_direct):
+        y, pullback = jax.vjp(lambda k: impl(jnp.asarray(x), k), jnp.asarray(kernel))
+        (dkernel,) = pullback(jnp.asarray(cotangent).transpose(0, 2, 3, 1))
+        np.testing.assert_allclose(np.asarray(y), y_t.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(dkernel), k_t.grad.permute(2, 3, 1, 0).numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="7x7"):
+        conv_7x7_s2_space_to_depth(jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 4)))
+
+
+def test_space_to_depth_stem_convolution_in_bf16_is_as_accurate_as_the_direct_one():
+    """In bf16 (float32 accumulation, one rounding of each output and weight gradient) the
+    folded convolution's error against the float32 convolution of the same bf16 inputs is
+    no larger than the direct convolution's: the same sums, in another order."""
+    from resnet_jax.models.layers import conv_7x7_s2_direct, conv_7x7_s2_space_to_depth
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (4, 32, 32, 3)).astype(jnp.bfloat16)
+    kernel = (0.1 * jax.random.normal(keys[1], (7, 7, 3, 32))).astype(jnp.bfloat16)
+    ct = jax.random.normal(keys[2], (4, 16, 16, 32)).astype(jnp.bfloat16)
+
+    def value_and_weight_gradient(impl, dtype):
+        y, pullback = jax.vjp(lambda k: impl(x.astype(dtype), k), kernel.astype(dtype))
+        return [np.asarray(a, np.float32) for a in (y, pullback(ct.astype(dtype))[0])]
+
+    exact = value_and_weight_gradient(conv_7x7_s2_direct, jnp.float32)
+    errors = {impl.__name__: [np.max(np.abs(a - e)) / np.max(np.abs(e))
+                              for a, e in zip(value_and_weight_gradient(impl, jnp.bfloat16), exact)]
+              for impl in (conv_7x7_s2_direct, conv_7x7_s2_space_to_depth)}
+    direct, folded = errors["conv_7x7_s2_direct"], errors["conv_7x7_s2_space_to_depth"]
+    assert all(0 < d < 1e-2 for d in direct), direct  # bf16 is really in use
+    assert all(f <= 1.25 * d for f, d in zip(folded, direct)), errors
+
+
+def test_the_stem_convolution_adapter_leaves_other_convolutions_to_lax():
+    """``as_lax_conv`` computes the 7x7/2 stem convolution with its function and passes any other
+    call (another shape, or an option the function does not take) to ``lax`` unchanged."""
+    from resnet_jax.models.layers import as_lax_conv
+
+    calls = []
+    adapter = as_lax_conv(lambda x, k: calls.append(x.shape) or jnp.zeros(()))
+    x, k3 = jnp.ones((1, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    want = jax.lax.conv_general_dilated(x, k3, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    got = adapter(x, k3, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_array_equal(got, want)
+    k7 = jnp.ones((7, 7, 3, 4))
+    adapter(x, k7, (2, 2), [(3, 3), (3, 3)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=jax.lax.Precision.HIGHEST)
+    assert calls == []
+    adapter(x, k7, (2, 2), [(3, 3), (3, 3)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert calls == [(1, 8, 8, 3)]
 
 
 def test_max_pool_backward_on_an_h100_moves_a_third_of_flax_max_pools_bytes():

@@ -1,5 +1,5 @@
-"""The Pallas BatchNorm + ReLU candidate (``benchmarks/bn_relu_pallas.py``) computes the model's
-function and derivatives. References: float64 NumPy for the kernel's sums, torch's
+"""The Pallas BatchNorm kernels (``resnet_jax.models.pallas_batch_norm``, the model's BatchNorm on a
+GPU) compute the textbook function and derivatives. References: float64 NumPy for the kernel's sums, torch's
 ``batch_norm(training=True)`` + ``relu`` under autograd for values and reverse-mode
 derivatives, and the textbook formula under plain JAX autodiff for forward mode. On CPU the
 kernel runs under the Pallas interpreter (the same kernel body the GPU compiles).
@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import bn_relu_pallas
-from tests.conftest import require_cuda_plugin
+from resnet_jax.models import pallas_batch_norm as pbn
 
 
 def _sums_float64(x, dy, mean, a, b):
@@ -31,7 +30,7 @@ def test_the_kernel_sums_equal_float64(rows, channels):
     x = jax.random.normal(keys[0], (rows, channels)) * 2 + 0.5
     dy = jax.random.normal(keys[1], (rows, channels))
     mean, a, b = (jax.random.normal(k, (channels,)) for k in keys[2:])
-    got = bn_relu_pallas.relu_grad_sums(x, dy, mean, a, b, block_rows=64, block_channels=32, interpret=True)
+    got = pbn.relu_grad_sums(x, dy, mean, a, b, block_rows=64, block_channels=32, interpret=True)
     for g, want in zip(got, _sums_float64(x, dy, mean, a, b)):
         np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-4)
 
@@ -40,7 +39,7 @@ def test_the_kernel_sums_equal_float64(rows, channels):
 def test_the_moments_kernel_sums_equal_float64(rows, channels):
     """sum(x) and sum(x * x) per channel, over 3 x 3 blocks and on a shape left to XLA."""
     x = jax.random.normal(jax.random.key(5), (rows, channels)) * 3 + 1.5
-    got = bn_relu_pallas.moment_sums(x, block_rows=64, block_channels=32, interpret=True)
+    got = pbn.moment_sums(x, block_rows=64, block_channels=32, interpret=True)
     x64 = np.asarray(x, np.float64)
     for g, want in zip(got, (x64.sum(0), (x64 * x64).sum(0))):
         np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-3)
@@ -60,19 +59,17 @@ def test_row_sharded_sums_add_each_devices_rows_without_gathering_them(spec):
     mean, a, b = (jax.random.normal(k, (24,)) for k in keys[2:])
     rows = NamedSharding(mesh, PartitionSpec(*spec))
     x_sharded, dy_sharded = jax.device_put(x, rows), jax.device_put(dy, rows)
-    with bn_relu_pallas.patched("interpret"):
-        fn = jax.jit(bn_relu_pallas._grad_sums)
-        got = fn(x_sharded, dy_sharded, mean, a, b)
-        hlo = fn.lower(x_sharded, dy_sharded, mean, a, b).compile().as_text()
+    fn = jax.jit(pbn._GRAD_SUMS[True])  # the kernel under the interpreter
+    got = fn(x_sharded, dy_sharded, mean, a, b)
+    hlo = fn.lower(x_sharded, dy_sharded, mean, a, b).compile().as_text()
     for g, want in zip(got, _sums_float64(x, dy, mean, a, b)):
         np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-4)
     assert "all-gather" not in hlo
     assert ("all-reduce" in hlo) == (spec[0] is not None)
     # the forward statistics' kernel the same way
-    with bn_relu_pallas.patched("interpret"):
-        fn = jax.jit(bn_relu_pallas.batch_moments, static_argnums=1)
-        mean, mean_sq = fn(x_sharded, jnp.float32)
-        hlo = fn.lower(x_sharded, jnp.float32).compile().as_text()
+    fn = jax.jit(lambda x: pbn.batch_moments(x, jnp.float32, True))
+    mean, mean_sq = fn(x_sharded)
+    hlo = fn.lower(x_sharded).compile().as_text()
     x64 = np.asarray(x, np.float64)
     np.testing.assert_allclose(np.asarray(mean), x64.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(mean_sq), (x64 * x64).mean(0), rtol=1e-5, atol=1e-6)
@@ -85,8 +82,10 @@ def _textbook(x, scale, bias, epsilon=1e-5):
     return jax.nn.relu((x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias)
 
 
-def _candidate(x, scale, bias):
-    return bn_relu_pallas.batch_norm_relu_train(x, scale, bias, 1e-5, jnp.float32)[0]
+def _candidate(x, scale, bias, activation=jax.nn.relu, kernel_statistics=False):
+    """The model's GPU BatchNorm, its kernels under the interpreter."""
+    return pbn.batch_norm_train(x, scale, bias, 1e-5, jnp.float32, activation, kernel_statistics=kernel_statistics,
+                                interpret=True)[0]
 
 
 @pytest.fixture
@@ -104,9 +103,8 @@ def _assert_equals_torch(inputs, candidate, relu: bool = True) -> None:
     interpreter) against torch's ``batch_norm(training=True)`` (+ ``relu``) under autograd."""
     torch = pytest.importorskip("torch")
     x, scale, bias, ct = inputs
-    with bn_relu_pallas.patched("interpret"):
-        y, pullback = jax.vjp(candidate, x, scale, bias)
-        dx, dscale, dbias = pullback(ct)
+    y, pullback = jax.vjp(candidate, x, scale, bias)
+    dx, dscale, dbias = pullback(ct)
     x_t = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).requires_grad_()
     scale_t = torch.tensor(np.asarray(scale)).requires_grad_()
     bias_t = torch.tensor(np.asarray(bias)).requires_grad_()
@@ -126,18 +124,17 @@ def test_values_and_gradients_equal_torch_batch_norm_relu(inputs):
 
 @pytest.mark.parametrize("activation", ["relu", None])
 def test_with_the_pallas_statistics_values_and_gradients_equal_torch(inputs, activation):
-    """``pallas_stats``: the statistics from the moments kernel (its derivative written out),
+    """The statistics from the moments kernel (its derivative written out),
     with the ReLU candidate and with no activation (a BatchNorm before a residual add):
     values and reverse-mode derivatives against torch, forward mode against the textbook."""
     x, scale, bias, ct = inputs
     act = jax.nn.relu if activation else None
 
     def candidate(x, scale, bias):
-        return bn_relu_pallas.batch_norm_relu_train(x, scale, bias, 1e-5, jnp.float32, act, pallas_stats=True)[0]
+        return _candidate(x, scale, bias, act, kernel_statistics=True)
 
     _assert_equals_torch(inputs, candidate, relu=activation is not None)
-    with bn_relu_pallas.patched("interpret"):
-        _, tangent = jax.jvp(candidate, (x, scale, bias), (ct, jnp.sin(jnp.arange(16.0)), jnp.zeros(16)))
+    _, tangent = jax.jvp(candidate, (x, scale, bias), (ct, jnp.sin(jnp.arange(16.0)), jnp.zeros(16)))
 
     def textbook(x, scale, bias):
         mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
@@ -167,96 +164,9 @@ def test_forward_mode_equals_the_textbook_derivative(inputs):
 def test_bf16_output_and_gradient_dtypes(inputs):
     x, scale, bias, ct = inputs
     x, ct = x.astype(jnp.bfloat16), ct.astype(jnp.bfloat16)
-    with bn_relu_pallas.patched("interpret"):
-        y, pullback = jax.vjp(lambda x, s, b: bn_relu_pallas.batch_norm_relu_train(x, s, b, 1e-5, jnp.bfloat16)[0],
-                              x, scale, bias)
-        dx, dscale, dbias = pullback(ct)
+    y, pullback = jax.vjp(lambda x, s, b: pbn.batch_norm_train(x, s, b, 1e-5, jnp.bfloat16, jax.nn.relu,
+                                                               interpret=True)[0], x, scale, bias)
+    dx, dscale, dbias = pullback(ct)
     assert (y.dtype, dx.dtype, dscale.dtype, dbias.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32)
     want = jax.grad(lambda x: jnp.sum(_textbook(x, scale, bias) * ct.astype(jnp.float32)))(x.astype(jnp.float32))
     np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(want), rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stats", [False, True], ids=["backward", "backward+stats"])
-def test_patched_into_resnet18_it_trains_as_the_model_does(stats):
-    """The real model and train step with the candidate patched in (the kernels under the
-    interpreter): float32 losses of 4 steps equal the model's own to rounding; the patch
-    covers only ReLU BatchNorms (with ``stats``, every BatchNorm) and is undone afterwards."""
-    from resnet_jax.models import layers
-    from resnet_jax.train.benchmark import benchmark_config, measure
-
-    before = layers._batch_norm_train
-    config = benchmark_config("resnet18", 8, 32, "float32")
-    own = measure(config, steps=4)
-    calls = []
-
-    with bn_relu_pallas.patched("interpret", stats=stats):
-        patched_train = layers._batch_norm_train
-        original = bn_relu_pallas.batch_norm_relu_train
-
-        def counting(*args, **kwargs):
-            calls.append(args[0].shape)
-            return original(*args, **kwargs)
-
-        bn_relu_pallas.batch_norm_relu_train = counting
-        try:
-            ours = measure(config, steps=4)
-        finally:
-            bn_relu_pallas.batch_norm_relu_train = original
-    assert layers._batch_norm_train is before and patched_train is not before
-    if stats:  # every BatchNorm: the stem's, two per block, and the 3 downsampling shortcuts'
-        assert (8, 16, 16, 64) in calls and len(calls) % 20 == 0, calls
-    else:
-        # ResNet-18 at 32px: the stem's BatchNorm is followed by the max pool and each block's
-        # bn2 by the residual add, so the candidate replaces bn1 of the 8 blocks, 2 per stage.
-        assert sorted(set(calls)) == [(8, 1, 1, 512), (8, 2, 2, 256), (8, 4, 4, 128), (8, 8, 8, 64)], calls
-        assert len(calls) % 8 == 0, calls
-    np.testing.assert_allclose(ours["losses"], own["losses"], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_compiled_for_h100s_the_candidate_moves_fewer_bytes_on_one_gpu_and_on_two():
-    """``gpu_compile_report --bn-relu pallas|pallas-stats [--gpus 2]`` (compiled for the H100,
-    no GPU needed): ResNet-18's step gets one Triton kernel per inner BatchNorm (bn1 of its 8
-    blocks; with the statistics one more per BatchNorm), moves fewer bytes at the same peak
-    memory, and with the batch split over two GPUs it gathers nothing and still moves fewer
-    bytes per GPU than the model's step."""
-    require_cuda_plugin()
-    from benchmarks.gpu_compile_report import compile_report
-
-    for gpus in (1, 2):
-        own, own_hlo = compile_report("resnet18", 16, 64, "bfloat16", gpus=gpus)
-        assert own_hlo.count('custom_call_target="__gpu$xla.gpu.triton"') == 0
-        # "pallas-stats": one more kernel for each of the 20 BatchNorms' statistics, same bytes
-        for choice, kernels in (("pallas", 8), ("pallas-stats", 8 + 20)):
-            ours, hlo = compile_report("resnet18", 16, 64, "bfloat16", gpus=gpus, bn_relu=choice)
-            assert (ours["gpus"], ours["bn_relu"]) == (gpus, choice)
-            assert hlo.count('custom_call_target="__gpu$xla.gpu.triton"') == kernels
-            assert ours["traffic_gib"] < own["traffic_gib"], (gpus, choice, ours["traffic_gib"], own["traffic_gib"])
-            assert ours["peak_gib"] <= own["peak_gib"] * 1.001
-            assert "all-gather" not in hlo
-
-
-def test_the_device_job_reports_a_failing_candidate_and_times_the_rest(monkeypatch, capsys):
-    """``main`` (the bn-relu/ device job): a candidate that raises gets an error row, and the
-    other candidates and the statistics are still timed."""
-    import json
-
-    real_step = bn_relu_pallas.bn_relu_step
-
-    def step(impl):
-        if impl == "pallas":
-            def broken(*args):
-                raise RuntimeError("Triton refused the kernel")
-            return broken
-        return real_step(impl)
-
-    monkeypatch.setattr(bn_relu_pallas, "bn_relu_step", step)
-    monkeypatch.setattr(bn_relu_pallas, "resnet50_inner_shapes", lambda batch: [(batch, 4, 4, 16)])
-    monkeypatch.setattr(bn_relu_pallas, "resnet50_batch_norm_shapes", lambda batch: [(batch, 4, 4, 32)])
-    bn_relu_pallas.main(["--batch-size", "2", "--repeats", "1", "--inner", "1"])
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [(r["part"], r["impl"], "error" in r) for r in rows] == [
-        ("bn_relu", "model", False), ("bn_relu", "pallas", True), ("bn_relu", "pallas-stats", False),
-        ("moments", "pallas", False), ("moments", "xla", False)]
-    assert "Triton refused the kernel" in rows[1]["error"]

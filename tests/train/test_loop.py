@@ -123,3 +123,43 @@ def test_os_error_codes_are_found_in_orbax_and_tensorstore_errors():
     except RuntimeError as outer:
         assert ckpt_lib._os_error_code(outer) == 13
     assert ckpt_lib._os_error_code(ValueError("shapes do not match")) is None
+
+
+_SHARDED_KERNEL_PROGRAM = """
+import os, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from resnet_jax.models import pallas_batch_norm
+from resnet_jax.train.loop import enable_compilation_cache
+
+folder = enable_compilation_cache(sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+x = jax.device_put(jnp.ones((64, 16)), NamedSharding(mesh, P("data", None)))
+# the BatchNorm statistics' custom_partitioning op (its kernel under the interpreter), batch-sharded
+jax.jit(lambda x: pallas_batch_norm.batch_moments(x, jnp.float32, True)[0] * 2)(x).block_until_ready()
+print(folder)
+"""
+
+
+def test_a_new_process_finds_the_batch_sharded_kernels_step_in_the_compilation_cache(tmp_path):
+    """The step's BatchNorm sums are custom_partitioning ops, whose cache key held a pointer to
+    their Python callbacks, so that every new process missed the cache (checked: without
+    ``jax_remove_custom_partitioning_ptr_from_cache_key`` the second run stores a second
+    program). With ``enable_compilation_cache`` a second process finds the first's program,
+    in a folder named by the library's version and the Pallas module's digest."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": os.getcwd()}
+
+    def run() -> tuple[str, list[str]]:
+        out = subprocess.run([sys.executable, "-c", _SHARDED_KERNEL_PROGRAM, str(tmp_path / "xla")], env=env,
+                             capture_output=True, text=True, check=True, timeout=300)
+        folder = out.stdout.strip().splitlines()[-1]
+        return folder, sorted(name for name in os.listdir(folder) if name.startswith("jit__lambda-"))
+
+    folder, first = run()
+    assert os.path.basename(folder).startswith("resnet_jax-") and len(first) == 1, (folder, first)
+    assert run() == (folder, first)

@@ -136,8 +136,8 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32):
     * ``textbook``: flax's ops in the textbook order: ``jax.nn.relu``, ``nn.max_pool`` and the
       stem's ReLU before its pool, i.e. the model before any speed change (the slower version);
     * ``default``: the model as it runs on a CPU or TPU (the stem's ReLU after its pool);
-    * ``cuda``: the kernels it runs when compiled for an NVIDIA GPU (ReLU derivative from its
-      output, the max pool's fused gradient), which a CPU otherwise never runs in a model.
+    * ``cuda``: the kernels it runs when compiled for an NVIDIA GPU (``use_cuda_kernels``), which
+      a CPU otherwise never runs in a model.
     """
     from resnet_jax.models import layers
 
@@ -158,17 +158,26 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["resnet18", "resnet50"])
-def test_fast_kernels_keep_the_bf16_loss_curve_of_the_textbook_model(monkeypatch, model):
-    """Issue 6's condition on every speed change: on a fixed seed the bf16 loss curve of the model
-    as shipped (CPU/TPU kernels and the GPU kernels) matches the textbook model's within bf16
-    noise. The noise is measured, not assumed: how far the textbook model's bf16 curve lies from
-    its float32 curve. 20 steps at learning rate 0.1 on 32px images (narrow networks), so that a
-    wrong derivative has time to show: e.g. the max pool's gradient sent to the last maximum of
-    a window instead of the first moves the ResNet-18 curve by 0.026, 4.5x the noise."""
-    textbook = _loss_curve(monkeypatch, "textbook", "bfloat16", model)
-    noise = np.max(np.abs(textbook - _loss_curve(monkeypatch, "textbook", "float32", model)))
+def test_fast_kernels_keep_the_loss_curve_of_the_textbook_model(monkeypatch, model):
+    """Issue 6's condition on every speed change, on a fixed seed: the model as shipped (the
+    CPU/TPU kernels and the GPU kernels) trains as the textbook model does.
+
+    In float32 the loss curves agree to 1e-5: the kernels compute the same function and
+    derivatives, so a wrong derivative shows at once (e.g. the max pool's gradient sent to the
+    last maximum of a window instead of the first moves the ResNet-18 curve by 0.026). In
+    bf16 each curve stays as close to the float32 one as bf16 rounding allows. That noise is
+    measured, not assumed: how far the textbook model's bf16 curve lies from its float32 curve.
+    The GPU kernels round differently (the stem convolution over 16 folded channels, the
+    BatchNorm sums in another order), and 20 steps at learning rate 0.1 amplify any rounding:
+    measured, the GPU kernels' bf16 curve lies 0.98x (ResNet-50) and 2.7x (ResNet-18) the
+    textbook's distance from float32. The bound is 4x; the stem convolution alone, in bf16,
+    is as accurate as the direct one (test_modules)."""
+    textbook = {d: _loss_curve(monkeypatch, "textbook", d, model) for d in ("float32", "bfloat16")}
+    noise = np.max(np.abs(textbook["bfloat16"] - textbook["float32"]))
     assert 1e-4 < noise < 0.1, noise  # bf16 is really in use, and the runs are comparable
-    assert textbook[-4:].mean() < textbook[:4].mean() - 0.1, textbook  # the curve is a training curve
+    assert textbook["float32"][-4:].mean() < textbook["float32"][:4].mean() - 0.1, textbook  # a training curve
     for kernels in ("default", "cuda"):
+        curve = _loss_curve(monkeypatch, kernels, "float32", model)
+        np.testing.assert_allclose(curve, textbook["float32"], rtol=0, atol=1e-5, err_msg=kernels)
         curve = _loss_curve(monkeypatch, kernels, "bfloat16", model)
-        assert np.max(np.abs(curve - textbook)) <= noise, (kernels, curve, textbook, noise)
+        assert np.max(np.abs(curve - textbook["float32"])) <= 4 * noise, (kernels, curve, textbook, noise)
