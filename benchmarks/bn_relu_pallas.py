@@ -44,35 +44,26 @@ Array = jax.Array
 CHOICES = ("model", "xla", "pallas")
 
 
-def _xla_train(x, scale, bias, group, epsilon, dtype, activation=None):
-    return layers.batch_norm_train_xla(x, scale, bias, group, epsilon, dtype, activation)
-
-
-def _backward_kernel_train(x, scale, bias, group, epsilon, dtype, activation=None):
-    """The backward kernel for whole-batch BatchNorm + ReLU on a GPU, XLA's reductions otherwise."""
-    if group != x.shape[0] or activation not in layers.RELUS:
-        return layers.batch_norm_train_xla(x, scale, bias, group, epsilon, dtype, activation)
-    return jax.lax.platform_dependent(
-        x, scale, bias,
-        cuda=lambda x, s, b: pallas_batch_norm.batch_norm_train(x, s, b, epsilon, dtype, activation,
-                                                                kernel_statistics=False),
-        default=lambda x, s, b: layers.batch_norm_train_xla(x, s, b, group, epsilon, dtype, activation))
-
-
 @contextlib.contextmanager
 def batch_norm(choice: str) -> Iterator[None]:
     """Within the block, models built and traced use the BatchNorm ``choice`` (:data:`CHOICES`)
-    in training mode; anything else is refused."""
+    in training mode; anything else is refused. ``xla`` swaps ``layers.batch_norm_train_xla``
+    in for the per-platform choice; ``pallas`` keeps that choice and turns the GPU path's
+    statistics kernel off (``kernel_statistics=False``)."""
     if choice not in CHOICES:
         raise ValueError(f"bn_relu must be one of {', '.join(map(repr, CHOICES))}, not {choice!r}")
-    replacement = {"model": None, "xla": _xla_train, "pallas": _backward_kernel_train}[choice]
-    model_train = layers._batch_norm_train
-    if replacement is not None:
-        layers._batch_norm_train = replacement
+    module, name, replacement = {
+        "model": (layers, "_batch_norm_train", layers._batch_norm_train),
+        "xla": (layers, "_batch_norm_train", layers.batch_norm_train_xla),
+        "pallas": (pallas_batch_norm, "batch_norm_train",
+                   functools.partial(pallas_batch_norm.batch_norm_train, kernel_statistics=False)),
+    }[choice]
+    original = getattr(module, name)
+    setattr(module, name, replacement)
     try:
         yield
     finally:
-        layers._batch_norm_train = model_train
+        setattr(module, name, original)
 
 
 # ---------------------------------------------------------------- timing on the device

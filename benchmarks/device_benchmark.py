@@ -68,9 +68,10 @@ class Job:
     ``id`` is ``kind/model@size`` (``ours/resnet50@224``); ``estimate_s`` is the wall time it
     is expected to take, compiles included: what it took on the H200 on 2026-11-26 plus ~40%
     (the stem and BatchNorm jobs: their H100 times of the same day plus a margin; the batch
-    search is a guess: it ran out of lease after 170 s and three probes). ``limit_s``, where set, kills the job that long after
-    its start even with time left: for a job whose estimate is a guess, so that an overrun
-    costs the jobs after it no more than ``limit_s - estimate_s``.
+    search is a guess: it ran out of lease after 170 s and three probes). ``limit_s``, where
+    set, kills the job that long after its start even with time left: for a job whose
+    estimate is uncertain, so that an overrun costs the jobs after it no more than
+    ``limit_s - estimate_s``.
     """
 
     id: str

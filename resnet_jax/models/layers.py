@@ -121,7 +121,8 @@ class BatchNorm(nn.Module):
 
     With ``group_size=None`` the statistics are taken over the whole batch. Under
     ``jit`` with the batch sharded across devices this is the *global* batch
-    (synchronised BatchNorm): XLA inserts the cross-device reduction. With
+    (synchronised BatchNorm): XLA inserts the cross-device reduction (on a GPU, one
+    all-reduce of the Pallas kernels' per-device sums, :mod:`pallas_batch_norm`). With
     ``group_size=G`` the batch is split into ``N // G`` groups of ``G`` consecutive
     examples and each group is normalised with its own statistics ("ghost" BatchNorm,
     the paper's per-GPU BatchNorm); the running statistics then move towards the mean

@@ -36,13 +36,14 @@ def test_compiled_for_h100s_the_model_runs_the_kernels_and_moves_fewer_bytes_on_
 
 
 def test_a_batch_norm_choice_is_undone_after_its_block_and_an_unknown_one_refused():
-    from resnet_jax.models import layers
+    from resnet_jax.models import layers, pallas_batch_norm
 
-    before = layers._batch_norm_train
+    before = layers._batch_norm_train, pallas_batch_norm.batch_norm_train
     for choice in bn_relu_pallas.CHOICES:
         with bn_relu_pallas.batch_norm(choice):
-            assert (layers._batch_norm_train is before) == (choice == "model")
-        assert layers._batch_norm_train is before
+            during = layers._batch_norm_train, pallas_batch_norm.batch_norm_train
+            assert (during == before) == (choice == "model")
+        assert (layers._batch_norm_train, pallas_batch_norm.batch_norm_train) == before
     with pytest.raises(ValueError, match="'model', 'xla', 'pallas'"):
         with bn_relu_pallas.batch_norm("pallas-stats"):
             pass
