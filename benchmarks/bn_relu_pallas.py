@@ -11,8 +11,10 @@ they are the model's GPU path. This script times, at ResNet-50's shapes:
   model off a GPU: ``layers.batch_norm_train_xla``) and ``pallas`` (the backward kernel
   with XLA's statistics);
 - the statistics kernel against XLA's reductions at every BatchNorm shape;
-- both kernels alone at a few block sizes (``--blocks``; their register use, compiled for
-  the H100 without one, is in docs/performance.md).
+- both kernels alone at a few block sizes and pipelining depths (``--blocks``; their register
+  use, compiled for the H100 without one, is in docs/performance.md);
+- with ``--full-step-blocks``, the whole train step with the default blocks and with others
+  (:func:`kernel_blocks` patches them in).
 
 :func:`batch_norm` patches a choice into the model for a benchmark's run
 (``stem_variants.py``, ``gpu_compile_report.py --bn-relu``):
@@ -66,6 +68,64 @@ def batch_norm(choice: str) -> Iterator[None]:
         setattr(module, name, original)
 
 
+BLOCK_PARAMETERS = ("BLOCK_ROWS", "SUB_ROWS", "NUM_WARPS", "NUM_STAGES", "BLOCK_CHANNELS")
+
+
+def parse_blocks(spec: str) -> dict[str, int]:
+    """``ROWSxSUB_ROWSxWARPS[xSTAGES[xCHANNELS]]`` (e.g. ``512x32x4x3``) as the
+    ``pallas_batch_norm`` block parameters it sets; the ones left out keep the module's."""
+    try:
+        values = [int(v) for v in spec.split("x")]
+    except ValueError:
+        values = []
+    if not 3 <= len(values) <= 5 or min(values) < 1:
+        raise ValueError(f"block spec {spec!r} is not ROWSxSUB_ROWSxWARPS[xSTAGES[xCHANNELS]] of positive integers")
+    return dict(zip(BLOCK_PARAMETERS, values))
+
+
+@contextlib.contextmanager
+def kernel_blocks(spec: str) -> Iterator[None]:
+    """Within the block, the Pallas kernels traced use the block parameters of ``spec``
+    (:func:`parse_blocks`) instead of ``pallas_batch_norm``'s defaults."""
+    patch = parse_blocks(spec)
+    original = {name: getattr(pallas_batch_norm, name) for name in patch}
+    for name, value in patch.items():
+        setattr(pallas_batch_norm, name, value)
+    try:
+        yield
+    finally:
+        for name, value in original.items():
+            setattr(pallas_batch_norm, name, value)
+
+
+def full_steps_with_blocks(model: str, batch: int, image: int, dtype_name: str, steps: int,
+                           specs: Sequence[str]) -> list[dict]:
+    """The whole train step of ``model`` with the kernels' default blocks, then with each of
+    ``specs`` patched in: images/s against the default's, and the largest loss difference."""
+    from benchmarks.stem_variants import full_step
+
+    rows, base = [], None
+    for spec in ("default", *specs):
+        what = {"part": "train_step", "model": model, "blocks": spec}
+        try:  # a block shape that fails on the device is a result: say so, run the rest
+            with contextlib.nullcontext() if spec == "default" else kernel_blocks(spec):
+                r = full_step(model, batch, image, dtype_name, steps)
+        except Exception as e:
+            if base is None:
+                raise
+            print(json.dumps({**what, "error": str(e)[:300]}), flush=True)
+            continue
+        base = base or r
+        row = {**what, "batch_size": batch, "image_size": image, "dtype": dtype_name,
+               "device_kind": r["device_kind"], "images_per_second": round(r["images_per_second"], 1),
+               "vs_default": round(r["images_per_second"] / base["images_per_second"], 4),
+               "peak_memory_gib": r["peak_memory_gib"],
+               "max_loss_diff_vs_default": max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 # ---------------------------------------------------------------- timing on the device
 def resnet50_inner_shapes(batch: int) -> list[tuple[int, int, int, int]]:
     """The NHWC shapes of ResNet-50's inner BatchNorm inputs at 224px, one per distinct shape."""
@@ -101,10 +161,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--inner", type=int, default=10)
-    p.add_argument("--blocks", default="512x32x4,1024x32x4,512x64x8,256x32x4,512x32x8,512x16x8",
-                   help="block sizes of both kernels, each timed alone at its largest ResNet-50 shape: "
-                        "ROWSxSUB_ROWSxWARPS,...")
+    p.add_argument("--blocks", default="512x32x4,512x32x4x3,512x32x4x4,1024x32x4x3,512x64x4x3,512x32x4x2x64,"
+                                       "512x32x4x3x256,512x32x8x3",
+                   help="block parameters of both kernels, each timed alone at its largest ResNet-50 shape: "
+                        "ROWSxSUB_ROWSxWARPS[xSTAGES[xCHANNELS]],... (the model's: 512x32x4x2x128)")
+    p.add_argument("--full-step-blocks", default="",
+                   help="then time the whole train step of --full-step-model with the default blocks and with "
+                        "each of these (same spec, comma-separated)")
+    p.add_argument("--full-step-model", default="resnet50")
+    p.add_argument("--full-step-image-size", type=int, default=224)
+    p.add_argument("--full-step-steps", type=int, default=50)
     a = p.parse_args(argv)
+    for spec in filter(None, (a.blocks + "," + a.full_step_blocks).split(",")):
+        try:
+            parse_blocks(spec)
+        except ValueError as e:
+            p.error(str(e))
     from benchmarks.stem_variants import _median_ms
 
     dtype = jnp.dtype(a.dtype)
@@ -176,9 +248,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         kernels = {"grad_sums_kernel": (relu_grad_sums, (x2, dy2), (zeros, ones, zeros)),
                    "moments_kernel": (moment_sums, (x3,), ())}
     for spec in blocks:
-        block_rows, sub_rows, warps = map(int, spec.split("x"))
+        params = {name.lower(): value for name, value in parse_blocks(spec).items()}
         for part, (kernel, matrices, vectors) in kernels.items():
-            fn = jax.jit(functools.partial(kernel, block_rows=block_rows, sub_rows=sub_rows, num_warps=warps))
+            fn = jax.jit(functools.partial(kernel, **params))
             if (timed := run_and_time(fn, (*matrices, *vectors), part=part, blocks=spec)) is None:
                 continue
             ms = timed[1]
@@ -193,7 +265,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif r["part"] == "moments":
             print(f"  stats {str(tuple(r['shape'])):<22}{r['impl']:<7}{r['ms']:>9.3f} ms  {r['gb_per_s']:>6} GB/s")
         else:
-            print(f"  {r['part']:<17}{r['blocks']:<14}{r['ms']:>9.3f} ms  {r['gb_per_s']:>6} GB/s")
+            print(f"  {r['part']:<17}{r['blocks']:<16}{r['ms']:>9.3f} ms  {r['gb_per_s']:>6} GB/s")
+    specs = list(filter(None, a.full_step_blocks.split(",")))
+    if specs:
+        steps = full_steps_with_blocks(a.full_step_model, a.batch_size, a.full_step_image_size, a.dtype,
+                                       a.full_step_steps, specs)
+        print(f"\nwhole {a.full_step_model} train step, batch {a.batch_size} @{a.full_step_image_size}px {a.dtype}, "
+              "by the kernels' blocks:")
+        for r in steps:
+            print(f"  {r['blocks']:<16}{r['images_per_second']:>10.1f} images/s {r['vs_default']:>7.3f}x  "
+                  f"max loss diff {r['max_loss_diff_vs_default']:.2g}")
 
 
 if __name__ == "__main__":

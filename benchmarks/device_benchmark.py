@@ -163,8 +163,11 @@ def plan(
                limit_s=300)
     # the Pallas BatchNorm + ReLU alone at ResNet-50's inner shapes, the statistics kernel at
     # every BatchNorm's shape, and both kernels' block sizes
-    bn_relu = Job(f"bn-relu/b{batch}", 35, (PYTHON, "benchmarks/bn_relu_pallas.py", "--batch-size", str(batch)),
-                  limit_s=90)  # H100, 2026-11-26: 22 s
+    # then the whole step with the default blocks and two deeper pipelines (~25 s each)
+    bn_relu = Job(f"bn-relu/b{batch}", 110, (PYTHON, "benchmarks/bn_relu_pallas.py", "--batch-size", str(batch),
+                                              "--full-step-model", vmodel, "--full-step-image-size", vsize, "--full-step-steps", str(max(steps // 2, 5)),
+                                              "--full-step-blocks", "512x32x4x3,512x32x4x4"),
+                  limit_s=200)  # H100, 2026-11-26: 22 s without the whole steps
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(
@@ -339,6 +342,10 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
         if "error" in b:  # a candidate that failed on the device: its error, not a timing
             what = b.get("impl") or b.get("blocks")
             lines.append(f"BatchNorm kernel {b['part']} {what} {tuple(b.get('shape', ()))} failed: {b['error'][:200]}")
+        elif b["part"] == "train_step":
+            lines.append(f"{b['model']} step with the BatchNorm kernels' blocks {b['blocks']}: "
+                         f"{b['images_per_second']:.0f} img/s ({b['vs_default']:.3f}x the default blocks; "
+                         f"max loss diff {b['max_loss_diff_vs_default']:.1e})")
         elif b["part"] == "bn_relu":
             lines.append(f"BatchNorm+ReLU {tuple(b['shape'])} {b['impl']}: {b['ms']:.3f} ms forward+backward "
                          f"(max rel. diff {b['max_rel_diff_vs_model']:.1e} vs the model's)")

@@ -51,9 +51,10 @@ Array = jax.Array
 Dtype = Any
 
 # Rows (N*H*W positions) and channels per kernel instance, rows per loop iteration inside it,
-# warps per instance. 512x32 with 4 warps was the fastest of six block shapes for both
-# kernels on the H100 (docs/performance.md).
-BLOCK_ROWS, SUB_ROWS, BLOCK_CHANNELS, NUM_WARPS = 512, 32, 128, 4
+# warps per instance, and Triton's software-pipelining stages for the loop's loads. 512x32 with
+# 4 warps was the fastest of six block shapes for both kernels on the H100
+# (docs/performance.md). The kernels read these when they are traced (a benchmark may patch them).
+BLOCK_ROWS, SUB_ROWS, BLOCK_CHANNELS, NUM_WARPS, NUM_STAGES = 512, 32, 128, 4, 2
 
 
 # ---------------------------------------------------------------- the reduction kernels
@@ -102,12 +103,17 @@ def _largest_power_of_two_divisor(n: int, cap: int) -> int:
 
 def _block_sums(
     kernel: Callable, name: str, matrices: Sequence[Array], vectors: Sequence[Array], *,
-    block_rows: int, sub_rows: int, block_channels: int, num_warps: int, interpret: bool,
+    block_rows: int | None, sub_rows: int | None, block_channels: int | None, num_warps: int | None,
+    num_stages: int | None, interpret: bool,
 ) -> Array | None:
     """Runs ``kernel`` over (block_rows, block_channels) blocks of the (M, C) ``matrices`` with
     the float32 (C,) ``vectors`` beside them, and adds its per-block (2, C) partial sums.
     Returns the float32 (2, C) sums, or None where the largest power-of-two blocks that divide
-    M and C leave fewer than 8 rows or channels (the caller then uses plain XLA)."""
+    M and C leave fewer than 8 rows or channels (the caller then uses plain XLA). A block
+    parameter given as None takes the module's default (``BLOCK_ROWS`` etc.) at trace time."""
+    block_rows, sub_rows = block_rows or BLOCK_ROWS, sub_rows or SUB_ROWS
+    block_channels, num_warps = block_channels or BLOCK_CHANNELS, num_warps or NUM_WARPS
+    num_stages = num_stages or NUM_STAGES
     m, c = matrices[0].shape
     rows = _largest_power_of_two_divisor(m, block_rows)
     channels = _largest_power_of_two_divisor(c, block_channels)
@@ -122,7 +128,7 @@ def _block_sums(
         out_specs=pl.BlockSpec((None, 2, channels), lambda i, j: (i, 0, j)),
         out_shape=jax.ShapeDtypeStruct((grid[0], 2, c), jnp.float32),
         interpret=interpret,
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name=name,
     )(*matrices, *(v.reshape(1, c) for v in vectors))
     return jnp.sum(partial, axis=0)
@@ -130,20 +136,23 @@ def _block_sums(
 
 def relu_grad_sums(
     x: Array, dy: Array, mean: Array, a: Array, b: Array, *,
-    block_rows: int = BLOCK_ROWS, sub_rows: int = SUB_ROWS, block_channels: int = BLOCK_CHANNELS,
-    num_warps: int = NUM_WARPS, interpret: bool = False,
+    block_rows: int | None = None, sub_rows: int | None = None, block_channels: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False,
 ) -> tuple[Array, Array]:
     """Per-channel ``sum(g)`` and ``sum(g * (x - mean))`` over the rows of ``x`` and ``dy``
     (M, C), where ``g = dy`` where ``(x - mean) * a + b > 0``, else 0; ``mean``, ``a``, ``b``
     are float32 (C,). Returns two float32 (C,) arrays.
 
     One Pallas (Triton) kernel reads ``x`` and ``dy`` once and writes one partial sum per
-    block of ``block_rows`` rows; XLA adds the partial sums. Block sizes shrink to the
-    largest powers of two that divide M and C; where that leaves fewer than 8 rows or
-    channels, plain XLA reductions are used instead. A GPU only, unless ``interpret``.
+    block of ``block_rows`` rows; XLA adds the partial sums. A block parameter left None is
+    the module's (``BLOCK_ROWS``, ``SUB_ROWS``, ``BLOCK_CHANNELS``, ``NUM_WARPS``,
+    ``NUM_STAGES``) when traced. Block sizes shrink to the largest powers of two that divide
+    M and C; where that leaves fewer than 8 rows or channels, plain XLA reductions are used
+    instead. A GPU only, unless ``interpret``.
     """
     sums = _block_sums(_sums_kernel, "batch_norm_relu_grad_sums", (x, dy), (mean, a, b), block_rows=block_rows,
-                       sub_rows=sub_rows, block_channels=block_channels, num_warps=num_warps, interpret=interpret)
+                       sub_rows=sub_rows, block_channels=block_channels, num_warps=num_warps, num_stages=num_stages,
+                       interpret=interpret)
     if sums is None:
         centred = x.astype(jnp.float32) - mean
         g = jnp.where(centred * a + b > 0, dy.astype(jnp.float32), 0.0)
@@ -152,14 +161,15 @@ def relu_grad_sums(
 
 
 def moment_sums(
-    x: Array, *, block_rows: int = BLOCK_ROWS, sub_rows: int = SUB_ROWS, block_channels: int = BLOCK_CHANNELS,
-    num_warps: int = NUM_WARPS, interpret: bool = False,
+    x: Array, *, block_rows: int | None = None, sub_rows: int | None = None, block_channels: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False,
 ) -> tuple[Array, Array]:
     """Per-channel ``sum(x)`` and ``sum(x * x)`` in float32 over the rows of ``x`` (M, C), in
     one Pallas (Triton) kernel that reads ``x`` once. Block sizes and the fallback to XLA as
     :func:`relu_grad_sums`. A GPU only, unless ``interpret``."""
     sums = _block_sums(_moments_kernel, "batch_norm_moment_sums", (x,), (), block_rows=block_rows,
-                       sub_rows=sub_rows, block_channels=block_channels, num_warps=num_warps, interpret=interpret)
+                       sub_rows=sub_rows, block_channels=block_channels, num_warps=num_warps, num_stages=num_stages,
+                       interpret=interpret)
     if sums is None:
         xf = x.astype(jnp.float32)
         return jnp.sum(xf, axis=0), jnp.sum(xf * xf, axis=0)

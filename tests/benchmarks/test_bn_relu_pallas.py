@@ -73,3 +73,37 @@ def test_the_device_job_reports_a_failing_choice_and_times_the_rest(monkeypatch,
         ("moments", "pallas", False), ("moments", "xla", False)]
     assert "Triton refused the kernel" in rows[2]["error"]
     assert jax.default_backend() != "cpu" or rows[1]["max_rel_diff_vs_model"] < 1e-6
+
+
+def test_a_block_spec_sets_the_kernels_parameters_for_its_block_only_and_a_bad_one_is_refused():
+    """``kernel_blocks('64x8x4x3x32')`` makes the kernels traced inside it use 64-row, 32-channel
+    blocks (a (1024, 256) input: 16 x 8 partial sums instead of the default's 2 x 2), and the sums
+    still match plain float64 ones; the defaults are back after the block."""
+    import numpy as np
+
+    from resnet_jax.models import pallas_batch_norm as pbn
+
+    defaults = (pbn.BLOCK_ROWS, pbn.SUB_ROWS, pbn.NUM_WARPS, pbn.NUM_STAGES, pbn.BLOCK_CHANNELS)
+    assert bn_relu_pallas.parse_blocks("512x32x4") == {"BLOCK_ROWS": 512, "SUB_ROWS": 32, "NUM_WARPS": 4}
+    x = jax.random.normal(jax.random.key(0), (1024, 256))
+    seen = []
+    real = pbn.pl.pallas_call
+
+    def spy(*args, grid, **kwargs):
+        seen.append(grid)
+        return real(*args, grid=grid, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pbn.pl, "pallas_call", spy)
+        with bn_relu_pallas.kernel_blocks("64x8x4x3x32"):
+            assert (pbn.BLOCK_ROWS, pbn.SUB_ROWS, pbn.NUM_WARPS, pbn.NUM_STAGES, pbn.BLOCK_CHANNELS) == (64, 8, 4, 3, 32)
+            sums = pbn.moment_sums(x, interpret=True)
+        pbn.moment_sums(x, interpret=True)
+    assert seen == [(16, 8), (2, 2)]
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(np.asarray(sums[0]), x64.sum(0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(sums[1]), (x64 * x64).sum(0), rtol=1e-5)
+    assert (pbn.BLOCK_ROWS, pbn.SUB_ROWS, pbn.NUM_WARPS, pbn.NUM_STAGES, pbn.BLOCK_CHANNELS) == defaults
+    for bad in ("512x32", "512x32x4x2x128x1", "512xax4", "512x0x4"):
+        with pytest.raises(ValueError, match="ROWSxSUB_ROWSxWARPS"):
+            bn_relu_pallas.parse_blocks(bad)

@@ -141,6 +141,10 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     assert len(bn_relu) == 12 and sum(" pallas:" in line for line in bn_relu) == 4, bn_relu
     stats = [line for line in text.splitlines() if line.startswith("BatchNorm statistics (")]
     assert len(stats) == 18 and sum(" pallas:" in line for line in stats) == 9, stats
+    # then the whole step with the kernels' default blocks and two deeper pipelines
+    blocks = [line for line in text.splitlines() if "step with the BatchNorm kernels' blocks" in line]
+    assert [line.split("blocks ")[1].split(":")[0] for line in blocks] == ["default", "512x32x4x3", "512x32x4x4"]
+    assert "(1.000x the default blocks" in blocks[0]
     assert run.returncode == 1  # not everything done: the call says so
 
 
