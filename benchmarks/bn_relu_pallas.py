@@ -68,18 +68,20 @@ def batch_norm(choice: str) -> Iterator[None]:
         setattr(module, name, original)
 
 
-BLOCK_PARAMETERS = ("BLOCK_ROWS", "SUB_ROWS", "NUM_WARPS", "NUM_STAGES", "BLOCK_CHANNELS")
+BLOCK_PARAMETERS = ("BLOCK_ROWS", "SUB_ROWS", "NUM_WARPS", "NUM_STAGES", "BLOCK_CHANNELS", "MIN_PROGRAMS")
 
 
 def parse_blocks(spec: str) -> dict[str, int]:
-    """``ROWSxSUB_ROWSxWARPS[xSTAGES[xCHANNELS]]`` (e.g. ``512x32x4x3``) as the
-    ``pallas_batch_norm`` block parameters it sets; the ones left out keep the module's."""
+    """``ROWSxSUB_ROWSxWARPS[xSTAGES[xCHANNELS[xMIN_PROGRAMS]]]`` (e.g. ``512x32x4x3``) as the
+    ``pallas_batch_norm`` block parameters it sets; the ones left out keep the module's.
+    MIN_PROGRAMS may be 0 (off); the others are positive."""
     try:
         values = [int(v) for v in spec.split("x")]
     except ValueError:
         values = []
-    if not 3 <= len(values) <= 5 or min(values) < 1:
-        raise ValueError(f"block spec {spec!r} is not ROWSxSUB_ROWSxWARPS[xSTAGES[xCHANNELS]] of positive integers")
+    if not 3 <= len(values) <= 6 or min(values[:5]) < 1 or min(values) < 0:
+        raise ValueError(f"block spec {spec!r} is not ROWSxSUB_ROWSxWARPS[xSTAGES[xCHANNELS[xMIN_PROGRAMS]]] "
+                         "of positive integers (MIN_PROGRAMS may be 0)")
     return dict(zip(BLOCK_PARAMETERS, values))
 
 
@@ -161,10 +163,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--inner", type=int, default=10)
-    p.add_argument("--blocks", default="512x32x4,512x32x4x3,512x32x4x4,1024x32x4x3,512x64x4x3,512x32x4x2x64,"
-                                       "512x32x4x3x256,512x32x8x3",
+    p.add_argument("--blocks", default="512x32x4,512x32x4x3,512x32x4x2x128x528,512x32x4x2x128x1056,"
+                                       "256x32x4x2x128x1056",
                    help="block parameters of both kernels, each timed alone at its largest ResNet-50 shape: "
-                        "ROWSxSUB_ROWSxWARPS[xSTAGES[xCHANNELS]],... (the model's: 512x32x4x2x128)")
+                        "ROWSxSUB_ROWSxWARPS[xSTAGES[xCHANNELS[xMIN_PROGRAMS]]],... (the model's: 512x32x4x2x128x0)")
     p.add_argument("--full-step-blocks", default="",
                    help="then time the whole train step of --full-step-model with the default blocks and with "
                         "each of these (same spec, comma-separated)")
@@ -232,8 +234,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             diff = float(jnp.max(jnp.abs(got - want) / (jnp.abs(want) + 1e-6)))
             emit({**what, "ms": round(ms, 4), "gb_per_s": round(x2.size * dtype.itemsize / (ms * 1e-3) / 1e9),
                   "max_rel_diff_vs_xla": diff})
-    # each kernel alone at its largest shape, for a few block sizes (Triton: a GPU only): the
-    # backward sums at the largest inner shape, the moments at the stem's (the largest of all)
+    # each kernel alone for a few block sizes (Triton: a GPU only), at its largest shape and at
+    # a small one: the backward sums at the largest inner shape and at 7x7x512, the moments at
+    # the stem's (the largest of all) and at 14x14x256 (~200 instances with the default blocks)
     blocks = list(filter(None, a.blocks.split(",")))
     if jax.default_backend() != "gpu":
         print(f"the kernels' block sizes ({', '.join(blocks)}) are timed on a GPU only", flush=True)
@@ -243,15 +246,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         n, h, w, c = resnet50_inner_shapes(a.batch_size)[0]
         x2, dy2 = (jax.random.normal(jax.random.key(k), (n * h * w, c)).astype(dtype) for k in (1, 2))
         zeros, ones = jnp.zeros((c,)), jnp.ones((c,))
+        n, h, w, c = resnet50_inner_shapes(a.batch_size)[-1]
+        x4, dy4 = (jax.random.normal(jax.random.key(k), (n * h * w, c)).astype(dtype) for k in (5, 6))
+        zeros4, ones4 = jnp.zeros((c,)), jnp.ones((c,))
         n, h, w, c = resnet50_batch_norm_shapes(a.batch_size)[0]
         x3 = (jax.random.normal(jax.random.key(3), (n * h * w, c)) + 0.3).astype(dtype)
+        n, h, w, c = resnet50_batch_norm_shapes(a.batch_size)[5]
+        x5 = (jax.random.normal(jax.random.key(7), (n * h * w, c)) + 0.3).astype(dtype)
         kernels = {"grad_sums_kernel": (relu_grad_sums, (x2, dy2), (zeros, ones, zeros)),
-                   "moments_kernel": (moment_sums, (x3,), ())}
+                   "grad_sums_kernel_small": (relu_grad_sums, (x4, dy4), (zeros4, ones4, zeros4)),
+                   "moments_kernel": (moment_sums, (x3,), ()),
+                   "moments_kernel_small": (moment_sums, (x5,), ())}
     for spec in blocks:
-        params = {name.lower(): value for name, value in parse_blocks(spec).items()}
         for part, (kernel, matrices, vectors) in kernels.items():
-            fn = jax.jit(functools.partial(kernel, **params))
-            if (timed := run_and_time(fn, (*matrices, *vectors), part=part, blocks=spec)) is None:
+            fn = jax.jit(functools.partial(kernel))  # a new function: traced afresh, inside the patch
+            with kernel_blocks(spec):
+                timed = run_and_time(fn, (*matrices, *vectors), part=part, blocks=spec)
+            if timed is None:
                 continue
             ms = timed[1]
             gbps = sum(x.size * x.dtype.itemsize for x in matrices) / (ms * 1e-3) / 1e9

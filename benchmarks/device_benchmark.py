@@ -163,11 +163,14 @@ def plan(
                limit_s=300)
     # the Pallas BatchNorm + ReLU alone at ResNet-50's inner shapes, the statistics kernel at
     # every BatchNorm's shape, and both kernels' block sizes
-    # then the whole step with the default blocks and two deeper pipelines (~25 s each)
-    bn_relu = Job(f"bn-relu/b{batch}", 110, (PYTHON, "benchmarks/bn_relu_pallas.py", "--batch-size", str(batch),
-                                              "--full-step-model", vmodel, "--full-step-image-size", vsize, "--full-step-steps", str(max(steps // 2, 5)),
-                                              "--full-step-blocks", "512x32x4x3,512x32x4x4"),
-                  limit_s=200)  # H100, 2026-11-26: 22 s without the whole steps
+    # then the whole step with the default blocks and with the small activations' row blocks
+    # shrunk to run >= 4 or 8 instances per SM (H100, 2026-11-26: 115 s with the default blocks
+    # and two deeper pipelines, which gained nothing)
+    bn_relu = Job(f"bn-relu/b{batch}", 120,
+                  (PYTHON, "benchmarks/bn_relu_pallas.py", "--batch-size", str(batch), "--full-step-model", vmodel,
+                   "--full-step-image-size", vsize, "--full-step-steps", str(max(steps // 2, 5)),
+                   "--full-step-blocks", "512x32x4x2x128x528,512x32x4x2x128x1056"),
+                  limit_s=200)
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(

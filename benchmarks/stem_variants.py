@@ -26,6 +26,9 @@ BatchNorm apply + max pool 3x3/2 + ReLU (forward + input gradient):
                       (the model on a GPU before 2026-11-26)
   ``parity``          ``layers.max_pool_parity``: the same derivative, with the input viewed
                       as 2x2 parity planes (the model on a GPU)
+  ``planes``          ``layers.max_pool_planes``: the same, with the reverse pass written
+                      out plane by plane (9 terms per 2x2 block where XLA's transpose of
+                      ``parity`` adds 9 per element: 1.31 ms at 430 GB/s in the H100 step)
 
 Every candidate computes the same function: the convolutions agree to float32 rounding, and
 the pools agree exactly (max is exact, and all three route the gradient to the first maximum
@@ -33,7 +36,7 @@ of the window in row-major order). The tests check this on CPU. On the device, o
 candidate: ``{"part", "variant", "ms", "vs_current", "max_rel_diff_vs_first"}``, then a table.
 
 Then the whole train step (``resnet-jax benchmark``'s measurement, ResNet-50 by default) as
-the model has it, then with each of its GPU choices undone (the direct convolution, the
+the model has it, with the ``planes`` pool, then with each of its GPU choices undone (the direct convolution, the
 strided-slice pool, XLA's BatchNorm reductions in place of ``pallas_batch_norm``'s kernels),
 then with all three undone (the step before 2026-11-26), patched for that run only
 (:func:`full_step`): images/s against the model's, and the largest loss difference.
@@ -120,6 +123,7 @@ POOL_VARIANTS: dict[str, Callable[[Array], Array]] = {
     "xla": layers._max_pool,
     "slices": max_pool_fused_gradient,
     "parity": layers.max_pool_parity,
+    "planes": layers.max_pool_planes,
 }
 
 
@@ -145,8 +149,9 @@ def full_step(model: str, batch: int, image: int, dtype_name: str, steps: int,
         layers.conv_7x7_s2, layers.max_pool_3x3_s2 = model_conv, model_pool
 
 
-# The step as the model has it, each GPU choice undone, then all three: (conv, pool, BatchNorm).
-ABLATIONS = ((None, None, "model"), ("direct", None, "model"), (None, "slices", "model"),
+# The step as the model has it, with the candidate pool, then each GPU choice undone, then all
+# three: (conv, pool, BatchNorm).
+ABLATIONS = ((None, None, "model"), (None, "planes", "model"), ("direct", None, "model"), (None, "slices", "model"),
              (None, None, "xla"), ("direct", "slices", "xla"))
 
 

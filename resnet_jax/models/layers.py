@@ -345,18 +345,81 @@ def max_pool_parity(x: Array) -> Array:
     return functools.reduce(jnp.maximum, _window_taps(x, -jnp.inf))
 
 
-@max_pool_parity.defjvp
-def _max_pool_parity_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
-    (x,), (t,) = primals, tangents
+def _pool_with_first_max(x: Array) -> tuple[Array, Array]:
+    """The 3x3/2 max pool of ``x`` and, per output, the int8 row-major index (0-8) of the first
+    window tap that equals the maximum: where ``nn.max_pool``'s derivative goes."""
     taps = _window_taps(x, -jnp.inf)
     y = functools.reduce(jnp.maximum, taps)
     first_max = jnp.full(y.shape, 9, jnp.int8)
     for k in reversed(range(9)):  # the lowest k that equals the maximum wins
         first_max = jnp.where(taps[k] == y, jnp.int8(k), first_max)
-    t_out = jnp.zeros(y.shape, t.dtype)
+    return y, first_max
+
+
+def _pool_tangent(first_max: Array, t: Array) -> Array:
+    """The pool's tangent: each output's first maximal tap of the input tangent ``t``."""
+    t_out = jnp.zeros(first_max.shape, t.dtype)
     for k, tap in enumerate(_window_taps(t, 0.0)):
         t_out = t_out + jnp.where(first_max == k, tap, jnp.zeros_like(tap))
-    return y, t_out
+    return t_out
+
+
+@max_pool_parity.defjvp
+def _max_pool_parity_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (t,) = primals, tangents
+    y, first_max = _pool_with_first_max(x)
+    return y, _pool_tangent(first_max, t)
+
+
+def _pool_cotangent_by_plane(first_max: Array, ct: Array, height: int, width: int) -> Array:
+    """The transpose of :func:`_pool_tangent`: the input's (N, height, width, C) cotangent from
+    the output's ``ct``, built one 2x2 parity plane at a time. An input element of parity 0 in
+    a dimension is tap 1 of one window; one of parity 1 is tap 2 of window o and tap 0 of
+    window o + 1. So plane (0, 0) takes one term, (0, 1) and (1, 0) two, (1, 1) four, 9 in
+    all, where the transpose XLA derives adds nine padded terms at every input element. The
+    terms are added in window order (row-major), as XLA's select-and-scatter does."""
+    def chosen(k: int, row_shift: int, col_shift: int) -> Array:
+        # window (o + row_shift, p + col_shift)'s ct where its first maximum is tap k, else 0
+        term = jnp.where(first_max == k, ct, jnp.zeros_like(ct))
+        if row_shift or col_shift:
+            term = jax.lax.pad(term, jnp.zeros((), ct.dtype), ((0, 0, 0), (-row_shift, row_shift, 0),
+                                                              (-col_shift, col_shift, 0), (0, 0, 0)))
+        return term
+
+    taps_by_parity = (((1, 0),), ((2, 0), (0, 1)))  # (tap, window shift) covering parity 0 / 1
+    rows = []
+    for row_parity in (0, 1):
+        plane_row = []
+        for col_parity in (0, 1):
+            terms = [chosen(3 * row_tap + col_tap, row_shift, col_shift)
+                     for row_tap, row_shift in taps_by_parity[row_parity]
+                     for col_tap, col_shift in taps_by_parity[col_parity]]
+            plane_row.append(functools.reduce(jnp.add, terms))
+        rows.append(jnp.stack(plane_row, axis=3))  # (N, Ho, Wo, 2, C)
+    n, ho, wo, c = ct.shape
+    planes = jnp.stack(rows, axis=2)  # (N, Ho, 2, Wo, 2, C)
+    return planes.reshape(n, 2 * ho, 2 * wo, c)[:, :height, :width]
+
+
+@jax.custom_jvp
+def max_pool_planes(x: Array) -> Array:
+    """:func:`max_pool_parity` with a hand-written reverse pass (:func:`_pool_cotangent_by_plane`):
+    the same values and derivatives as ``nn.max_pool``, bit for bit, in forward and reverse
+    mode (second derivatives too, to rounding). A candidate timed by
+    ``benchmarks/stem_variants.py``: in the ResNet-50 step on an H100 the backward loop
+    fusion XLA derives for :func:`max_pool_parity` took 1.31 ms at 430 GB/s; compiled for
+    the H100, this one's is a single concatenate fusion (docs/performance.md, change 7)."""
+    return functools.reduce(jnp.maximum, _window_taps(x, -jnp.inf))
+
+
+@max_pool_planes.defjvp
+def _max_pool_planes_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (t,) = primals, tangents
+    y, first_max = _pool_with_first_max(x)
+    height, width = x.shape[1:3]
+    tangent = lambda first_max, t: _pool_tangent(first_max, t)  # noqa: E731
+    transpose = lambda first_max, ct: _pool_cotangent_by_plane(first_max, ct, height, width)  # noqa: E731
+    return y, jax.custom_derivatives.linear_call(tangent, transpose, first_max, t)
 
 
 def conv_7x7_s2_direct(x: Array, kernel: Array) -> Array:

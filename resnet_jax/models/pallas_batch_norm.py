@@ -55,6 +55,11 @@ Dtype = Any
 # 4 warps was the fastest of six block shapes for both kernels on the H100
 # (docs/performance.md). The kernels read these when they are traced (a benchmark may patch them).
 BLOCK_ROWS, SUB_ROWS, BLOCK_CHANNELS, NUM_WARPS, NUM_STAGES = 512, 32, 128, 4, 2
+# Where a kernel would run fewer instances than this, its row blocks are halved (down to
+# MIN_BLOCK_ROWS) until it runs at least this many: small activations (7x7 or 14x14 at batch
+# 256) otherwise run ~200 instances on an H100's 132 SMs and reach a third of its bandwidth.
+# 0 turns it off (the default until a device times it: docs/performance.md).
+MIN_PROGRAMS, MIN_BLOCK_ROWS = 0, 32
 
 
 # ---------------------------------------------------------------- the reduction kernels
@@ -110,13 +115,16 @@ def _block_sums(
     the float32 (C,) ``vectors`` beside them, and adds its per-block (2, C) partial sums.
     Returns the float32 (2, C) sums, or None where the largest power-of-two blocks that divide
     M and C leave fewer than 8 rows or channels (the caller then uses plain XLA). A block
-    parameter given as None takes the module's default (``BLOCK_ROWS`` etc.) at trace time."""
+    parameter given as None takes the module's default (``BLOCK_ROWS`` etc.) at trace time;
+    ``MIN_PROGRAMS`` may shrink the row blocks further."""
     block_rows, sub_rows = block_rows or BLOCK_ROWS, sub_rows or SUB_ROWS
     block_channels, num_warps = block_channels or BLOCK_CHANNELS, num_warps or NUM_WARPS
     num_stages = num_stages or NUM_STAGES
     m, c = matrices[0].shape
     rows = _largest_power_of_two_divisor(m, block_rows)
     channels = _largest_power_of_two_divisor(c, block_channels)
+    while rows // 2 >= max(MIN_BLOCK_ROWS, 8) and (m // rows) * (c // channels) < MIN_PROGRAMS:
+        rows //= 2  # still a power of two that divides m
     if rows < 8 or channels < 8:
         return None
     grid = (m // rows, c // channels)

@@ -78,7 +78,9 @@ def test_the_device_job_reports_a_failing_choice_and_times_the_rest(monkeypatch,
 def test_a_block_spec_sets_the_kernels_parameters_for_its_block_only_and_a_bad_one_is_refused():
     """``kernel_blocks('64x8x4x3x32')`` makes the kernels traced inside it use 64-row, 32-channel
     blocks (a (1024, 256) input: 16 x 8 partial sums instead of the default's 2 x 2), and the sums
-    still match plain float64 ones; the defaults are back after the block."""
+    still match plain float64 ones; a minimum instance count shrinks the row blocks until it
+    is met; the defaults are back after the block."""
+    import chex
     import numpy as np
 
     from resnet_jax.models import pallas_batch_norm as pbn
@@ -99,11 +101,16 @@ def test_a_block_spec_sets_the_kernels_parameters_for_its_block_only_and_a_bad_o
             assert (pbn.BLOCK_ROWS, pbn.SUB_ROWS, pbn.NUM_WARPS, pbn.NUM_STAGES, pbn.BLOCK_CHANNELS) == (64, 8, 4, 3, 32)
             sums = pbn.moment_sums(x, interpret=True)
         pbn.moment_sums(x, interpret=True)
-    assert seen == [(16, 8), (2, 2)]
+        # at least 64 instances: the default's 512-row blocks halve to 32 rows (32 x 2 blocks)
+        with bn_relu_pallas.kernel_blocks("512x32x4x2x128x64"):
+            small_blocks = pbn.moment_sums(x, interpret=True)
+    assert seen == [(16, 8), (2, 2), (32, 2)]
+    chex.assert_trees_all_close(small_blocks, sums, rtol=1e-5, atol=1e-4)  # float32 sums, another order
     x64 = np.asarray(x, np.float64)
     np.testing.assert_allclose(np.asarray(sums[0]), x64.sum(0), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(sums[1]), (x64 * x64).sum(0), rtol=1e-5)
     assert (pbn.BLOCK_ROWS, pbn.SUB_ROWS, pbn.NUM_WARPS, pbn.NUM_STAGES, pbn.BLOCK_CHANNELS) == defaults
-    for bad in ("512x32", "512x32x4x2x128x1", "512xax4", "512x0x4"):
+    assert bn_relu_pallas.parse_blocks("512x32x4x2x128x0")["MIN_PROGRAMS"] == 0
+    for bad in ("512x32", "512x32x4x2x128x1x1", "512xax4", "512x0x4", "512x32x4x2x128x-1"):
         with pytest.raises(ValueError, match="ROWSxSUB_ROWSxWARPS"):
             bn_relu_pallas.parse_blocks(bad)

@@ -129,11 +129,13 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     assert f"{ours['images_per_second'] / flax['images_per_s']:.2f}" in row.split()
     assert "owed (1): bash benchmarks/device_benchmark.sh --only max-batch/resnet18@32" in text
     # the stem candidates: one summary line each, the current kernels at 1.00x; then the whole
-    # step five ways: the model's own first, each GPU choice undone, then all three undone
+    # step six ways: the model's own first, with the candidate pool, each GPU choice undone,
+    # then all three undone
     stem = [line for line in text.splitlines() if line.startswith("stem ")]
-    assert len(stem) == 8 + 5 and sum("(1.00x" in line for line in stem) == 2, stem
-    assert "stem in the resnet18 step, conv model's, pool model's, BatchNorm model" in stem[8]
-    assert "(1.000x" in stem[8] and "conv direct, pool slices, BatchNorm xla" in stem[-1]
+    assert len(stem) == 9 + 6 and sum("(1.00x" in line for line in stem) == 2, stem
+    assert "stem in the resnet18 step, conv model's, pool model's, BatchNorm model" in stem[9]
+    assert "(1.000x" in stem[9] and "conv model's, pool planes, BatchNorm model" in stem[10]
+    assert "conv direct, pool slices, BatchNorm xla" in stem[-1]
     # the BatchNorm + ReLU alone: the model's, XLA's and the backward kernel alone at each of the 4 inner
     # shapes; the statistics, Pallas and XLA, at each of the 9 BatchNorm shapes (the
     # kernels' block sizes are timed on a GPU only)
@@ -141,9 +143,10 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     assert len(bn_relu) == 12 and sum(" pallas:" in line for line in bn_relu) == 4, bn_relu
     stats = [line for line in text.splitlines() if line.startswith("BatchNorm statistics (")]
     assert len(stats) == 18 and sum(" pallas:" in line for line in stats) == 9, stats
-    # then the whole step with the kernels' default blocks and two deeper pipelines
+    # then the whole step with the kernels' default blocks and with the small ones' rows shrunk
     blocks = [line for line in text.splitlines() if "step with the BatchNorm kernels' blocks" in line]
-    assert [line.split("blocks ")[1].split(":")[0] for line in blocks] == ["default", "512x32x4x3", "512x32x4x4"]
+    assert [line.split("blocks ")[1].split(":")[0] for line in blocks] == [
+        "default", "512x32x4x2x128x528", "512x32x4x2x128x1056"]
     assert "(1.000x the default blocks" in blocks[0]
     assert run.returncode == 1  # not everything done: the call says so
 

@@ -2,8 +2,9 @@
 
 Each is checked against an independent reference: the convolutions and their weight
 gradients against torch's ``conv2d`` under autograd (float32, 7x7/2, padding 3, as
-torchvision's ResNet ``conv1``). The parity max pool is checked bit for bit against flax's
-``nn.max_pool`` beside the model's own GPU max pool, in tests/models/test_modules.py.
+torchvision's ResNet ``conv1``). The max pools (strided slices, parity planes, and parity
+planes with the hand-written reverse pass) are checked bit for bit against flax's
+``nn.max_pool`` in tests/models/test_modules.py.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def test_the_benchmark_runs_and_every_candidate_agrees(capsys):
 
 @pytest.mark.slow
 def test_each_gpu_choice_undone_in_the_model_trains_as_the_model_does():
-    """The whole-step comparison runs the real model as it is, then with each of its GPU
-    choices undone, then with all three (off a GPU the model's own kernels are XLA's, so the
+    """The whole-step comparison runs the real model as it is, with the candidate pool, then
+    with each of its GPU choices undone, then with all three (off a GPU the model's own kernels are XLA's, so the
     patches change the CPU step only where they name a kernel): in float32 the losses of 5
     steps match the model's own to rounding, and the patches are undone afterwards."""
     from resnet_jax.models import layers
@@ -64,10 +65,10 @@ def test_each_gpu_choice_undone_in_the_model_trains_as_the_model_does():
     before = layers.conv_7x7_s2, layers.max_pool_3x3_s2, layers._batch_norm_train
     rows = stem_variants.full_steps("resnet18", batch=8, image=32, dtype_name="float32", steps=5)
     assert [(r["conv"], r["pool"], r["bn_relu"]) for r in rows] == [
-        ("model's", "model's", "model"), ("direct", "model's", "model"), ("model's", "slices", "model"),
-        ("model's", "model's", "xla"), ("direct", "slices", "xla")]
+        ("model's", "model's", "model"), ("model's", "planes", "model"), ("direct", "model's", "model"),
+        ("model's", "slices", "model"), ("model's", "model's", "xla"), ("direct", "slices", "xla")]
     assert rows[0]["vs_model"] == 1.0
-    assert rows[2]["max_loss_diff_vs_model"] == 0.0  # the pools are bit-equal
+    assert rows[1]["max_loss_diff_vs_model"] == rows[3]["max_loss_diff_vs_model"] == 0.0  # the pools are bit-equal
     assert all(r["max_loss_diff_vs_model"] < 1e-4 for r in rows)
     assert (layers.conv_7x7_s2, layers.max_pool_3x3_s2, layers._batch_norm_train) == before
 
@@ -86,9 +87,9 @@ def test_a_whole_step_variant_that_fails_is_reported_and_the_rest_still_run(monk
     monkeypatch.setattr(stem_variants, "full_step", fake_step)
     rows = stem_variants.full_steps("resnet18", 8, 32, "float32", 2)
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [r["bn_relu"] for r in rows] == ["model"] * 3 + ["xla"]
+    assert [r["bn_relu"] for r in rows] == ["model"] * 4 + ["xla"]
     failed = [r for r in printed if "error" in r]
-    assert len(printed) == 5 and [(r["conv"], r["bn_relu"]) for r in failed] == [("model's", "xla")]
+    assert len(printed) == 6 and [(r["conv"], r["bn_relu"]) for r in failed] == [("model's", "xla")]
     assert "XLA refused" in failed[0]["error"]
 
     def broken(*args):

@@ -207,17 +207,19 @@ def test_relu_values_and_gradients_equal_jax_relu(name):
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2), (1, 1, 1, 1), (2, 12, 10, 4)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("kernel", ["parity", "strided_slices"])
+@pytest.mark.parametrize("kernel", ["parity", "planes", "strided_slices"])
 def test_max_pool_values_and_derivatives_equal_flax_max_pool(shape, dtype, kernel):
     """The hand-written derivatives (the parity-plane pool, what ``max_pool_3x3_s2`` is on a
-    GPU; and the strided-slice one it replaced, still timed by ``benchmarks/stem_variants.py``)
-    against flax's ``nn.max_pool`` (XLA's select-and-scatter), bit for bit, ties included:
-    after a ReLU whole windows are 0, and the gradient must go to the first maximum of each
-    window, as the reference's."""
+    GPU; the same with its reverse pass written plane by plane, a candidate; and the
+    strided-slice one it replaced, both timed by ``benchmarks/stem_variants.py``) against
+    flax's ``nn.max_pool`` (XLA's select-and-scatter), bit for bit, ties included: after a
+    ReLU whole windows are 0, and the gradient must go to the first maximum of each window,
+    as the reference's, and where windows overlap their shares are added in its order."""
     from benchmarks.stem_variants import max_pool_fused_gradient
-    from resnet_jax.models.layers import max_pool_parity
+    from resnet_jax.models.layers import max_pool_parity, max_pool_planes
 
-    max_pool_3x3_s2 = max_pool_parity if kernel == "parity" else max_pool_fused_gradient
+    max_pool_3x3_s2 = {"parity": max_pool_parity, "planes": max_pool_planes,
+                       "strided_slices": max_pool_fused_gradient}[kernel]
 
     def reference(x):
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -233,6 +235,27 @@ def test_max_pool_values_and_derivatives_equal_flax_max_pool(shape, dtype, kerne
     chex.assert_trees_all_equal(pullback(cotangent), pullback_ref(cotangent))
     tangent = jax.random.normal(jax.random.key(3), shape, dtype)
     chex.assert_trees_all_equal(jax.jvp(max_pool_3x3_s2, (x,), (tangent,)), jax.jvp(reference, (x,), (tangent,)))
+
+
+@pytest.mark.parametrize("kernel", ["parity", "planes"])
+def test_max_pool_second_derivatives_equal_flax_max_pool(kernel):
+    """Hessian-vector products (forward over reverse) and the gradient of a gradient norm
+    (reverse over reverse) go through the GPU pools' hand-written derivatives as through
+    ``nn.max_pool``'s (the planes pool's reverse pass is a ``linear_call``)."""
+    from resnet_jax.models.layers import max_pool_parity, max_pool_planes
+
+    pool = {"parity": max_pool_parity, "planes": max_pool_planes}[kernel]
+
+    def reference(x):
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    x, v = (jax.random.normal(jax.random.key(k), (2, 9, 8, 3)) for k in (0, 1))
+    for fn in (pool, reference):
+        loss = lambda x, fn=fn: jnp.sum(jnp.sin(fn(x)) ** 2)  # noqa: E731
+        got = (jax.jvp(jax.grad(loss), (x,), (v,))[1], jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2))(x))
+        if fn is pool:
+            ours = got
+    chex.assert_trees_all_close(ours, got, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["classic", "deep"])
@@ -370,6 +393,29 @@ def test_max_pool_backward_on_an_h100_moves_a_third_of_flax_max_pools_bytes():
     flax_pool = traffic(lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
     print(f"max pool forward + backward: ours {ours / 2**20:.1f} MiB, nn.max_pool {flax_pool / 2**20:.1f} MiB")
     assert ours <= flax_pool / 3
+
+
+def test_the_plane_by_plane_pool_gradient_is_one_concatenation_on_an_h100():
+    """``max_pool_planes`` (a candidate): compiled for an H100, its reverse pass is one
+    concatenate fusion that writes each 2x2 parity plane of the input gradient from its own
+    1, 2 or 4 terms, moving no more bytes than the derived transpose of ``max_pool_parity``,
+    whose loop fusion adds nine padded terms at every element."""
+    require_cuda_plugin()
+    from benchmarks.gpu_compile_report import target_devices, DEFAULT_TARGET
+    from benchmarks.hlo_traffic import entry_kernels
+    from resnet_jax.models.layers import max_pool_parity, max_pool_planes
+
+    sharding = jax.sharding.SingleDeviceSharding(target_devices(DEFAULT_TARGET)[0])
+    x = jax.ShapeDtypeStruct((8, 112, 112, 64), jnp.bfloat16, sharding=sharding)
+    ct = jax.ShapeDtypeStruct((8, 56, 56, 64), jnp.bfloat16, sharding=sharding)
+
+    def kernels(pool):
+        return entry_kernels(jax.jit(lambda x, ct: jax.vjp(pool, x)[1](ct)).lower(x, ct).compile().as_text())
+
+    planes, parity = kernels(max_pool_planes), kernels(max_pool_parity)
+    assert sum(k.bytes for k in planes) <= sum(k.bytes for k in parity)
+    assert len(planes) == len(parity) == 2  # forward (max and first-max index), then the gradient
+    assert "concatenate" in planes[-1].name and "concatenate" not in parity[-1].name
 
 
 def test_forward_mode_autodiff_through_a_training_model():
