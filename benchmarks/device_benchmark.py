@@ -337,7 +337,9 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
                     f"BatchNorm {c.get('bn_relu', 'model')}: ")
             lines.append(head + (f"failed: {c['error'][:200]}" if "error" in c else
                                  f"{c['images_per_second']:.0f} img/s ({c['vs_model']:.3f}x the model's own; "
-                                 f"max loss diff {c['max_loss_diff_vs_model']:.1e})"))
+                                 f"max loss diff {c['max_loss_diff_vs_model']:.1e}"
+                                 + (f"; compiled in {c['compile_seconds']:.1f} s" if c.get("compile_seconds") else "")
+                                 + ")"))
         else:
             lines.append(f"stem {c['part']} {c['variant']} @{c['image_size']}: {c['ms']:.3f} ms forward+backward "
                          f"({c['vs_current']:.2f}x the current kernel; max rel. diff {c['max_rel_diff_vs_first']:.1e})")

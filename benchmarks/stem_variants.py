@@ -175,6 +175,7 @@ def full_steps(model: str, batch: int, image: int, dtype_name: str, steps: int,
                "device_kind": r["device_kind"], "images_per_second": round(r["images_per_second"], 1),
                "vs_model": round(r["images_per_second"] / base["images_per_second"], 4),
                "peak_memory_gib": r["peak_memory_gib"], "compiled_memory_gib": r["compiled_memory_gib"],
+               "compile_seconds": r.get("compile_seconds"),
                "max_loss_diff_vs_model": max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))}
         print(json.dumps(row), flush=True)
         rows.append(row)
