@@ -104,28 +104,15 @@ def full_steps_with_blocks(model: str, batch: int, image: int, dtype_name: str, 
                            specs: Sequence[str]) -> list[dict]:
     """The whole train step of ``model`` with the kernels' default blocks, then with each of
     ``specs`` patched in: images/s against the default's, and the largest loss difference."""
-    from benchmarks.stem_variants import full_step
+    from benchmarks.stem_variants import compare_runs, full_step
 
-    rows, base = [], None
-    for spec in ("default", *specs):
-        what = {"part": "train_step", "model": model, "blocks": spec}
-        try:  # a block shape that fails on the device is a result: say so, run the rest
-            with contextlib.nullcontext() if spec == "default" else kernel_blocks(spec):
-                r = full_step(model, batch, image, dtype_name, steps)
-        except Exception as e:
-            if base is None:
-                raise
-            print(json.dumps({**what, "error": str(e)[:300]}), flush=True)
-            continue
-        base = base or r
-        row = {**what, "batch_size": batch, "image_size": image, "dtype": dtype_name,
-               "device_kind": r["device_kind"], "images_per_second": round(r["images_per_second"], 1),
-               "vs_default": round(r["images_per_second"] / base["images_per_second"], 4),
-               "peak_memory_gib": r["peak_memory_gib"],
-               "max_loss_diff_vs_default": max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+    def run(spec: str) -> dict:
+        with contextlib.nullcontext() if spec == "default" else kernel_blocks(spec):
+            return full_step(model, batch, image, dtype_name, steps)
+
+    runs = [({"part": "train_step", "model": model, "blocks": spec}, functools.partial(run, spec))
+            for spec in ("default", *specs)]
+    return compare_runs(runs, "default", batch, image, dtype_name)
 
 
 # ---------------------------------------------------------------- timing on the device

@@ -159,24 +159,34 @@ def full_steps(model: str, batch: int, image: int, dtype_name: str, steps: int,
                ablations: Sequence[tuple[str | None, str | None, str]] = ABLATIONS) -> list[dict]:
     """The whole step as the model has it, then each of ``ablations`` (conv, pool, BatchNorm;
     None: the model's own): images/s against the model's, and the largest loss difference."""
+    runs = [({"part": "train_step", "model": model, "conv": conv_v or "model's", "pool": pool_v or "model's",
+              "bn_relu": bn_v}, functools.partial(full_step, model, batch, image, dtype_name, steps, conv_v, pool_v, bn_v))
+            for conv_v, pool_v, bn_v in ablations]
+    return compare_runs(runs, "model", batch, image, dtype_name)
+
+
+def compare_runs(runs: Sequence[tuple[dict, Callable[[], dict]]], against: str, batch: int, image: int,
+                 dtype_name: str) -> list[dict]:
+    """Calls each run (a :func:`full_step` measurement) in order, the first the base: one row
+    each, ``what`` plus images/s, ``vs_<against>`` (the ratio to the base), memory, compile
+    time and ``max_loss_diff_vs_<against>``, printed as a JSON line. A run that raises is an
+    error row and the rest still run; the base raising (nothing to compare with) is raised."""
     rows, base = [], None
-    for conv_v, pool_v, bn_v in ablations:
-        what = {"part": "train_step", "model": model, "conv": conv_v or "model's", "pool": pool_v or "model's",
-                "bn_relu": bn_v}
+    for what, run in runs:
         try:  # a variant that fails on the device is a result: say so, run the rest
-            r = full_step(model, batch, image, dtype_name, steps, conv_v, pool_v, bn_v)
+            r = run()
         except Exception as e:
-            if base is None:  # the model's own step failed: nothing to compare against
+            if base is None:
                 raise
             print(json.dumps({**what, "error": str(e)[:300]}), flush=True)
             continue
         base = base or r
         row = {**what, "batch_size": batch, "image_size": image, "dtype": dtype_name,
                "device_kind": r["device_kind"], "images_per_second": round(r["images_per_second"], 1),
-               "vs_model": round(r["images_per_second"] / base["images_per_second"], 4),
+               f"vs_{against}": round(r["images_per_second"] / base["images_per_second"], 4),
                "peak_memory_gib": r["peak_memory_gib"], "compiled_memory_gib": r["compiled_memory_gib"],
                "compile_seconds": r.get("compile_seconds"),
-               "max_loss_diff_vs_model": max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))}
+               f"max_loss_diff_vs_{against}": max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
