@@ -57,7 +57,7 @@ Dtype = Any
 BLOCK_ROWS, SUB_ROWS, BLOCK_CHANNELS, NUM_WARPS, NUM_STAGES = 512, 32, 128, 4, 2
 # Where a kernel would run fewer instances than this, its row blocks are halved (down to
 # MIN_BLOCK_ROWS) until it runs at least this many: small activations (7x7 or 14x14 at batch
-# 256) otherwise run ~200 instances on an H100's 132 SMs and reach a third of its bandwidth.
+# 256) otherwise run ~200 instances on an H100's 132 SMs and reach about half its bandwidth.
 # 0 turns it off (the default until a device times it: docs/performance.md).
 MIN_PROGRAMS, MIN_BLOCK_ROWS = 0, 32
 
