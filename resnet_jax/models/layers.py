@@ -416,10 +416,8 @@ def max_pool_planes(x: Array) -> Array:
 def _max_pool_planes_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
     (x,), (t,) = primals, tangents
     y, first_max = _pool_with_first_max(x)
-    height, width = x.shape[1:3]
-    tangent = lambda first_max, t: _pool_tangent(first_max, t)  # noqa: E731
-    transpose = lambda first_max, ct: _pool_cotangent_by_plane(first_max, ct, height, width)  # noqa: E731
-    return y, jax.custom_derivatives.linear_call(tangent, transpose, first_max, t)
+    transpose = functools.partial(_pool_cotangent_by_plane, height=x.shape[1], width=x.shape[2])
+    return y, jax.custom_derivatives.linear_call(_pool_tangent, transpose, first_max, t)
 
 
 def conv_7x7_s2_direct(x: Array, kernel: Array) -> Array:
