@@ -36,29 +36,35 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from resnet_jax.models import layers, pallas_batch_norm  # noqa: E402
+from resnet_jax.models import blocks, layers, pallas_batch_norm  # noqa: E402
 from resnet_jax.models.pallas_batch_norm import moment_sums, relu_grad_sums  # noqa: E402
 
 Array = jax.Array
 
-# The BatchNorms a benchmark may ask for: the model's own (on a GPU both Pallas kernels), XLA's
+# The BatchNorms this script times: the model's own (on a GPU both Pallas kernels), XLA's
 # reductions everywhere (the model before 2026-11-26), or the backward kernel alone.
 CHOICES = ("model", "xla", "pallas")
+# What a whole-step benchmark may ask for: those, or the model's with each Bottleneck's bn2 +
+# ReLU, conv3 and bn3's statistics fused (a candidate: ``blocks.FUSE_BN2_CONV3``,
+# ``pallas_fused_conv``; ``fused_conv_pallas.py`` times it).
+STEP_CHOICES = (*CHOICES, "fused-conv")
 
 
 @contextlib.contextmanager
 def batch_norm(choice: str) -> Iterator[None]:
-    """Within the block, models built and traced use the BatchNorm ``choice`` (:data:`CHOICES`)
-    in training mode; anything else is refused. ``xla`` swaps ``layers.batch_norm_train_xla``
+    """Within the block, models built and traced use the BatchNorm ``choice``
+    (:data:`STEP_CHOICES`) in training mode; anything else is refused. ``xla`` swaps ``layers.batch_norm_train_xla``
     in for the per-platform choice; ``pallas`` keeps that choice and turns the GPU path's
-    statistics kernel off (``kernel_statistics=False``)."""
-    if choice not in CHOICES:
-        raise ValueError(f"bn_relu must be one of {', '.join(map(repr, CHOICES))}, not {choice!r}")
+    statistics kernel off (``kernel_statistics=False``); ``fused-conv`` sets
+    ``blocks.FUSE_BN2_CONV3``."""
+    if choice not in STEP_CHOICES:
+        raise ValueError(f"bn_relu must be one of {', '.join(map(repr, STEP_CHOICES))}, not {choice!r}")
     module, name, replacement = {
         "model": (layers, "_batch_norm_train", layers._batch_norm_train),
         "xla": (layers, "_batch_norm_train", layers.batch_norm_train_xla),
         "pallas": (pallas_batch_norm, "batch_norm_train",
                    functools.partial(pallas_batch_norm.batch_norm_train, kernel_statistics=False)),
+        "fused-conv": (blocks, "FUSE_BN2_CONV3", True),
     }[choice]
     original = getattr(module, name)
     setattr(module, name, replacement)

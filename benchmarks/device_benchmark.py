@@ -1,14 +1,16 @@
 """Every device measurement issue 6 owes, most important first, within one device call's time.
 
 A drawn task gets 15 minutes of device time in all, the machine's start included, and one
-command may run 10 minutes: not enough for everything (estimates below, ~28 minutes).
+command may run 10 minutes: not enough for everything (estimates below, ~30 minutes).
 So the measurements are jobs in priority order, and each call runs as many as its
 ``--budget-s`` allows:
 
 1. ResNet-50 @224: ours, torchvision (eager, torch.compile), flax's plain ResNet: the
    README's headline row and its ratio;
-2. the stem's candidate kernels, the step with each of its GPU kernel choices undone, and the
-   Pallas BatchNorm kernels alone (``stem_variants.py``, ``bn_relu_pallas.py``);
+2. the stem's candidate kernels, the step with each of its GPU kernel choices undone, the
+   fused BatchNorm + ReLU + 1x1 convolution candidate (alone and in the step), and the
+   Pallas BatchNorm kernels alone (``stem_variants.py``, ``fused_conv_pallas.py``,
+   ``bn_relu_pallas.py``);
 3. ours for ResNet-18, ResNet-101 and ResNet-RS-50 @160 (its recipe's step);
 4. a profile of the step (``kernel_bandwidth.py``: where its time goes); the trainer's
    whole loop against its bare step;
@@ -171,6 +173,13 @@ def plan(
                    "--full-step-image-size", vsize, "--full-step-steps", str(max(steps // 2, 5)),
                    "--full-step-blocks", "512x32x4x2x128x528,512x32x4x2x128x1056"),
                   limit_s=200)
+    # the fused bn2 + ReLU + conv3 candidate: the block at ResNet-50's four shapes as the model runs
+    # it and fused, each kernel alone at a few blocks, then the whole step with it (and with the
+    # stem pool's candidate too); not yet timed, so the estimate is a guess
+    fused_conv = Job(f"fused-conv/b{batch}", 130,
+                     (PYTHON, "benchmarks/fused_conv_pallas.py", "--batch-size", str(batch), "--full-step-model", vmodel,
+                      "--full-step-image-size", vsize, "--full-step-steps", str(max(steps // 2, 5))),
+                     limit_s=240)
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(
@@ -197,7 +206,7 @@ def plan(
            for i, flags in enumerate(xla_variants, 1)]
 
     head, rest = models[0], models[1:]
-    return [ours(head), *peers(head), stem, bn_relu, *map(ours, rest), profile, trainer,
+    return [ours(head), *peers(head), stem, fused_conv, bn_relu, *map(ours, rest), profile, trainer,
             *[job for spec in rest for job in peers(spec)], *dispatch, *xla, compile_report, max_batch]
 
 
@@ -360,6 +369,22 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
         else:  # grad_sums_kernel, moments_kernel: one kernel alone at one block size
             lines.append(f"BatchNorm {b['part'].replace('_', ' ')} {b['blocks']} on {tuple(b['shape'])}: "
                          f"{b['ms']:.3f} ms, {b['gb_per_s']} GB/s")
+    for f in (r for r in rows if kind(r) == "fused-conv"):
+        if "error" in f:
+            what = f.get("impl") or f.get("blocks") or f.get("bn_relu")
+            lines.append(f"fused conv {f['part']} {what} {tuple(f.get('shape', ()))} failed: {f['error'][:200]}")
+        elif f["part"] == "train_step":
+            lines.append(f"{f['model']} step, BatchNorm {f['bn_relu']}, pool {f['pool']}: {f['images_per_second']:.0f} img/s "
+                         f"({f['vs_model']:.3f}x the model's own; peak {gib(f['peak_memory_gib'])} GiB; "
+                         f"max loss diff {f['max_loss_diff_vs_model']:.1e}"
+                         + (f"; compiled in {f['compile_seconds']:.1f} s" if f.get("compile_seconds") else "") + ")")
+        elif f["part"] == "block":
+            lines.append(f"bn2+ReLU+conv3 {tuple(f['shape'])} -> {f['out_channels']} {f['impl']}: {f['ms']:.3f} ms "
+                         "forward+backward" + (f" (max rel. diff {f['max_rel_diff_vs_model']:.1e} vs the model's)"
+                                               if "max_rel_diff_vs_model" in f else ""))
+        else:  # forward_kernel, wgrad_kernel: one kernel alone at one block size
+            lines.append(f"fused conv {f['part'].replace('_', ' ')} {f['blocks']} on {tuple(f['shape'])}: "
+                         f"{f['ms']:.3f} ms, {f['gb_per_s']} GB/s, {f['tflop_per_s']} TFLOP/s")
     for m in (r for r in rows if kind(r) == "max-batch"):
         lines.append(f"{m['model']} @{m['image_size']} largest batch: {m['max_batch']}"
                      + (f" ({m['max_batch_fails']} does not fit)" if m["max_batch_fails"] else "")

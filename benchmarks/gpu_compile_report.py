@@ -120,8 +120,10 @@ def compile_report(
     (``configs/FILE.py[:variant]``): that recipe's step, as ``resnet-jax benchmark --config``.
     ``gpus`` > 1: the step with the batch split over that many GPUs; traffic, kernels, memory
     and per-image figures are then per GPU (its share of the batch). ``bn_relu``: the
-    BatchNorm, one of ``bn_relu_pallas.CHOICES`` (``"model"``: the model's own, on a GPU its
-    Pallas kernels; ``"xla"``: XLA's reductions; ``"pallas"``: the backward kernel alone).
+    BatchNorm, one of ``bn_relu_pallas.STEP_CHOICES`` (``"model"``: the model's own, on a GPU its
+    Pallas kernels; ``"xla"``: XLA's reductions; ``"pallas"``: the backward kernel alone;
+    ``"fused-conv"``: the model's, with each Bottleneck's bn2 + ReLU, conv3 and bn3's statistics
+    fused).
     """
     if bn_relu != "model":
         from benchmarks.bn_relu_pallas import batch_norm
@@ -241,7 +243,7 @@ def max_batch_within(args: argparse.Namespace, report: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.bn_relu_pallas import CHOICES as BN_RELU_CHOICES
+    from benchmarks.bn_relu_pallas import STEP_CHOICES as BN_RELU_CHOICES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", metavar="FILE.py[:variant]",
@@ -266,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="split the batch over this many GPUs (compile-only: one host's 1x1xN topology); figures per GPU")
     p.add_argument("--bn-relu", choices=BN_RELU_CHOICES, default="model",
                    help="the BatchNorm: model (the model's own: on a GPU its Pallas kernels), xla (XLA's "
-                        "reductions, the model before 2026-11-26), pallas (the backward kernel alone)")
+                        "reductions, the model before 2026-11-26), pallas (the backward kernel alone), fused-conv "
+                        "(the model's, with each Bottleneck's bn2 + ReLU, conv3 and bn3's statistics in one kernel)")
     p.add_argument("--top", type=int, default=0, help="list the N kernels that move the most bytes")
     p.add_argument("--dump-hlo", help="write the optimised HLO text here")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
@@ -294,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(jax {r['jax']}) in {r['compile_seconds_host']:.1f} s on the host"
         + (f"; the batch split over {r['gpus']} GPUs, figures per GPU" if r["gpus"] > 1 else "")
         + {"xla": "; BatchNorm with XLA's reductions (no Pallas kernels)",
-           "pallas": "; BatchNorm with the Pallas backward kernel alone"}.get(r["bn_relu"], "")
+           "pallas": "; BatchNorm with the Pallas backward kernel alone",
+           "fused-conv": "; each Bottleneck's bn2 + ReLU, conv3 and bn3's statistics in one kernel"}.get(r["bn_relu"], "")
         + (f"; {r['steps_per_dispatch']} steps per dispatch, figures per step" if r["steps_per_dispatch"] > 1 else "")
         + "\n"
         f"  memory      peak {r['peak_gib']:.2f} GiB = arguments {r['argument_gib']:.2f} + temporaries "

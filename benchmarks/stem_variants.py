@@ -133,7 +133,7 @@ def full_step(model: str, batch: int, image: int, dtype_name: str, steps: int,
     """``resnet-jax benchmark``'s measurement of the whole train step of ``model``, with the
     stem's 7x7/2 convolution computed by ``conv_variant`` and its max pool by
     ``pool_variant`` (None: the model's own), and the BatchNorms as ``bn`` (one of
-    ``bn_relu_pallas.CHOICES``), patched in for this call only."""
+    ``bn_relu_pallas.STEP_CHOICES``), patched in for this call only."""
     from benchmarks import bn_relu_pallas
     from resnet_jax.train.benchmark import benchmark_config, measure
 

@@ -65,14 +65,16 @@ def require_cuda_plugin() -> None:
         pytest.skip("needs the CUDA plugin: pip install 'jax[cuda12-local]'")
 
 
-def use_cuda_kernels(patch):
+def use_cuda_kernels(patch, fused_conv: bool = False):
     """Swaps in, through ``patch`` (a ``pytest.MonkeyPatch``), the kernels a model runs when it is
     compiled for an NVIDIA GPU (``jax.lax.platform_dependent``), which a CPU otherwise never runs
     inside a whole model: the ReLU whose derivative comes from its output, the max pool over
     parity planes, the stem convolution as space to depth, and BatchNorm with whole-batch
     statistics through the Pallas kernels (under the Pallas interpreter). Every CUDA-only
-    kernel belongs here, so that the tests using it cover them all."""
-    from resnet_jax.models import layers, pallas_batch_norm
+    kernel belongs here, so that the tests using it cover them all. ``fused_conv``: also turn
+    on the candidate that fuses a Bottleneck's bn2 + ReLU, conv3 and bn3's statistics
+    (``blocks.FUSE_BN2_CONV3``), with its Pallas kernels under the interpreter."""
+    from resnet_jax.models import blocks, layers, pallas_batch_norm
 
     def batch_norm_train(x, scale, bias, group, epsilon, dtype, activation=None):
         if group != x.shape[0]:
@@ -83,6 +85,16 @@ def use_cuda_kernels(patch):
     patch.setattr(layers, "max_pool_3x3_s2", layers.max_pool_parity)
     patch.setattr(layers, "conv_7x7_s2", layers.conv_7x7_s2_space_to_depth)
     patch.setattr(layers, "_batch_norm_train", batch_norm_train)
+    if fused_conv:
+        def fused(x, scale, bias, kernel, group, epsilon, dtype, activation=None):
+            if group != x.shape[0] or activation not in layers.RELUS:
+                return layers.batch_norm_conv1x1_layers(x, scale, bias, kernel, group=group, epsilon=epsilon,
+                                                        dtype=dtype, activation=activation)
+            return layers.pallas_fused_conv_train(x, scale, bias, kernel, epsilon=epsilon, dtype=dtype,
+                                                  interpret=True)
+
+        patch.setattr(blocks, "FUSE_BN2_CONV3", True)
+        patch.setattr(layers, "batch_norm_relu_conv1x1_train", fused)
 
 
 @pytest.fixture

@@ -16,10 +16,17 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from resnet_jax.models.layers import Shortcut, SqueezeExcite
+from resnet_jax.models.layers import Conv1x1Kernel, Shortcut, SqueezeExcite
 
 Array = jax.Array
+
+# A candidate, off until the device times it (docs/performance.md, change 9): in training, a
+# Bottleneck's bn2 + ReLU, conv3 and bn3's statistics as one call
+# (``layers.BatchNorm(..., conv1x1_kernel=...)``: on an NVIDIA GPU one Pallas kernel). The
+# parameters are the same either way; benchmarks patch this to time it.
+FUSE_BN2_CONV3 = False
 
 
 class _Block(nn.Module):
@@ -106,6 +113,11 @@ class Bottleneck(_Block):
         y = self.conv(width, 1, s1, name="conv1")(x)
         y = self.norm(name="bn1", activation=self.act)(y, train)
         y = self.conv(width, 3, s3, groups=self.groups, name="conv2")(y)
+        if FUSE_BN2_CONV3 and train:
+            param_dtype = getattr(self.conv, "keywords", {}).get("param_dtype", jnp.float32)
+            kernel = Conv1x1Kernel(self.planes * self.expansion, param_dtype, name="conv3")(width)
+            y, statistics = self.norm(name="bn2", activation=self.act)(y, train, conv1x1_kernel=kernel)
+            return self.norm(name="bn3", zero_init_scale=self.zero_init_last)(y, train, statistics=statistics)
         y = self.norm(name="bn2", activation=self.act)(y, train)
         y = self.conv(self.planes * self.expansion, 1, 1, name="conv3")(y)
         return self.norm(name="bn3", zero_init_scale=self.zero_init_last)(y, train)

@@ -116,6 +116,27 @@ def conv(
     )
 
 
+class Conv1x1Kernel(nn.Module):
+    """The kernel of a bias-free 1x1 convolution, for a BatchNorm that applies it itself
+    (``BatchNorm(..., conv1x1_kernel=...)``). Declares the parameter :func:`conv` would: the
+    same name (``kernel``), shape (1, 1, in, out), dtype and initialiser, so a checkpoint does
+    not tell the two apart. Call it with the number of input channels."""
+
+    features: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, in_features: int) -> Array:
+        return self.param("kernel", conv_kernel_init, (1, 1, in_features, self.features), self.param_dtype)
+
+
+def conv1x1(x: Array, kernel: Array, dtype: Dtype) -> Array:
+    """``x`` (N, H, W, C) through the bias-free 1x1 convolution ``kernel`` (1, 1, C, N) in
+    ``dtype``, as flax's ``nn.Conv`` computes it."""
+    return jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 class BatchNorm(nn.Module):
     """BatchNorm over N, H, W with statistics in float32, optionally per group of examples.
 
@@ -155,7 +176,23 @@ class BatchNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(
+        self, x: Array, train: bool, *, statistics: tuple[Array, Array] | None = None,
+        conv1x1_kernel: Array | None = None,
+    ) -> Array | tuple[Array, tuple[Array, Array] | None]:
+        """``activation(BatchNorm(x))``, x (N, H, W, C).
+
+        ``statistics``: in training, the float32 (C,) whole-batch mean and biased variance of
+        x, already computed (by the kernel that wrote x; see ``conv1x1_kernel``); they are
+        used instead of reducing x again, and move the running statistics as usual.
+        ``conv1x1_kernel``: the (1, 1, C, N) kernel of the bias-free 1x1 convolution that
+        follows (:class:`Conv1x1Kernel`). The output is then that convolution's, z (N, H, W, N)
+        in ``dtype``, returned with z's whole-batch mean and biased variance in training (for
+        the next BatchNorm's ``statistics``; z is then returned as its float32 view, which that
+        BatchNorm normalises) or None in evaluation. With whole-batch
+        statistics and a ReLU, compiled for an NVIDIA GPU, the three run as one Pallas kernel
+        (:func:`batch_norm_relu_conv1x1_train`); otherwise as the separate layers.
+        """
         features = x.shape[-1]
         scale_init = nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones
         scale = self.param("scale", scale_init, (features,), self.param_dtype)
@@ -171,18 +208,32 @@ class BatchNorm(nn.Module):
                     f"BatchNorm group_size={group} does not divide the batch of {batch}; "
                     "choose a bn_group_size that divides the per-step batch"
                 )
-            y, mean, var = _batch_norm_train(
-                x, scale, bias, group, self.epsilon, self.dtype, self.activation
-            )
+            if statistics is not None and group != batch:
+                raise ValueError("BatchNorm statistics given from outside are whole-batch ones; "
+                                 f"this BatchNorm has group_size={group}: leave statistics=None")
+            out_statistics = None
+            if conv1x1_kernel is not None:
+                y, mean, var, out_statistics = batch_norm_relu_conv1x1_train(
+                    x, scale, bias, conv1x1_kernel, group, self.epsilon, self.dtype, self.activation)
+            elif statistics is not None:
+                mean, var = statistics[0][None], statistics[1][None]
+                inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+                y = ((x.astype(jnp.float32) - mean) * inv + bias.astype(jnp.float32)).astype(self.dtype)
+                y = y if self.activation is None else self.activation(y)
+            else:
+                y, mean, var = _batch_norm_train(
+                    x, scale, bias, group, self.epsilon, self.dtype, self.activation
+                )
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
                 ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
-            return y
+            return y if conv1x1_kernel is None else (y, out_statistics)
         inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale.astype(jnp.float32)
         y = (x.astype(jnp.float32) - ra_mean.value) * inv + bias.astype(jnp.float32)
         y = y.astype(self.dtype)
-        return y if self.activation is None else self.activation(y)
+        y = y if self.activation is None else self.activation(y)
+        return y if conv1x1_kernel is None else (conv1x1(y, conv1x1_kernel, self.dtype), None)
 
 
 def _batch_norm_train(
@@ -244,6 +295,61 @@ def batch_norm_train_xla(
     if activation is not None:
         y = activation(y)
     return y, mean.reshape(-1, features), var.reshape(-1, features)
+
+
+def batch_norm_relu_conv1x1_train(
+    x: Array,
+    scale: Array,
+    bias: Array,
+    kernel: Array,
+    group: int,
+    epsilon: float,
+    dtype: Dtype,
+    activation: Callable[[Array], Array] | None = None,
+) -> tuple[Array, Array, Array, tuple[Array, Array]]:
+    """``z = conv1x1(activation(BatchNorm(x)), kernel)`` in training, x (N, H, W, C), kernel
+    (1, 1, C, N). Returns z (computed and stored in ``dtype``, returned as its float32 view, so
+    that the next BatchNorm's normalisation and these statistics share it and z's gradient is
+    summed in float32), the BatchNorm's float32 (N // group, C) means and biased variances (as
+    :func:`_batch_norm_train`), and z's float32 whole-batch mean and biased variance, each (N,).
+
+    With whole-batch statistics and a ReLU, compiled for an NVIDIA GPU, this is
+    :func:`pallas_fused_conv_train`: one kernel applies the BatchNorm and ReLU to x as it loads
+    it, multiplies, and sums z's statistics as it stores z. Otherwise, and on other platforms,
+    the layers run one after another (:func:`batch_norm_conv1x1_layers`).
+    """
+    layers = functools.partial(batch_norm_conv1x1_layers, group=group, epsilon=epsilon, dtype=dtype,
+                               activation=activation)
+    if group != x.shape[0] or activation not in RELUS:
+        return layers(x, scale, bias, kernel)
+    fused = functools.partial(pallas_fused_conv_train, epsilon=epsilon, dtype=dtype)
+    return jax.lax.platform_dependent(x, scale, bias, kernel, cuda=fused, default=layers)
+
+
+def batch_norm_conv1x1_layers(x: Array, scale: Array, bias: Array, kernel: Array, *, group: int, epsilon: float,
+                              dtype: Dtype, activation: Callable[[Array], Array] | None = None) -> tuple:
+    """:func:`batch_norm_relu_conv1x1_train` as the separate layers: :func:`_batch_norm_train`,
+    :func:`conv1x1`, then z's statistics as plain reductions."""
+    y, mean, var = _batch_norm_train(x, scale, bias, group, epsilon, dtype, activation)
+    z = conv1x1(y, kernel, dtype).astype(jnp.float32)
+    rows = z.reshape(-1, z.shape[-1])
+    z_mean = jnp.mean(rows, axis=0)
+    return z, mean, var, (z_mean, jnp.maximum(jnp.mean(jnp.square(rows), axis=0) - jnp.square(z_mean), 0.0))
+
+
+def pallas_fused_conv_train(x: Array, scale: Array, bias: Array, kernel: Array, *, epsilon: float, dtype: Dtype,
+                            interpret: bool = False) -> tuple:
+    """:func:`batch_norm_relu_conv1x1_train` for a GPU (or, ``interpret``, under the Pallas
+    interpreter): x's statistics from ``pallas_batch_norm.batch_moments``, then
+    ``pallas_fused_conv.bn_relu_conv1x1``."""
+    from resnet_jax.models import pallas_batch_norm, pallas_fused_conv
+
+    c = x.shape[-1]
+    mean, mean_sq = pallas_batch_norm.batch_moments(x.astype(jnp.float32).reshape(-1, c), x.dtype, interpret)
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    z, (z_mean, z_mean_sq) = pallas_fused_conv.bn_relu_conv1x1(
+        x, mean, var, scale.astype(jnp.float32), bias.astype(jnp.float32), kernel, epsilon, dtype, interpret)
+    return z, mean[None], var[None], (z_mean, jnp.maximum(z_mean_sq - jnp.square(z_mean), 0.0))
 
 
 class SqueezeExcite(nn.Module):

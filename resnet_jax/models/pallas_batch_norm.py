@@ -253,49 +253,62 @@ def bn_relu_apply(x: Array, mean: Array, var: Array, scale: Array, bias: Array, 
     return jnp.maximum((x.astype(jnp.float32) - mean) * a + bias, 0).astype(dtype)
 
 
+def _bn_relu_tangent(epsilon: float, dtype: Dtype, present: tuple[bool, ...], res: tuple, lin: tuple) -> Array:
+    """The tangent of :func:`bn_relu_apply` at ``res = (x, mean, var, scale, bias)``: ``lin``
+    holds the tangents of those inputs marked ``present`` (the others are symbolic zeros)."""
+    x, mean, var, scale, bias = res
+    inv = jax.lax.rsqrt(var + epsilon)
+    centred, a = x.astype(jnp.float32) - mean, inv * scale
+    it = iter(lin)
+    tx, tmean, tvar, tscale, tbias = (next(it) if p else None for p in present)
+    tz = jnp.zeros_like(centred)
+    if tx is not None:
+        tz = tz + tx.astype(jnp.float32) * a
+    if tmean is not None:
+        tz = tz - tmean * a
+    if tvar is not None:
+        tz = tz + centred * (-0.5 * scale * inv**3 * tvar)
+    if tscale is not None:
+        tz = tz + centred * (inv * tscale)
+    if tbias is not None:
+        tz = tz + tbias
+    return jnp.where(centred * a + bias > 0, tz, 0.0).astype(dtype)
+
+
+def _bn_relu_transpose(epsilon: float, interpret: bool, present: tuple[bool, ...], res: tuple, ct: Array) -> tuple:
+    """The transpose of :func:`_bn_relu_tangent`: the cotangents of the ``present`` inputs
+    for the output cotangent ``ct``. dscale and dbias are summed by :func:`relu_grad_sums`
+    (x and ct read once), dx is one XLA loop fusion reading x and ct."""
+    x, mean, var, scale, bias = res
+    inv = jax.lax.rsqrt(var + epsilon)
+    a = inv * scale
+    c = x.shape[-1]
+    sums = _GRAD_SUMS[interpret](x.reshape(-1, c), ct.reshape(-1, c), mean, a, bias)
+    sum_g, sum_gc = sums[0], sums[1]
+    # The barrier keeps XLA from merging this mask with the forward pass's (it would then
+    # store the mask); dx is one loop fusion reading x and ct.
+    mean_b, a_b, bias_b = jax.lax.optimization_barrier((mean, a, bias))
+    centred = x.astype(jnp.float32) - mean_b
+    ct_x = jnp.where(centred * a_b + bias_b > 0, ct.astype(jnp.float32) * a_b, 0.0).astype(x.dtype)
+    cts = (ct_x, -sum_g * a, sum_gc * (-0.5 * scale * inv**3), sum_gc * inv, sum_g)
+    return tuple(ct_i for ct_i, p in zip(cts, present) if p)
+
+
+def present_tangents(tangents: tuple) -> tuple[tuple[bool, ...], tuple]:
+    """Which of a ``custom_jvp``'s tangents (``symbolic_zeros=True``) are not symbolic zeros, and
+    those tangents: only they may be ``linear_call``'s linear arguments (a zero one would be a
+    constant, which ``linear_call`` cannot transpose)."""
+    present = tuple(not isinstance(t, jax.custom_derivatives.SymbolicZero) for t in tangents)
+    return present, tuple(t for t, p in zip(tangents, present) if p)
+
+
 def _bn_relu_apply_jvp(epsilon: float, dtype: Dtype, interpret: bool, primals: tuple,
                        tangents: tuple) -> tuple[Array, Array]:
     y = bn_relu_apply(*primals, epsilon, dtype, interpret)
-    # Only the tangents that are not symbolic zeros are linear arguments (a zero one would
-    # be a constant, which linear_call cannot transpose); the transpose returns theirs.
-    present = tuple(not isinstance(t, jax.custom_derivatives.SymbolicZero) for t in tangents)
-    linear = tuple(t for t, p in zip(tangents, present) if p)
-
-    def tangent(res: tuple, lin: tuple) -> Array:
-        x, mean, var, scale, bias = res
-        inv = jax.lax.rsqrt(var + epsilon)
-        centred, a = x.astype(jnp.float32) - mean, inv * scale
-        it = iter(lin)
-        tx, tmean, tvar, tscale, tbias = (next(it) if p else None for p in present)
-        tz = jnp.zeros_like(centred)
-        if tx is not None:
-            tz = tz + tx.astype(jnp.float32) * a
-        if tmean is not None:
-            tz = tz - tmean * a
-        if tvar is not None:
-            tz = tz + centred * (-0.5 * scale * inv**3 * tvar)
-        if tscale is not None:
-            tz = tz + centred * (inv * tscale)
-        if tbias is not None:
-            tz = tz + tbias
-        return jnp.where(centred * a + bias > 0, tz, 0.0).astype(dtype)
-
-    def transpose(res: tuple, ct: Array) -> tuple:
-        x, mean, var, scale, bias = res
-        inv = jax.lax.rsqrt(var + epsilon)
-        a = inv * scale
-        c = x.shape[-1]
-        sums = _GRAD_SUMS[interpret](x.reshape(-1, c), ct.reshape(-1, c), mean, a, bias)
-        sum_g, sum_gc = sums[0], sums[1]
-        # The barrier keeps XLA from merging this mask with the forward pass's (it would then
-        # store the mask); dx is one loop fusion reading x and ct.
-        mean_b, a_b, bias_b = jax.lax.optimization_barrier((mean, a, bias))
-        centred = x.astype(jnp.float32) - mean_b
-        ct_x = jnp.where(centred * a_b + bias_b > 0, ct.astype(jnp.float32) * a_b, 0.0).astype(x.dtype)
-        cts = (ct_x, -sum_g * a, sum_gc * (-0.5 * scale * inv**3), sum_gc * inv, sum_g)
-        return tuple(ct_i for ct_i, p in zip(cts, present) if p)
-
-    return y, jax.custom_derivatives.linear_call(tangent, transpose, primals, linear)
+    present, linear = present_tangents(tangents)
+    return y, jax.custom_derivatives.linear_call(
+        functools.partial(_bn_relu_tangent, epsilon, dtype, present),
+        functools.partial(_bn_relu_transpose, epsilon, interpret, present), primals, linear)
 
 
 bn_relu_apply.defjvp(_bn_relu_apply_jvp, symbolic_zeros=True)

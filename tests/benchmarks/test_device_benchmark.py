@@ -65,14 +65,14 @@ def test_the_headline_row_comes_first_and_the_longest_search_last():
     jobs = plan(torchvision_models={"resnet50", "resnet18", "resnet101"},
                 flax_models={"resnet50", "resnet18", "resnet101"})
     ids = [j.id for j in jobs]
-    assert ids[:5] == ["ours/resnet50@224", "torchvision/resnet50@224", "flax/resnet50@224",
-                       "stem-variants/resnet50@224", "bn-relu/b256"]
-    assert ids[5:9] == ["ours/resnet18@224", "ours/resnet101@224", "ours/resnetrs50@160", "profile/resnet50@224"]
+    assert ids[:6] == ["ours/resnet50@224", "torchvision/resnet50@224", "flax/resnet50@224",
+                       "stem-variants/resnet50@224", "fused-conv/b256", "bn-relu/b256"]
+    assert ids[6:10] == ["ours/resnet18@224", "ours/resnet101@224", "ours/resnetrs50@160", "profile/resnet50@224"]
     assert ids[-1] == "max-batch/resnet50@224"
     assert len(set(ids)) == len(ids)
     # the candidates' jobs, whose estimates are guesses, stop at a limit above their estimate
     limited = {j.id: (j.estimate_s, j.limit_s) for j in jobs if j.limit_s}
-    assert set(limited) == {"stem-variants/resnet50@224", "bn-relu/b256"}
+    assert set(limited) == {"stem-variants/resnet50@224", "fused-conv/b256", "bn-relu/b256"}
     assert all(estimate < limit for estimate, limit in limited.values())
     # ResNet-RS is timed with its recipe's step (EMA, label smoothing, dropout), as it trains
     rs = next(j for j in jobs if j.id == "ours/resnetrs50@160")
@@ -81,7 +81,7 @@ def test_the_headline_row_comes_first_and_the_longest_search_last():
     assert not [i for i in ids if i.startswith(("torchvision", "flax")) and "resnetrs" in i]
     assert not [j for j in plan() if j.id.startswith(("torchvision", "flax"))]
     # a bare kind selects all its jobs; a pattern a subset; an unknown id is an error, not an empty run
-    assert [j.id for j in select(jobs, only="ours")] == ids[0:1] + ids[5:8]
+    assert [j.id for j in select(jobs, only="ours")] == ids[0:1] + ids[6:9]
     assert [j.id for j in select(jobs, only="*/resnet18@224", skip="flax")] == [
         "ours/resnet18@224", "torchvision/resnet18@224"]
     with pytest.raises(SystemExit, match="matches no job"):
@@ -109,7 +109,7 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     assert statuses.pop("max-batch/resnet18@32") == "failed"
     assert set(statuses.values()) == {"done"}, (statuses, run.stdout[-3000:])
     assert set(statuses) == {"device/-", "ours/resnet18@32", "flax/resnet18@32", "stem-variants/resnet18@32",
-                             "bn-relu/b8", "profile/resnet18@32",
+                             "fused-conv/b8", "bn-relu/b8", "profile/resnet18@32",
                              "trainer/resnet18@32", "dispatch-2/resnet18@32", "xla-1/resnet18@32",
                              "compile-report/resnet18@32"}
     files = sorted(p.name for p in out.iterdir())

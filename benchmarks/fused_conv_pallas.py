@@ -1,0 +1,227 @@
+"""Times the fused BatchNorm + ReLU + 1x1 convolution (``resnet_jax.models.pallas_fused_conv``) on the device.
+
+A candidate (docs/performance.md, change 9): each Bottleneck's bn2 + ReLU, conv3 and bn3's
+statistics as one Pallas kernel (a Triton GEMM with the BatchNorm as its prologue and the
+statistics as its epilogue), and conv3's weight gradient as another that recomputes the
+activation from bn2's input. Compiled for the H100 here it takes the ResNet-50 step from 85.0
+to 81.6 GiB and its peak from 10.13 to 9.48 GiB; whether a Triton GEMM runs these shapes as
+fast as cuDNN is what this measures, at ResNet-50's four bn2 + conv3 shapes:
+
+- the block's forward + backward (bn2's statistics given, z's statistics out), as the model
+  runs it on a GPU (``model``: the Pallas BatchNorm, cuDNN's 1x1 convolution, the statistics
+  kernel) and fused (``fused``), with the largest difference between them;
+- each kernel alone, at the first and last shapes, at a few block sizes (``--forward-blocks``,
+  ``--wgrad-blocks``), with the bandwidth and tensor-core rate it reaches;
+- with ``--full-step-model``, the whole train step as the model has it, then with the fused
+  block (``bn_relu_pallas.batch_norm("fused-conv")``), then with the stem pool's candidate too
+  (``stem_variants.POOL_VARIANTS["planes"]``).
+
+    python3 benchmarks/fused_conv_pallas.py --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from resnet_jax.models import pallas_batch_norm  # noqa: E402
+from resnet_jax.models.pallas_fused_conv import bn_relu_conv1x1, matmul_moments, weight_grad  # noqa: E402
+
+Array = jax.Array
+EPSILON = 1e-5
+IMPLS = ("model", "fused")
+FORWARD_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES")
+WGRAD_BLOCKS = ("BLOCK_K", "BLOCK_N", "SUB_ROWS", "NUM_WARPS", "PROGRAMS")
+
+
+def parse_spec(spec: str, names: Sequence[str]) -> dict[str, int]:
+    """``AxBxC...`` as the positive block parameters ``names`` (all of them), e.g. the forward
+    kernel's ``128x128x64x8x2`` (BLOCK_M x BLOCK_N x BLOCK_K x NUM_WARPS x NUM_STAGES)."""
+    try:
+        values = [int(v) for v in spec.split("x")]
+    except ValueError:
+        values = []
+    if len(values) != len(names) or min(values) < 1:
+        raise ValueError(f"block spec {spec!r}: want {len(names)} positive integers, {'x'.join(names)}")
+    return dict(zip(names, values))
+
+
+def block(impl: str, dtype, interpret: bool = False) -> Callable:
+    """bn2 + ReLU -> conv3 (1x1) -> z's statistics, forward + backward:
+    (x, mean, var, scale, bias, kernel, ct_z, ct_moments) -> (z, moments, dx, dmean, dvar, dscale, dbias, dkernel).
+    ``model``: what the model runs on a GPU; ``fused``: ``pallas_fused_conv.bn_relu_conv1x1``.
+    ``interpret``: the kernels under the Pallas interpreter (the tests, on a CPU)."""
+
+    def forward(x, mean, var, scale, bias, kernel):
+        if impl == "fused":
+            z, moments = bn_relu_conv1x1(x, mean, var, scale, bias, kernel, EPSILON, dtype, interpret)
+            return z, jnp.stack(moments)
+        y = pallas_batch_norm.bn_relu_apply(x, mean, var, scale, bias, EPSILON, dtype, interpret)
+        z = jax.lax.conv_general_dilated(y, kernel.astype(dtype), (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        zf = z.astype(jnp.float32)
+        return zf, jnp.stack(pallas_batch_norm.batch_moments(zf.reshape(-1, zf.shape[-1]), dtype, interpret))
+
+    def step(x, mean, var, scale, bias, kernel, ct_z, ct_moments):
+        out, pullback = jax.vjp(forward, x, mean, var, scale, bias, kernel)
+        return (*out, *pullback((ct_z, ct_moments)))
+
+    return jax.jit(step)
+
+
+def block_shapes(batch: int) -> list[tuple[tuple[int, int, int, int], int]]:
+    """ResNet-50's bn2 inputs (NHWC) at 224px and conv3's output channels, one per stage."""
+    return [((batch, s, s, w), 4 * w) for s, w in ((56, 64), (28, 128), (14, 256), (7, 512))]
+
+
+def block_operands(shape: tuple[int, ...], n: int, dtype) -> tuple[Array, ...]:
+    keys = jax.random.split(jax.random.key(0), 6)
+    k = shape[-1]
+    x = (jax.random.normal(keys[0], shape) + 0.3).astype(dtype)
+    xf = x.astype(jnp.float32).reshape(-1, k)
+    mean, var = jnp.mean(xf, 0), jnp.var(xf, 0)
+    scale = 1 + 0.1 * jax.random.normal(keys[1], (k,))
+    bias = 0.1 * jax.random.normal(keys[2], (k,))
+    kernel = jax.random.normal(keys[3], (1, 1, k, n)) * (2 / n) ** 0.5
+    ct_z = jax.random.normal(keys[4], (*shape[:-1], n)).astype(jnp.float32)
+    ct_moments = 1e-3 * jax.random.normal(keys[5], (2, n))
+    return x, mean, var, scale, bias, kernel, ct_z, ct_moments
+
+
+def _max_rel_diff(a: Sequence[Array], b: Sequence[Array]) -> float:
+    return max(float(jnp.max(jnp.abs(u.astype(jnp.float32) - v.astype(jnp.float32)))
+                     / (float(jnp.max(jnp.abs(u.astype(jnp.float32)))) + 1e-30)) for u, v in zip(a, b))
+
+
+def full_steps(model: str, batch: int, image: int, dtype_name: str, steps: int) -> list[dict]:
+    """The whole train step as the model has it, with the fused block, and with the fused block
+    and the stem pool's candidate: images/s against the model's, and the largest loss difference."""
+    from benchmarks.stem_variants import compare_runs, full_step
+
+    runs = [({"part": "train_step", "model": model, "bn_relu": bn, "pool": pool or "model's"},
+             functools.partial(full_step, model, batch, image, dtype_name, steps, None, pool, bn))
+            for bn, pool in (("model", None), ("fused-conv", None), ("fused-conv", "planes"))]
+    return compare_runs(runs, "model", batch, image, dtype_name)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--inner", type=int, default=10)
+    p.add_argument("--forward-blocks", default="128x128x64x8x2,64x128x64x4x2,128x256x64x8x2,128x128x64x8x3,"
+                                               "256x128x64x8x2",
+                   help="the forward kernel alone at these blocks, BLOCK_MxBLOCK_NxBLOCK_KxNUM_WARPSxNUM_STAGES "
+                        "(the module's: 128x128x64x8x2)")
+    p.add_argument("--wgrad-blocks", default="64x128x32x4x528,128x128x32x8x528,64x128x64x4x528,64x128x32x4x264",
+                   help="the weight-gradient kernel alone at these blocks, BLOCK_KxBLOCK_NxSUB_ROWSxNUM_WARPSxPROGRAMS "
+                        "(the module's: 64x128x32x4x528)")
+    p.add_argument("--full-step-model", default="none",
+                   help="then the whole train step of this model with and without the fused block ('none': skip)")
+    p.add_argument("--full-step-image-size", type=int, default=224)
+    p.add_argument("--full-step-steps", type=int, default=50)
+    a = p.parse_args(argv)
+    try:
+        forward_specs = [parse_spec(s, FORWARD_BLOCKS) for s in filter(None, a.forward_blocks.split(","))]
+        wgrad_specs = [parse_spec(s, WGRAD_BLOCKS) for s in filter(None, a.wgrad_blocks.split(","))]
+    except ValueError as e:
+        p.error(str(e))
+    from benchmarks.stem_variants import _median_ms
+
+    dtype = jnp.dtype(a.dtype)
+    kind = jax.devices()[0].device_kind
+    rows = []
+
+    def emit(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    def timed(fn: Callable, args: Sequence[Array], **what: object) -> tuple[object, float] | None:
+        """``fn(*args)`` and its median ms, or None after printing an error row: a candidate
+        that fails on the device is a result, and the rest still run."""
+        try:
+            return fn(*args), _median_ms(lambda: fn(*args), 3, a.repeats, a.inner)
+        except Exception as e:
+            print(json.dumps({**what, "error": str(e)[:300]}), flush=True)
+            return None
+
+    on_gpu = jax.default_backend() == "gpu"
+    for shape, n in block_shapes(a.batch_size):
+        operands = block_operands(shape, n, dtype)
+        outs = {}
+        for impl in IMPLS if on_gpu else ():
+            what = {"part": "block", "impl": impl, "shape": list(shape), "out_channels": n}
+            if (result := timed(block(impl, dtype), operands, **what)) is None:
+                continue
+            outs[impl], ms = result
+            row = {**what, "dtype": a.dtype, "device_kind": kind, "ms": round(ms, 4)}
+            if "model" in outs and impl != "model":
+                row["max_rel_diff_vs_model"] = _max_rel_diff(outs["model"], outs[impl])
+            emit(row)
+    if not on_gpu:
+        print("the blocks and kernels are timed on a GPU only (Triton)", flush=True)
+    for shape, n in [block_shapes(a.batch_size)[i] for i in (0, -1)] if on_gpu else []:
+        x, mean, var, scale, bias, kernel, ct_z, _ = block_operands(shape, n, dtype)
+        m, k = x.size // shape[-1], shape[-1]
+        x2, w, dz = x.reshape(m, k), kernel.reshape(k, n).astype(dtype), ct_z.reshape(m, n).astype(dtype)
+        a_vec = jax.lax.rsqrt(var + EPSILON) * scale
+        flops = 2 * m * k * n
+        for spec in forward_specs:
+            fn = jax.jit(functools.partial(matmul_moments, out_dtype=dtype, block_m=spec["BLOCK_M"],
+                                           block_n=spec["BLOCK_N"], block_k=spec["BLOCK_K"],
+                                           num_warps=spec["NUM_WARPS"], num_stages=spec["NUM_STAGES"]))
+            blocks = "x".join(str(v) for v in spec.values())
+            if (result := timed(fn, (x2, mean, a_vec, bias, w), part="forward_kernel", blocks=blocks)) is None:
+                continue
+            ms = result[1]
+            emit({"part": "forward_kernel", "blocks": blocks, "shape": [m, k, n], "ms": round(ms, 4),
+                  "gb_per_s": round((m * k + m * n) * dtype.itemsize / (ms * 1e-3) / 1e9),
+                  "tflop_per_s": round(flops / (ms * 1e-3) / 1e12)})
+        for spec in wgrad_specs:
+            fn = jax.jit(functools.partial(weight_grad, block_k=spec["BLOCK_K"], block_n=spec["BLOCK_N"],
+                                           sub_rows=spec["SUB_ROWS"], num_warps=spec["NUM_WARPS"],
+                                           programs=spec["PROGRAMS"]))
+            blocks = "x".join(str(v) for v in spec.values())
+            if (result := timed(fn, (x2, mean, a_vec, bias, dz), part="wgrad_kernel", blocks=blocks)) is None:
+                continue
+            ms = result[1]
+            emit({"part": "wgrad_kernel", "blocks": blocks, "shape": [m, k, n], "ms": round(ms, 4),
+                  "gb_per_s": round((m * k + m * n) * dtype.itemsize / (ms * 1e-3) / 1e9),
+                  "tflop_per_s": round(flops / (ms * 1e-3) / 1e12)})
+    print(f"\nbn2 + ReLU -> conv3 -> z's statistics, forward + backward on {kind}, {a.dtype} (median ms; "
+          "model: Pallas BatchNorm + cuDNN + statistics kernel, fused: one Pallas GEMM each way), then each kernel alone:")
+    blocks_per_stage = (3, 4, 6, 3)
+    saved = 0.0
+    for r in rows:
+        if r["part"] == "block":
+            print(f"  {str(tuple(r['shape'])):<22}-> {r['out_channels']:<5}{r['impl']:<7}{r['ms']:>9.3f} ms"
+                  + (f"  diff {r['max_rel_diff_vs_model']:.2g}" if "max_rel_diff_vs_model" in r else ""))
+        else:
+            print(f"  {r['part']:<15}{r['blocks']:<18}{str(tuple(r['shape'])):<24}{r['ms']:>8.3f} ms "
+                  f"{r['gb_per_s']:>6} GB/s {r['tflop_per_s']:>5} TFLOP/s")
+    by_shape = {(tuple(r["shape"]), r["impl"]): r["ms"] for r in rows if r["part"] == "block"}
+    stage_ms = [(by_shape.get((tuple(s), "model")), by_shape.get((tuple(s), "fused"))) for s, _ in block_shapes(a.batch_size)]
+    if all(m is not None and f is not None for m, f in stage_ms):
+        saved = sum(count * (m - f) for count, (m, f) in zip(blocks_per_stage, stage_ms))
+        print(f"  ResNet-50's 16 blocks: {saved:+.2f} ms per step fused (positive: faster)")
+    if a.full_step_model != "none":
+        steps = full_steps(a.full_step_model, a.batch_size, a.full_step_image_size, a.dtype, a.full_step_steps)
+        print(f"\nwhole {a.full_step_model} train step, batch {a.batch_size} @{a.full_step_image_size}px {a.dtype}:")
+        for r in steps:
+            print(f"  bn {r['bn_relu']:<11}pool {r['pool']:<8}{r['images_per_second']:>10.1f} images/s "
+                  f"{r['vs_model']:>7.3f}x  peak {r['peak_memory_gib'] or 0:.2f} GiB  "
+                  f"compiled in {r['compile_seconds'] or 0:.1f} s  max loss diff {r['max_loss_diff_vs_model']:.2g}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""A BatchNorm + ReLU fused into the 1x1 convolution after it, in Pallas GPU kernels (a candidate).
+
+In a bottleneck block, ``bn2`` + ReLU feeds ``conv3`` (1x1), whose output feeds ``bn3``. The
+model runs that as four passes over memory: ``bn2``'s apply reads x and writes y, cuDNN's
+convolution reads y and writes z, and ``bn3``'s statistics read z. :func:`bn_relu_conv1x1`
+is the same function in one kernel (:func:`matmul_moments`): each instance loads a block of
+x, applies the BatchNorm and ReLU in registers (the prologue), multiplies by the kernel on the
+tensor cores, writes z and, from the same registers, the block's partial sums of z and z * z
+(the epilogue). y is never stored and z is never read back: compiled for ResNet-50 at batch
+256, 2 units of bn2's input and 1 of bn3's (4x as wide) less per block, ~4.2 GB of the
+step's ~91 (docs/performance.md, "Change 9").
+
+Reverse mode writes the same trick into the weight gradient (:func:`weight_grad`): y is
+recomputed from x inside the kernel that sums ``y^T dz``, so the backward pass reads x where
+the model reads y and stores nothing more. The input gradient ``dz @ kernel^T`` is XLA's
+(cuBLAS), and the BatchNorm + ReLU's own backward is :mod:`pallas_batch_norm`'s, unchanged.
+
+The function and its derivatives are the textbook ones; the tests compare values and
+gradients with ``relu(batch_norm(x)) @ kernel`` written in plain JAX, and forward mode with
+plain autodiff. Like :func:`pallas_batch_norm.bn_relu_apply` it is a ``custom_jvp`` whose
+tangent map is a ``linear_call``: first-order forward and reverse mode work, second-order
+derivatives through it do not.
+
+Not the model's default: whether a Triton GEMM with a prologue beats cuDNN's 1x1 convolution
+plus XLA's apply pass is a question for the device (``benchmarks/fused_conv_pallas.py``). Not
+yet here: a ``custom_partitioning`` rule (a batch-sharded x would be gathered; the model's
+BatchNorm kernels have one) and the model's use of it (``Bottleneck`` would pass bn2's
+statistics to the fused op and bn3 would take its statistics from the epilogue).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from resnet_jax.models.pallas_batch_norm import (
+    _bn_relu_tangent,
+    _bn_relu_transpose,
+    _largest_power_of_two_divisor,
+    present_tangents,
+)
+
+Array = jax.Array
+Dtype = Any
+
+# The forward kernel: rows (N*H*W positions) and output channels per instance, input channels
+# per step of its loop, warps, and Triton's pipelining depth. Read at trace time.
+BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 128, 64, 4, 2
+# The weight-gradient kernel: input and output channels per instance, rows per step of its
+# loop, warps, and the number of instances it aims for by splitting the rows (each split
+# writes a float32 (K, N) partial sum, which XLA adds).
+WGRAD_BLOCK_K, WGRAD_BLOCK_N, WGRAD_SUB_ROWS, WGRAD_NUM_WARPS, WGRAD_PROGRAMS = 64, 128, 32, 4, 528
+
+
+def _relu_bn(x: Array, mean: Array, a: Array, b: Array) -> Array:
+    """``relu((x - mean) * a + b)`` in float32: the model's BatchNorm + ReLU with
+    ``a = scale * rsqrt(var + eps)`` and ``b = bias`` (``pallas_batch_norm.bn_relu_apply``)."""
+    return jnp.maximum((x.astype(jnp.float32) - mean) * a + b, 0.0)
+
+
+# ---------------------------------------------------------------- the kernels
+def _forward_kernel(x_ref, mean_ref, a_ref, b_ref, w_ref, z_ref, sums_ref, *, block_k: int) -> None:
+    """One (rows, out channels) block: ``z = relu_bn(x) @ w``, accumulated in float32 over the
+    input channels ``block_k`` at a time, stored in ``z``'s dtype; ``sums[0]`` and ``sums[1]``
+    are the column sums of the stored z and z * z, in float32."""
+    rows, cols = z_ref.shape
+
+    def body(i: int, acc: Array) -> Array:
+        ks = pl.ds(i * block_k, block_k)
+        y = _relu_bn(x_ref[:, ks], mean_ref[:, ks], a_ref[:, ks], b_ref[:, ks]).astype(w_ref.dtype)
+        return acc + jnp.dot(y, w_ref[ks, :], preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, body, jnp.zeros((rows, cols), jnp.float32))
+    z = acc.astype(z_ref.dtype)
+    z_ref[...] = z
+    zf = z.astype(jnp.float32)
+    sums_ref[0, :] = jnp.sum(zf, axis=0)
+    sums_ref[1, :] = jnp.sum(zf * zf, axis=0)
+
+
+def _wgrad_kernel(x_ref, mean_ref, a_ref, b_ref, dz_ref, dw_ref, *, rows: int, sub: int) -> None:
+    """Instance (s, k, n): ``dw = relu_bn(x)^T @ dz`` over rows ``[s * rows, (s + 1) * rows)``,
+    ``sub`` rows at a time, for one (input, output) channel block, in float32. The refs hold all
+    rows of their channel block."""
+    start = pl.program_id(0) * rows
+    block_k, block_n = dw_ref.shape
+    mean, a, b = mean_ref[...], a_ref[...], b_ref[...]
+
+    def body(i: int, acc: Array) -> Array:
+        rs = pl.ds(start + i * sub, sub)
+        y = _relu_bn(x_ref[rs, :], mean, a, b).astype(dz_ref.dtype)
+        return acc + jax.lax.dot_general(y, dz_ref[rs, :], (((0,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    dw_ref[...] = jax.lax.fori_loop(0, rows // sub, body, jnp.zeros((block_k, block_n), jnp.float32))
+
+
+def _fits(*sizes: int) -> bool:
+    """Triton's dot needs power-of-two blocks of at least 16 along each dimension."""
+    return all(s >= 16 for s in sizes)
+
+
+def matmul_moments(
+    x: Array, mean: Array, a: Array, b: Array, w: Array, *, out_dtype: Dtype, interpret: bool = False,
+    block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> tuple[Array, Array] | None:
+    """``z = relu((x - mean) * a + b) @ w`` in ``out_dtype`` and the float32 (2, N) column sums
+    of z and z * z, in one Pallas (Triton) kernel. x is (M, K), w (K, N) in the compute dtype,
+    ``mean``, ``a``, ``b`` float32 (K,). Returns None where the largest power-of-two blocks
+    that divide M, N and K are smaller than 16 (the caller then uses XLA). Block parameters
+    left None are the module's (``BLOCK_M`` etc.) at trace time. A GPU only, unless
+    ``interpret``."""
+    m, k = x.shape
+    n = w.shape[1]
+    bm = _largest_power_of_two_divisor(m, block_m or BLOCK_M)
+    bn = _largest_power_of_two_divisor(n, block_n or BLOCK_N)
+    bk = _largest_power_of_two_divisor(k, block_k or BLOCK_K)
+    if not _fits(bm, bn, bk) or k & (k - 1):
+        return None
+    grid = (m // bm, n // bn)
+    vector = pl.BlockSpec((1, k), lambda i, j: (0, 0))
+    z, partial = pl.pallas_call(
+        functools.partial(_forward_kernel, block_k=bk),
+        grid=grid,
+        in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)), vector, vector, vector,
+                  pl.BlockSpec((k, bn), lambda i, j: (0, j))],
+        out_specs=[pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+                   pl.BlockSpec((None, 2, bn), lambda i, j: (i, 0, j))],
+        out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((grid[0], 2, n), jnp.float32)],
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(
+            num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
+        name="bn_relu_matmul_moments",
+    )(x, mean.reshape(1, k), a.reshape(1, k), b.reshape(1, k), w)
+    return z, jnp.sum(partial, axis=0)
+
+
+def _row_splits(m: int, sub: int, programs_per_split: int, target: int, most: int) -> int:
+    """How many row ranges to split M rows into: the fewest that reaches ``target`` instances
+    with ``programs_per_split`` each, among the divisors of ``m // sub`` (each range a whole
+    number of ``sub``-row steps) up to ``most``; the largest of those if none reaches it."""
+    steps = m // sub
+    divisors = [d for d in range(1, min(steps, max(most, 1)) + 1) if steps % d == 0]
+    for d in divisors:
+        if d * programs_per_split >= target:
+            return d
+    return divisors[-1]
+
+
+def weight_grad(
+    x: Array, mean: Array, a: Array, b: Array, dz: Array, *, interpret: bool = False,
+    block_k: int | None = None, block_n: int | None = None, sub_rows: int | None = None,
+    num_warps: int | None = None, programs: int | None = None,
+) -> Array | None:
+    """``relu((x - mean) * a + b)^T @ dz``, float32 (K, N), for x (M, K) and dz (M, N) in the
+    compute dtype, in one Pallas (Triton) kernel that recomputes the ReLU'd BatchNorm from x.
+    The rows are split into ranges so that the kernel runs about ``programs`` instances, as
+    long as their float32 (K, N) partial sums, which XLA adds, stay under an eighth of the
+    bytes of x and dz. Returns None where the blocks would be
+    smaller than 16 (the caller then uses XLA). A GPU only, unless ``interpret``."""
+    m, k = x.shape
+    n = dz.shape[1]
+    bk = _largest_power_of_two_divisor(k, block_k or WGRAD_BLOCK_K)
+    bn = _largest_power_of_two_divisor(n, block_n or WGRAD_BLOCK_N)
+    sub = _largest_power_of_two_divisor(m, sub_rows or WGRAD_SUB_ROWS)
+    if not _fits(bk, bn, sub):
+        return None
+    # each range writes a float32 (K, N) partial sum that XLA reads back: at most an eighth of
+    # the bytes the kernel has to read anyway
+    most = (x.size * x.dtype.itemsize + dz.size * dz.dtype.itemsize) // (8 * k * n * 4)
+    splits = _row_splits(m, sub, (k // bk) * (n // bn), programs or WGRAD_PROGRAMS, most)
+    grid = (splits, k // bk, n // bn)
+    vector = pl.BlockSpec((1, bk), lambda s, i, j: (0, i))
+    partial = pl.pallas_call(
+        functools.partial(_wgrad_kernel, rows=m // splits, sub=sub),
+        grid=grid,
+        in_specs=[pl.BlockSpec((m, bk), lambda s, i, j: (0, i)), vector, vector, vector,
+                  pl.BlockSpec((m, bn), lambda s, i, j: (0, j))],
+        out_specs=pl.BlockSpec((None, bk, bn), lambda s, i, j: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, k, n), jnp.float32),
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps or WGRAD_NUM_WARPS,
+                                                                     num_stages=2),
+        name="bn_relu_matmul_weight_grad",
+    )(x, mean.reshape(1, k), a.reshape(1, k), b.reshape(1, k), dz)
+    return jnp.sum(partial, axis=0)
+
+
+# ---------------------------------------------------------------- XLA's versions (fallback)
+def _matmul_moments_xla(x: Array, mean: Array, a: Array, b: Array, w: Array, out_dtype: Dtype) -> tuple[Array, Array]:
+    z = jnp.dot(_relu_bn(x, mean, a, b).astype(w.dtype), w, preferred_element_type=jnp.float32).astype(out_dtype)
+    zf = z.astype(jnp.float32)
+    return z, jnp.stack([jnp.sum(zf, axis=0), jnp.sum(zf * zf, axis=0)])
+
+
+def _weight_grad_xla(x: Array, mean: Array, a: Array, b: Array, dz: Array) -> Array:
+    y = _relu_bn(x, mean, a, b).astype(dz.dtype)
+    return jax.lax.dot_general(y, dz, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _kernel_or_xla(kernel_fn, xla_fn, *args: Array) -> Any:
+    """``kernel_fn(*args)``, or ``xla_fn(*args)`` where that returns None (shapes it does not take)."""
+    out = kernel_fn(*args)
+    return xla_fn(*args) if out is None else out
+
+
+# ---------------------------------------------------------------- the differentiable op
+def bn_relu_conv1x1(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
+                    epsilon: float, dtype: Dtype, interpret: bool = False) -> tuple[Array, tuple[Array, Array]]:
+    """``z = conv1x1(relu(BatchNorm(x)), kernel)``, and z's per-channel ``mean(z)`` and
+    ``mean(z * z)`` over all positions (the next BatchNorm's statistics).
+
+    x is (..., K) NHWC in the compute ``dtype``; ``mean`` and ``var`` the float32 (K,) batch
+    statistics of x, ``scale`` and ``bias`` the BatchNorm's (K,); ``kernel`` is (K, N) or the
+    convolution's (1, 1, K, N), cast to ``dtype`` like flax's ``Conv``. z is (..., N), stored in
+    ``dtype`` and returned as its float32 view: the next BatchNorm normalises that view, and the
+    moments' derivative meets its gradient there, so z's gradient is summed in float32 and
+    rounded once (as in the model's BatchNorm, ``pallas_batch_norm.batch_moments``); XLA keeps
+    only the stored z. The moments are float32 (N,), taken from z as stored, in the kernel
+    that stores it. The
+    kernels are compiled for an NVIDIA GPU; ``interpret=True`` runs them under the Pallas
+    interpreter instead (as :func:`pallas_batch_norm.bn_relu_apply`, whose backward this
+    reuses). Shapes the kernels do not take (fewer than 16 channels or rows in a block, input
+    channels not a power of two) run in XLA."""
+    z, sums = _bn_relu_conv1x1(x, mean, var, scale, bias, kernel, epsilon, dtype, interpret)
+    zf = z.astype(jnp.float32)
+    return zf, moments_from_sums(zf.reshape(-1, z.shape[-1]), sums)
+
+
+@jax.custom_jvp
+def moments_from_sums(zf: Array, sums: Array) -> tuple[Array, Array]:
+    """``mean(zf)`` and ``mean(zf * zf)`` over the rows of ``zf`` (M, N), read from ``sums``, their
+    float32 (2, N) row sums that a kernel computed with z. The derivative is that of the two
+    means with respect to ``zf`` (``mean(t)``, ``mean(2 z t)``, as
+    ``pallas_batch_norm.batch_moments``), so XLA fuses it into the next BatchNorm's backward
+    pass as it does the model's; ``sums`` gets none."""
+    return sums[0] / zf.shape[0], sums[1] / zf.shape[0]
+
+
+@moments_from_sums.defjvp
+def _moments_from_sums_jvp(primals: tuple, tangents: tuple) -> tuple:
+    (zf, sums), (tf, _) = primals, tangents
+    return moments_from_sums(zf, sums), (jnp.mean(tf, axis=0), jnp.mean(2 * zf * tf, axis=0))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8))
+def _bn_relu_conv1x1(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
+                     epsilon: float, dtype: Dtype, interpret: bool = False) -> tuple[Array, Array]:
+    """z and the float32 (2, N) row sums of z and z * z, which carry no derivative of their own
+    (:func:`moments_from_sums` gives the moments theirs)."""
+    k = x.shape[-1]
+    w = kernel.reshape(k, -1).astype(dtype)
+    a = jax.lax.rsqrt(var + epsilon) * scale
+    z, sums = _kernel_or_xla(functools.partial(matmul_moments, out_dtype=dtype, interpret=interpret),
+                             functools.partial(_matmul_moments_xla, out_dtype=dtype),
+                             x.reshape(-1, k), mean, a, bias.astype(jnp.float32), w)
+    return z.reshape(*x.shape[:-1], w.shape[1]), sums
+
+
+def _bn_relu_conv1x1_jvp(epsilon: float, dtype: Dtype, interpret: bool, primals: tuple,
+                         tangents: tuple) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    z, sums = _bn_relu_conv1x1(*primals, epsilon, dtype, interpret)
+    present, linear = present_tangents(tangents)
+    bn_present, kernel_present = present[:5], present[5]
+    n_bn = sum(bn_present)
+
+    def tangent(res: tuple, lin: tuple) -> Array:
+        x, mean, var, scale, bias, kernel = res
+        k = x.shape[-1]
+        w = kernel.reshape(k, -1).astype(dtype)
+        tz = jnp.zeros((*x.shape[:-1], w.shape[1]), jnp.float32)
+        if n_bn:
+            ty = _bn_relu_tangent(epsilon, dtype, bn_present, res[:5], lin[:n_bn])
+            tz = tz + jnp.dot(ty, w, preferred_element_type=jnp.float32)
+        if kernel_present:
+            a = jax.lax.rsqrt(var + epsilon) * scale
+            y = _relu_bn(x, mean, a, bias).astype(dtype)
+            tz = tz + jnp.dot(y, lin[-1].reshape(w.shape).astype(dtype), preferred_element_type=jnp.float32)
+        return tz.astype(dtype)
+
+    def transpose(res: tuple, dz: Array) -> tuple:
+        x, mean, var, scale, bias, kernel = res
+        k = x.shape[-1]
+        w = kernel.reshape(k, -1).astype(dtype)
+        out = []
+        if n_bn:
+            dy = jnp.dot(dz, w.T, preferred_element_type=jnp.float32).astype(dtype)
+            out.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res[:5], dy))
+        if kernel_present:
+            a = jax.lax.rsqrt(var + epsilon) * scale
+            dw = _kernel_or_xla(functools.partial(weight_grad, interpret=interpret), _weight_grad_xla,
+                                x.reshape(-1, k), mean, a, bias.astype(jnp.float32), dz.reshape(-1, w.shape[1]))
+            out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
+        return tuple(out)
+
+    tz = jax.custom_derivatives.linear_call(tangent, transpose, primals, linear)
+    return (z, sums), (tz, jnp.zeros_like(sums))
+
+
+_bn_relu_conv1x1.defjvp(_bn_relu_conv1x1_jvp, symbolic_zeros=True)

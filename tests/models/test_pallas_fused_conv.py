@@ -1,0 +1,247 @@
+"""The fused BatchNorm + ReLU + 1x1 convolution (``pallas_fused_conv``) against the textbook
+formula in plain JAX and float64 NumPy, its kernels run under the Pallas interpreter."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax.models import pallas_batch_norm, pallas_fused_conv
+from resnet_jax.models.pallas_fused_conv import bn_relu_conv1x1, matmul_moments, weight_grad
+from tests.conftest import require_cuda_plugin
+
+EPS = 1e-5
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks small enough that the test shapes run several instances, loop steps and row ranges."""
+    for name, value in {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "WGRAD_BLOCK_K": 16, "WGRAD_BLOCK_N": 32,
+                        "WGRAD_SUB_ROWS": 16, "WGRAD_PROGRAMS": 16}.items():
+        monkeypatch.setattr(pallas_fused_conv, name, value)
+
+
+def _operands(m, k, n, seed=0, dtype=jnp.bfloat16):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    x = (jax.random.normal(keys[0], (m, k)) + 0.3).astype(dtype)
+    mean = jnp.mean(x.astype(jnp.float32), axis=0) + 0.05
+    a = 1 + 0.2 * jax.random.normal(keys[1], (k,))
+    b = 0.1 * jax.random.normal(keys[2], (k,))
+    w = (jax.random.normal(keys[3], (k, n)) / np.sqrt(k)).astype(dtype)
+    dz = jax.random.normal(keys[4], (m, n)).astype(dtype)
+    return x, mean, a, b, w, dz
+
+
+def _f64(v):
+    return np.asarray(jnp.asarray(v, jnp.float32), np.float64)
+
+
+def _relu_bn_rounded(x, mean, a, b, dtype):
+    """relu((x - mean) * a + b) in float64, rounded to ``dtype`` as the kernels feed it to the dot."""
+    y = np.maximum((_f64(x) - _f64(mean)) * _f64(a) + _f64(b), 0.0)
+    return _f64(jnp.asarray(y, jnp.float32).astype(dtype))
+
+
+def test_the_forward_kernel_multiplies_and_sums_like_float64(small_blocks):
+    x, mean, a, b, w, _ = _operands(256, 64, 96)
+    z, sums = matmul_moments(x, mean, a, b, w, out_dtype=jnp.bfloat16, interpret=True)
+    want = _relu_bn_rounded(x, mean, a, b, jnp.bfloat16) @ _f64(w)
+    # z is the float32 product rounded once to bf16 (2^-8 relative)
+    np.testing.assert_allclose(_f64(z), want, rtol=2**-8, atol=1e-3)
+    # the sums are those of z as stored, so computed from the returned z in float64
+    zf = _f64(z)
+    np.testing.assert_allclose(_f64(sums), np.stack([zf.sum(0), (zf * zf).sum(0)]), rtol=1e-5, atol=1e-3)
+
+
+def test_the_weight_gradient_kernel_recomputes_the_activation_and_sums_like_float64(small_blocks):
+    x, mean, a, b, _, dz = _operands(384, 32, 64, seed=1)
+    dw = weight_grad(x, mean, a, b, dz, interpret=True)
+    want = _relu_bn_rounded(x, mean, a, b, jnp.bfloat16).T @ _f64(dz)
+    np.testing.assert_allclose(_f64(dw), want, rtol=1e-5, atol=1e-3)
+    # 384 rows of 16 are 24 steps: the smallest divisor of 24 giving >= 16 instances with
+    # 2 x 2 channel blocks each is 4 row ranges
+    assert pallas_fused_conv._row_splits(384, 16, 4, 16, 100) == 4
+    assert pallas_fused_conv._row_splits(384, 16, 4, 10_000, 100) == 24  # as many as there are steps
+    assert pallas_fused_conv._row_splits(384, 16, 4, 10_000, 10) == 8  # partial sums capped
+
+
+def _reference(x, scale, bias, kernel, dtype):
+    """The textbook block: whole-batch BatchNorm (biased variance), ReLU, 1x1 convolution in
+    ``dtype``, and the means of its output and its square, in plain JAX."""
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean, var = jnp.mean(xf, axes), jnp.var(xf, axes)
+    y = jax.nn.relu((xf - mean) / jnp.sqrt(var + EPS) * scale + bias).astype(dtype)
+    z = jax.lax.conv_general_dilated(y, kernel.astype(dtype), (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    zf = z.astype(jnp.float32).reshape(-1, z.shape[-1])
+    return z, jnp.stack([zf.mean(0), (zf * zf).mean(0)])
+
+
+def _fused(x, scale, bias, kernel, dtype, interpret=True):
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axes)
+    var = jnp.mean(xf * xf, axes) - mean * mean
+    z, moments = bn_relu_conv1x1(x, mean, var, scale, bias, kernel, EPS, dtype, interpret)
+    return z, jnp.stack(moments)
+
+
+def _block_operands(shape, n, seed=2, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    k = shape[-1]
+    x = (jax.random.normal(keys[0], shape) + 0.5).astype(dtype)
+    scale = 1 + 0.2 * jax.random.normal(keys[1], (k,))
+    bias = 0.2 * jax.random.normal(keys[2], (k,))
+    kernel = jax.random.normal(keys[3], (1, 1, k, n)) / np.sqrt(k)
+    ct_z = jax.random.normal(keys[4], (*shape[:-1], n))
+    ct_sums = jax.random.normal(keys[5], (2, n))
+    return x, scale, bias, kernel, ct_z, ct_sums
+
+
+def test_values_and_gradients_equal_the_textbook_block_in_float32(small_blocks):
+    x, scale, bias, kernel, ct_z, ct_sums = _block_operands((2, 8, 8, 32), 64)
+
+    def loss(fn, *params):
+        z, sums = fn(*params, jnp.float32)
+        return jnp.sum(z * ct_z) + jnp.sum(sums * ct_sums)
+
+    fused = _fused
+    np.testing.assert_allclose(loss(fused, x, scale, bias, kernel), loss(_reference, x, scale, bias, kernel),
+                               rtol=1e-5)
+    got = jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2, 3))(x, scale, bias, kernel)
+    want = jax.grad(functools.partial(loss, _reference), argnums=(0, 1, 2, 3))(x, scale, bias, kernel)
+    for name, g, w in zip(("x", "scale", "bias", "kernel"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
+
+
+def test_forward_mode_equals_the_textbook_block(small_blocks):
+    x, scale, bias, kernel, _, _ = _block_operands((2, 8, 8, 32), 64, seed=3)
+    tangents = tuple(jax.random.normal(jax.random.key(9 + i), v.shape) for i, v in enumerate((x, scale, bias, kernel)))
+    got = jax.jvp(lambda *p: _fused(*p, jnp.float32), (x, scale, bias, kernel), tangents)
+    want = jax.jvp(lambda *p: _reference(*p, jnp.float32), (x, scale, bias, kernel), tangents)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
+    # only the kernel's tangent (the BatchNorm's are symbolic zeros)
+    only_kernel = jax.jvp(lambda k: _fused(x, scale, bias, k, jnp.float32), (kernel,), (tangents[3],))
+    want_kernel = jax.jvp(lambda k: _reference(x, scale, bias, k, jnp.float32), (kernel,), (tangents[3],))
+    np.testing.assert_allclose(only_kernel[1][0], want_kernel[1][0], rtol=1e-4, atol=1e-4)
+
+
+def test_in_bf16_the_block_stays_within_rounding_of_the_textbook_one(small_blocks):
+    x, scale, bias, kernel, ct_z, ct_sums = _block_operands((2, 8, 8, 32), 64, seed=4, dtype=jnp.bfloat16)
+    z, sums = _fused(x, scale, bias, kernel, jnp.bfloat16)
+    z_ref, sums_ref = _reference(x, scale, bias, kernel, jnp.bfloat16)
+    # z is stored in bf16 and returned as its float32 view (what bn3 normalises)
+    assert z.dtype == sums.dtype == jnp.float32
+    np.testing.assert_array_equal(z, z.astype(jnp.bfloat16).astype(jnp.float32))
+    top = float(jnp.max(jnp.abs(z_ref.astype(jnp.float32))))
+    assert float(jnp.max(jnp.abs(z.astype(jnp.float32) - z_ref.astype(jnp.float32)))) < 0.02 * top
+    np.testing.assert_allclose(sums, sums_ref, rtol=0.02, atol=0.02 * float(jnp.max(jnp.abs(sums_ref))))
+
+
+def test_shapes_the_kernels_do_not_take_run_in_xla():
+    # 24 input channels: not a power of two, so the forward kernel declines and XLA computes it
+    x, mean, a, b, w, dz = _operands(64, 24, 32)
+    assert matmul_moments(x, mean, a, b, w, out_dtype=jnp.bfloat16, interpret=True) is None
+    assert weight_grad(x[:, :8], mean[:8], a[:8], b[:8], dz, interpret=True) is None  # 8 channels: too few
+    shape_x, scale, bias, kernel, ct_z, ct_sums = _block_operands((1, 4, 4, 24), 32, seed=5)
+    got = jax.grad(lambda *p: jnp.sum(_fused(*p, jnp.float32)[0] * ct_z), argnums=(0, 3))(shape_x, scale, bias, kernel)
+    want = jax.grad(lambda *p: jnp.sum(_reference(*p, jnp.float32)[0] * ct_z), argnums=(0, 3))(
+        shape_x, scale, bias, kernel)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_for_an_h100_the_block_is_two_kernels_on_the_tensor_cores_and_moves_fewer_bytes():
+    require_cuda_plugin()
+    from benchmarks.gpu_compile_report import DEFAULT_TARGET, target_devices
+    from benchmarks.hlo_traffic import entry_kernels, summarise
+
+    device = target_devices(DEFAULT_TARGET)[0]
+    on_gpu = jax.sharding.SingleDeviceSharding(device)
+    shape, n, dtype = (32, 28, 28, 64), 256, jnp.bfloat16
+
+    def model_block(x, scale, bias, kernel):
+        """What the model runs on a GPU today: bn2 + ReLU, cuDNN's 1x1 convolution, bn3's statistics."""
+        xf = x.astype(jnp.float32)
+        mean, mean_sq = pallas_batch_norm.batch_moments(xf.reshape(-1, shape[-1]), dtype)
+        y = pallas_batch_norm.bn_relu_apply(x, mean, mean_sq - mean * mean, scale, bias, EPS, dtype)
+        z = jax.lax.conv_general_dilated(y, kernel.astype(dtype), (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")).astype(jnp.float32)
+        return z, jnp.stack(pallas_batch_norm.batch_moments(z.reshape(-1, n), dtype))
+
+    def fused_block(x, scale, bias, kernel):
+        xf = x.astype(jnp.float32)
+        mean, mean_sq = pallas_batch_norm.batch_moments(xf.reshape(-1, shape[-1]), dtype)
+        z, moments = bn_relu_conv1x1(x, mean, mean_sq - mean * mean, scale, bias, kernel, EPS, dtype)
+        return z, jnp.stack(moments)
+
+    def compiled(block):
+        def step(x, scale, bias, kernel, ct_z, ct_s):
+            (z, moments), pullback = jax.vjp(block, x, scale, bias, kernel)
+            # z stored in bf16 as in the model (bn3 reads its float32 view); the statistics are
+            # used (by bn3), so returned
+            return z.astype(dtype), moments, pullback((ct_z.astype(jnp.float32), ct_s))
+
+        spec = functools.partial(jax.ShapeDtypeStruct, sharding=on_gpu)
+        args = (spec(shape, dtype), spec(shape[-1:], jnp.float32), spec(shape[-1:], jnp.float32),
+                spec((1, 1, shape[-1], n), jnp.float32), spec((*shape[:-1], n), dtype), spec((2, n), jnp.float32))
+        with jax.default_device(device):
+            return jax.jit(step).lower(*args).compile().as_text()
+
+    model_hlo, fused_hlo = compiled(model_block), compiled(fused_block)
+    assert "bn_relu_matmul_moments" in fused_hlo and "bn_relu_matmul_weight_grad" in fused_hlo
+    assert "cudnn$convBackwardFilter" in model_hlo and "cudnn$convBackwardFilter" not in fused_hlo
+    model_bytes = summarise(entry_kernels(model_hlo))["traffic_bytes"]
+    fused_bytes = summarise(entry_kernels(fused_hlo))["traffic_bytes"]
+    # bn2's output neither written nor read back (2 units of x) and bn3's statistics without a
+    # pass of their own (1 unit of z, 4 of x), less the partial sums the kernels write and XLA
+    # reads back (here 1.2 units: the weight gradient's 28 ranges of 64 x 256 float32)
+    x_bytes = 32 * 28 * 28 * 64 * 2
+    assert fused_bytes < model_bytes - 4.5 * x_bytes
+
+
+def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32):
+    """Loss, gradients and new batch statistics of one training step of a narrow ResNet-50
+    (16 channels: the narrowest the kernels take), with the fused bn2 + conv3 path or without,
+    and the CPU's layers (``default``) or the GPU kernels under the interpreter (``cuda``)."""
+    from resnet_jax.models import blocks, create_model
+    from tests.conftest import use_cuda_kernels
+
+    with monkeypatch.context() as patch:
+        if kernels == "cuda":
+            use_cuda_kernels(patch, fused_conv=fused)
+        else:
+            patch.setattr(blocks, "FUSE_BN2_CONV3", fused)
+        model = create_model("resnet50", widths=(16, 16, 16, 16), stem_width=16, num_classes=5, dtype=dtype)
+        x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+        labels = jnp.arange(4) % 5
+        variables = model.init(jax.random.key(1), x, train=True)
+
+        def loss(params):
+            logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                          mutable=["batch_stats"])
+            onehot = jax.nn.one_hot(labels, 5)
+            return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits.astype(jnp.float32)), -1)), updates
+
+        (value, updates), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    return variables, value, grads, updates["batch_stats"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", ["default", "cuda"])
+def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, kernels):
+    """The candidate changes no parameter (names, shapes, initial values) and no number: with it,
+    a training step's loss, every gradient and the new running statistics equal the model's
+    without it, in float32, on the CPU's layers and with the GPU kernels under the interpreter."""
+    plain = _bottleneck_net_step(monkeypatch, False, kernels)
+    fused = _bottleneck_net_step(monkeypatch, True, kernels)
+    import chex
+
+    chex.assert_trees_all_equal(plain[0], fused[0])  # same variables at init
+    np.testing.assert_allclose(fused[1], plain[1], rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(fused[2:]), jax.tree.leaves(plain[2:])):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(want)))))
