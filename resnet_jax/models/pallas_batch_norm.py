@@ -184,36 +184,59 @@ def moment_sums(
     return sums[0], sums[1]
 
 
+def row_sharded_op(fn: Callable, rows_in: Sequence[bool], rows_out: Sequence[bool], sharding_rule: str,
+                   reduction_factors: Sequence[str] = ()) -> Callable:
+    """``fn`` (a kernel call) as a ``custom_partitioning`` op for a batch split by rows. XLA's
+    partitioner cannot split a kernel's custom call and would replicate batch-sharded inputs on
+    every device; here each device runs ``fn`` on its own rows. The arguments marked in
+    ``rows_in`` are split by their first dimension (the rows), the others replicated; the
+    results marked in ``rows_out`` stay split by rows, the others are sums over the rows,
+    added across the devices that share them (``psum``: for the BatchNorm kernels, the
+    all-reduce that whole-batch BatchNorm needs anyway). ``fn`` returns one array or a tuple
+    (one entry of ``rows_out`` each). ``sharding_rule`` (Shardy's einsum-like rule, rows
+    named ``m``) and ``reduction_factors`` describe the same to Shardy."""
+    single = len(rows_out) == 1
+
+    def rows_of(arg_shapes) -> tuple[Any, tuple[str, ...]]:
+        spec = arg_shapes[0].sharding.spec
+        rows = spec[0] if len(spec) else None
+        return rows, () if rows is None else tuple(rows) if isinstance(rows, tuple) else (rows,)
+
+    def result_shardings(mesh, rows) -> Any:
+        out = tuple(NamedSharding(mesh, P(rows) if by_rows else P()) for by_rows in rows_out)
+        return out[0] if single else out
+
+    op = custom_partitioning(fn)
+
+    def partition(mesh, arg_shapes, result_shape):
+        rows, axes = rows_of(arg_shapes)
+
+        def lower(*args: Array) -> Any:
+            out = fn(*args)
+            outs = (out,) if single else out
+            outs = tuple(o if by_rows or not axes else jax.lax.psum(o, axes) for o, by_rows in zip(outs, rows_out))
+            return outs[0] if single else outs
+
+        args = tuple(NamedSharding(mesh, P(rows) if by_rows else P()) for by_rows in rows_in)
+        return mesh, lower, result_shardings(mesh, rows), args
+
+    op.def_partition(partition=partition,
+                     infer_sharding_from_operands=lambda mesh, arg_shapes, result_shape:
+                     result_shardings(mesh, rows_of(arg_shapes)[0]),
+                     sharding_rule=sharding_rule, reduction_factors=tuple(reduction_factors))
+    return op
+
+
 def _row_sharded(sums: Callable, row_args: int, vector_args: int) -> Callable:
     """``sums`` (row sums of (M, C) arrays, returning two (C,) arrays) as a
-    ``custom_partitioning`` op returning them stacked, (2, C). XLA's partitioner cannot split
-    a kernel's custom call and would replicate batch-sharded inputs on every device; here each
-    device sums its own rows and the results are added across the devices that share the rows
-    (``psum``): the all-reduce that whole-batch BatchNorm needs anyway. The first ``row_args``
-    arguments are (M, C) and split by rows, the ``vector_args`` after them (C,) vectors."""
+    :func:`row_sharded_op` returning them stacked, (2, C): the first ``row_args`` arguments are
+    (M, C) and split by rows, the ``vector_args`` after them (C,) vectors."""
 
     def local(*args: Array) -> Array:
         return jnp.stack(sums(*args))
 
-    op = custom_partitioning(local)
-
-    def partition(mesh, arg_shapes, result_shape):
-        spec = arg_shapes[0].sharding.spec
-        rows = spec[0] if len(spec) else None
-        axes = () if rows is None else tuple(rows) if isinstance(rows, tuple) else (rows,)
-        by_rows, replicated = NamedSharding(mesh, P(rows, None)), NamedSharding(mesh, P())
-
-        def lower(*args: Array) -> Array:
-            partial = local(*args)
-            return jax.lax.psum(partial, axes) if axes else partial
-
-        return mesh, lower, replicated, (by_rows,) * row_args + (replicated,) * vector_args
-
     operands = ", ".join(["m c"] * row_args + ["c"] * vector_args)
-    op.def_partition(partition=partition,
-                     infer_sharding_from_operands=lambda mesh, arg_shapes, result_shape: NamedSharding(mesh, P()),
-                     sharding_rule=f"{operands} -> t c", reduction_factors=("m",))
-    return op
+    return row_sharded_op(local, (True,) * row_args + (False,) * vector_args, (False,), f"{operands} -> t c", ("m",))
 
 
 # The sharded ops, compiled (False) or under the interpreter (True).

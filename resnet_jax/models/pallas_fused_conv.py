@@ -21,16 +21,21 @@ plain autodiff. Like :func:`pallas_batch_norm.bn_relu_apply` it is a ``custom_jv
 tangent map is a ``linear_call``: first-order forward and reverse mode work, second-order
 derivatives through it do not.
 
-Not the model's default: whether a Triton GEMM with a prologue beats cuDNN's 1x1 convolution
-plus XLA's apply pass is a question for the device (``benchmarks/fused_conv_pallas.py``). Not
-yet here: a ``custom_partitioning`` rule (a batch-sharded x would be gathered; the model's
-BatchNorm kernels have one) and the model's use of it (``Bottleneck`` would pass bn2's
-statistics to the fused op and bn3 would take its statistics from the epilogue).
+Sharding: as the BatchNorm kernels, both kernels are ``custom_partitioning`` ops
+(``pallas_batch_norm.row_sharded_op``): with the batch split over devices each runs on its
+own rows, and the statistics and the weight gradient are added across devices (the
+all-reduces data parallelism needs anyway); the kernel weights are replicated.
+
+The model uses it where ``blocks.FUSE_BN2_CONV3`` is set (``layers.BatchNorm``'s
+``conv1x1_kernel`` and ``statistics``). It is not the default: whether a Triton GEMM with a
+prologue beats cuDNN's 1x1 convolution plus XLA's apply pass is a question for the device
+(``benchmarks/fused_conv_pallas.py``).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -43,6 +48,7 @@ from resnet_jax.models.pallas_batch_norm import (
     _bn_relu_transpose,
     _largest_power_of_two_divisor,
     present_tangents,
+    row_sharded_op,
 )
 
 Array = jax.Array
@@ -210,6 +216,24 @@ def _kernel_or_xla(kernel_fn, xla_fn, *args: Array) -> Any:
     return xla_fn(*args) if out is None else out
 
 
+@functools.cache
+def _sharded_forward(out_dtype: Dtype, interpret: bool) -> Callable:
+    """:func:`matmul_moments` (or XLA's where it declines) as a :func:`row_sharded_op`: x's rows
+    split over the devices, z split the same way, the sums added across them; the vectors and
+    the kernel replicated (data parallelism)."""
+    fn = functools.partial(_kernel_or_xla, functools.partial(matmul_moments, out_dtype=out_dtype, interpret=interpret),
+                           functools.partial(_matmul_moments_xla, out_dtype=out_dtype))
+    return row_sharded_op(fn, (True, False, False, False, False), (True, False), "m k, k, k, k, k n -> m n, t n")
+
+
+@functools.cache
+def _sharded_weight_grad(interpret: bool) -> Callable:
+    """:func:`weight_grad` (or XLA's) as a :func:`row_sharded_op`: x's and dz's rows split over
+    the devices, each device's (K, N) sum added across them."""
+    fn = functools.partial(_kernel_or_xla, functools.partial(weight_grad, interpret=interpret), _weight_grad_xla)
+    return row_sharded_op(fn, (True, False, False, False, True), (False,), "m k, k, k, k, m n -> k n", ("m",))
+
+
 # ---------------------------------------------------------------- the differentiable op
 def bn_relu_conv1x1(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
                     epsilon: float, dtype: Dtype, interpret: bool = False) -> tuple[Array, tuple[Array, Array]]:
@@ -257,9 +281,7 @@ def _bn_relu_conv1x1(x: Array, mean: Array, var: Array, scale: Array, bias: Arra
     k = x.shape[-1]
     w = kernel.reshape(k, -1).astype(dtype)
     a = jax.lax.rsqrt(var + epsilon) * scale
-    z, sums = _kernel_or_xla(functools.partial(matmul_moments, out_dtype=dtype, interpret=interpret),
-                             functools.partial(_matmul_moments_xla, out_dtype=dtype),
-                             x.reshape(-1, k), mean, a, bias.astype(jnp.float32), w)
+    z, sums = _sharded_forward(jnp.dtype(dtype), interpret)(x.reshape(-1, k), mean, a, bias.astype(jnp.float32), w)
     return z.reshape(*x.shape[:-1], w.shape[1]), sums
 
 
@@ -294,8 +316,8 @@ def _bn_relu_conv1x1_jvp(epsilon: float, dtype: Dtype, interpret: bool, primals:
             out.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res[:5], dy))
         if kernel_present:
             a = jax.lax.rsqrt(var + epsilon) * scale
-            dw = _kernel_or_xla(functools.partial(weight_grad, interpret=interpret), _weight_grad_xla,
-                                x.reshape(-1, k), mean, a, bias.astype(jnp.float32), dz.reshape(-1, w.shape[1]))
+            dw = _sharded_weight_grad(interpret)(x.reshape(-1, k), mean, a, bias.astype(jnp.float32),
+                                                 dz.reshape(-1, w.shape[1]))
             out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
         return tuple(out)
 

@@ -70,9 +70,10 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
 
 def enable_compilation_cache(cache_dir: str) -> str:
     """Turns on jax's persistent compilation cache in a folder of ``cache_dir`` (``~`` expanded)
-    named by this library's version and a digest of its Pallas BatchNorm module; returns it.
+    named by this library's version and a digest of its Pallas modules; returns it.
 
-    On a GPU the step's BatchNorm sums are ``custom_partitioning`` ops, whose cache key holds
+    On a GPU the step's BatchNorm sums (and the fused BatchNorm + convolution's kernels, where
+    they are on) are ``custom_partitioning`` ops, whose cache key holds
     a pointer to their Python callbacks: with the batch sharded, every new process would miss
     the cache and compile again (checked on 4 CPU devices). The pointer is left out of the
     key (``jax_remove_custom_partitioning_ptr_from_cache_key``), and the folder's name stands
@@ -81,10 +82,13 @@ def enable_compilation_cache(cache_dir: str) -> str:
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``) are not worth a file and stay uncached.
     """
     from resnet_jax import __version__
-    from resnet_jax.models import pallas_batch_norm
+    from resnet_jax.models import pallas_batch_norm, pallas_fused_conv
 
-    with open(pallas_batch_norm.__file__, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    sha = hashlib.sha256()
+    for module in (pallas_batch_norm, pallas_fused_conv):  # the modules whose callbacks the key leaves out
+        with open(module.__file__, "rb") as f:
+            sha.update(f.read())
+    digest = sha.hexdigest()[:12]
     path = os.path.join(os.path.expanduser(cache_dir), f"resnet_jax-{__version__}-{digest}")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)

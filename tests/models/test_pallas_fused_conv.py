@@ -245,3 +245,29 @@ def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, k
     np.testing.assert_allclose(fused[1], plain[1], rtol=1e-5)
     for got, want in zip(jax.tree.leaves(fused[2:]), jax.tree.leaves(plain[2:])):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(want)))))
+
+
+@pytest.mark.parametrize("spec", ["data", ("data", "model")])
+def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gathered(small_blocks, spec):
+    """x split by examples over 4 or all 8 test devices: the loss and every gradient equal the
+    textbook block's on one device (float32), and no device gathers x or z: each kernel runs on
+    its own rows, and only the statistics and the weight gradient are all-reduced."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+    x, scale, bias, kernel, ct_z, ct_sums = _block_operands((16, 4, 4, 32), 64, seed=6)
+    x_sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec(spec)))
+
+    def loss(fn, x, scale, bias, kernel):
+        z, moments = fn(x, scale, bias, kernel, jnp.float32)
+        return jnp.sum(z * ct_z) + jnp.sum(moments * ct_sums)
+
+    step = jax.jit(jax.value_and_grad(functools.partial(loss, _fused), argnums=(0, 1, 2, 3)))
+    value, grads = step(x_sharded, scale, bias, kernel)
+    want_value, want = jax.value_and_grad(functools.partial(loss, _reference), argnums=(0, 1, 2, 3))(
+        x, scale, bias, kernel)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for name, g, w in zip(("x", "scale", "bias", "kernel"), grads, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
+    hlo = step.lower(x_sharded, scale, bias, kernel).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" in hlo
