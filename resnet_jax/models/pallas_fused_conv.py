@@ -56,7 +56,7 @@ Dtype = Any
 
 # The forward kernel: rows (N*H*W positions) and output channels per instance, input channels
 # per step of its loop, warps, and Triton's pipelining depth. Read at trace time.
-BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 128, 64, 4, 2
+BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 128, 64, 8, 2
 # The weight-gradient kernel: input and output channels per instance, rows per step of its
 # loop, warps, and the number of instances it aims for by splitting the rows (each split
 # writes a float32 (K, N) partial sum, which XLA adds).
@@ -90,10 +90,10 @@ def _forward_kernel(x_ref, mean_ref, a_ref, b_ref, w_ref, z_ref, sums_ref, *, bl
 
 
 def _wgrad_kernel(x_ref, mean_ref, a_ref, b_ref, dz_ref, dw_ref, *, rows: int, sub: int) -> None:
-    """Instance (s, k, n): ``dw = relu_bn(x)^T @ dz`` over rows ``[s * rows, (s + 1) * rows)``,
+    """Instance (n, k, s): ``dw = relu_bn(x)^T @ dz`` over rows ``[s * rows, (s + 1) * rows)``,
     ``sub`` rows at a time, for one (input, output) channel block, in float32. The refs hold all
     rows of their channel block."""
-    start = pl.program_id(0) * rows
+    start = pl.program_id(2) * rows
     block_k, block_n = dw_ref.shape
     mean, a, b = mean_ref[...], a_ref[...], b_ref[...]
 
@@ -129,16 +129,19 @@ def matmul_moments(
     bk = _largest_power_of_two_divisor(k, block_k or BLOCK_K)
     if not _fits(bm, bn, bk) or k & (k - 1):
         return None
-    grid = (m // bm, n // bn)
-    vector = pl.BlockSpec((1, k), lambda i, j: (0, 0))
+    # The output-channel blocks are the grid's first (fastest-launched) dimension: the instances
+    # that share a block of x run together, so x is read from memory once and the other
+    # instances find it in L2 (the kernel, at most 2 MiB, stays there).
+    grid = (n // bn, m // bm)
+    vector = pl.BlockSpec((1, k), lambda j, i: (0, 0))
     z, partial = pl.pallas_call(
         functools.partial(_forward_kernel, block_k=bk),
         grid=grid,
-        in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)), vector, vector, vector,
-                  pl.BlockSpec((k, bn), lambda i, j: (0, j))],
-        out_specs=[pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-                   pl.BlockSpec((None, 2, bn), lambda i, j: (i, 0, j))],
-        out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((grid[0], 2, n), jnp.float32)],
+        in_specs=[pl.BlockSpec((bm, k), lambda j, i: (i, 0)), vector, vector, vector,
+                  pl.BlockSpec((k, bn), lambda j, i: (0, j))],
+        out_specs=[pl.BlockSpec((bm, bn), lambda j, i: (i, j)),
+                   pl.BlockSpec((None, 2, bn), lambda j, i: (i, 0, j))],
+        out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((m // bm, 2, n), jnp.float32)],
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(
             num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
@@ -181,14 +184,16 @@ def weight_grad(
     # the bytes the kernel has to read anyway
     most = (x.size * x.dtype.itemsize + dz.size * dz.dtype.itemsize) // (8 * k * n * 4)
     splits = _row_splits(m, sub, (k // bk) * (n // bn), programs or WGRAD_PROGRAMS, most)
-    grid = (splits, k // bk, n // bn)
-    vector = pl.BlockSpec((1, bk), lambda s, i, j: (0, i))
+    # Row ranges are the grid's last (slowest-launched) dimension: the instances that read the
+    # same rows of x and dz run together, so those rows come from memory once and from L2 after.
+    grid = (n // bn, k // bk, splits)
+    vector = pl.BlockSpec((1, bk), lambda j, i, s: (0, i))
     partial = pl.pallas_call(
         functools.partial(_wgrad_kernel, rows=m // splits, sub=sub),
         grid=grid,
-        in_specs=[pl.BlockSpec((m, bk), lambda s, i, j: (0, i)), vector, vector, vector,
-                  pl.BlockSpec((m, bn), lambda s, i, j: (0, j))],
-        out_specs=pl.BlockSpec((None, bk, bn), lambda s, i, j: (s, i, j)),
+        in_specs=[pl.BlockSpec((m, bk), lambda j, i, s: (0, i)), vector, vector, vector,
+                  pl.BlockSpec((m, bn), lambda j, i, s: (0, j))],
+        out_specs=pl.BlockSpec((None, bk, bn), lambda j, i, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((splits, k, n), jnp.float32),
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps or WGRAD_NUM_WARPS,
