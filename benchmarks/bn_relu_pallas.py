@@ -24,7 +24,6 @@ they are the model's GPU path. This script times, at ResNet-50's shapes:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
@@ -150,12 +149,9 @@ def bn_relu_step(impl: str) -> Callable:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--inner", type=int, default=10)
+    from benchmarks.stem_variants import timing_parser
+
+    p = timing_parser(__doc__)
     p.add_argument("--blocks", default="512x32x4,512x32x4x3,512x32x4x2x128x528,512x32x4x2x128x1056,"
                                        "256x32x4x2x128x1056",
                    help="block parameters of both kernels, each timed alone at its largest ResNet-50 shape: "

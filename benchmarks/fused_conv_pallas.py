@@ -21,7 +21,6 @@ fast as cuDNN is what this measures, at ResNet-50's four bn2 + conv3 shapes:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
@@ -113,12 +112,9 @@ def full_steps(model: str, batch: int, image: int, dtype_name: str, steps: int) 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--inner", type=int, default=10)
+    from benchmarks.stem_variants import _median_ms, timing_parser
+
+    p = timing_parser(__doc__)
     p.add_argument("--forward-blocks", default="128x128x64x8x2,64x128x64x4x2,128x256x64x8x2,128x128x64x8x3,"
                                                "256x128x64x8x2",
                    help="the forward kernel alone at these blocks, BLOCK_MxBLOCK_NxBLOCK_KxNUM_WARPSxNUM_STAGES "
@@ -136,8 +132,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         wgrad_specs = [parse_spec(s, WGRAD_BLOCKS) for s in filter(None, a.wgrad_blocks.split(","))]
     except ValueError as e:
         p.error(str(e))
-    from benchmarks.stem_variants import _median_ms
-
     dtype = jnp.dtype(a.dtype)
     kind = jax.devices()[0].device_kind
     rows = []
@@ -176,26 +170,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         x2, w, dz = x.reshape(m, k), kernel.reshape(k, n).astype(dtype), ct_z.reshape(m, n).astype(dtype)
         a_vec = jax.lax.rsqrt(var + EPSILON) * scale
         flops = 2 * m * k * n
-        for spec in forward_specs:
-            fn = jax.jit(functools.partial(matmul_moments, out_dtype=dtype, block_m=spec["BLOCK_M"],
-                                           block_n=spec["BLOCK_N"], block_k=spec["BLOCK_K"],
-                                           num_warps=spec["NUM_WARPS"], num_stages=spec["NUM_STAGES"]))
+        # each kernel reads an (M, K) and writes or reads an (M, N) array: the bytes it must move
+        kernels = [("forward_kernel", spec, (x2, mean, a_vec, bias, w), functools.partial(
+                        matmul_moments, out_dtype=dtype, block_m=spec["BLOCK_M"], block_n=spec["BLOCK_N"],
+                        block_k=spec["BLOCK_K"], num_warps=spec["NUM_WARPS"], num_stages=spec["NUM_STAGES"]))
+                   for spec in forward_specs]
+        kernels += [("wgrad_kernel", spec, (x2, mean, a_vec, bias, dz), functools.partial(
+                         weight_grad, block_k=spec["BLOCK_K"], block_n=spec["BLOCK_N"], sub_rows=spec["SUB_ROWS"],
+                         num_warps=spec["NUM_WARPS"], programs=spec["PROGRAMS"]))
+                    for spec in wgrad_specs]
+        for part, spec, args, kernel_fn in kernels:
             blocks = "x".join(str(v) for v in spec.values())
-            if (result := timed(fn, (x2, mean, a_vec, bias, w), part="forward_kernel", blocks=blocks)) is None:
+            if (result := timed(jax.jit(kernel_fn), args, part=part, blocks=blocks)) is None:
                 continue
             ms = result[1]
-            emit({"part": "forward_kernel", "blocks": blocks, "shape": [m, k, n], "ms": round(ms, 4),
-                  "gb_per_s": round((m * k + m * n) * dtype.itemsize / (ms * 1e-3) / 1e9),
-                  "tflop_per_s": round(flops / (ms * 1e-3) / 1e12)})
-        for spec in wgrad_specs:
-            fn = jax.jit(functools.partial(weight_grad, block_k=spec["BLOCK_K"], block_n=spec["BLOCK_N"],
-                                           sub_rows=spec["SUB_ROWS"], num_warps=spec["NUM_WARPS"],
-                                           programs=spec["PROGRAMS"]))
-            blocks = "x".join(str(v) for v in spec.values())
-            if (result := timed(fn, (x2, mean, a_vec, bias, dz), part="wgrad_kernel", blocks=blocks)) is None:
-                continue
-            ms = result[1]
-            emit({"part": "wgrad_kernel", "blocks": blocks, "shape": [m, k, n], "ms": round(ms, 4),
+            emit({"part": part, "blocks": blocks, "shape": [m, k, n], "ms": round(ms, 4),
                   "gb_per_s": round((m * k + m * n) * dtype.itemsize / (ms * 1e-3) / 1e9),
                   "tflop_per_s": round(flops / (ms * 1e-3) / 1e12)})
     print(f"\nbn2 + ReLU -> conv3 -> z's statistics, forward + backward on {kind}, {a.dtype} (median ms; "

@@ -193,6 +193,19 @@ def compare_runs(runs: Sequence[tuple[dict, Callable[[], dict]]], against: str, 
 
 
 # ---------------------------------------------------------------- timing
+def timing_parser(doc: str, batch_size: int = 256) -> argparse.ArgumentParser:
+    """The argument parser the kernel benchmarks share: ``doc`` (the script's docstring) as its
+    help, and ``--batch-size``, ``--dtype``, ``--repeats`` and ``--inner`` (how
+    :func:`_median_ms` times each candidate)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
+    p.add_argument("--inner", type=int, default=10, help="calls per timed repeat")
+    return p
+
+
 def _median_ms(fn: Callable[[], object], warmup: int, repeats: int, inner: int) -> float:
     """Median over ``repeats`` of the mean time of ``inner`` back-to-back calls, in ms."""
     for _ in range(warmup):
@@ -279,17 +292,12 @@ def run(batch: int, image: int, width: int, dtype_name: str, conv_variants: Sequ
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--batch-size", type=int, default=256)
+    p = timing_parser(__doc__)
     p.add_argument("--image-size", type=int, default=224, help="the image; the pool sees the conv's output")
     p.add_argument("--width", type=int, default=64, help="the stem's output channels (64 for ResNet-50)")
-    p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--conv", default=",".join(CONV_VARIANTS), help="comma-separated conv candidates")
     p.add_argument("--pool", default=",".join(POOL_VARIANTS), help="comma-separated pool candidates")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--inner", type=int, default=10, help="calls per timed repeat")
     p.add_argument("--full-step-model", default="resnet50",
                    help="then time this model's whole train step as the model has it, with each of its GPU "
                         "kernel choices undone, and with all of them undone (default resnet50; 'none' skips it)")
