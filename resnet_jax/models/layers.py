@@ -318,12 +318,12 @@ def batch_norm_relu_conv1x1_train(
     it, multiplies, and sums z's statistics as it stores z. Otherwise, and on other platforms,
     the layers run one after another (:func:`batch_norm_conv1x1_layers`).
     """
-    layers = functools.partial(batch_norm_conv1x1_layers, group=group, epsilon=epsilon, dtype=dtype,
-                               activation=activation)
+    one_by_one = functools.partial(batch_norm_conv1x1_layers, group=group, epsilon=epsilon, dtype=dtype,
+                                   activation=activation)
     if group != x.shape[0] or activation not in RELUS:
-        return layers(x, scale, bias, kernel)
+        return one_by_one(x, scale, bias, kernel)
     fused = functools.partial(pallas_fused_conv_train, epsilon=epsilon, dtype=dtype)
-    return jax.lax.platform_dependent(x, scale, bias, kernel, cuda=fused, default=layers)
+    return jax.lax.platform_dependent(x, scale, bias, kernel, cuda=fused, default=one_by_one)
 
 
 def batch_norm_conv1x1_layers(x: Array, scale: Array, bias: Array, kernel: Array, *, group: int, epsilon: float,
