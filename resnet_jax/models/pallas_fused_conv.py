@@ -118,8 +118,9 @@ def matmul_moments(
 ) -> tuple[Array, Array] | None:
     """``z = relu((x - mean) * a + b) @ w`` in ``out_dtype`` and the float32 (2, N) column sums
     of z and z * z, in one Pallas (Triton) kernel. x is (M, K), w (K, N) in the compute dtype,
-    ``mean``, ``a``, ``b`` float32 (K,). Returns None where the largest power-of-two blocks
-    that divide M, N and K are smaller than 16 (the caller then uses XLA). Block parameters
+    ``mean``, ``a``, ``b`` float32 (K,). Returns None where K is not a power of two (an
+    instance loads all K channels of its rows) or the largest power-of-two blocks that divide
+    M, N and K are smaller than 16 (the caller then uses XLA). Block parameters
     left None are the module's (``BLOCK_M`` etc.) at trace time. A GPU only, unless
     ``interpret``."""
     m, k = x.shape
