@@ -190,7 +190,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nbn2 + ReLU -> conv3 -> z's statistics, forward + backward on {kind}, {a.dtype} (median ms; "
           "model: Pallas BatchNorm + cuDNN + statistics kernel, fused: one Pallas GEMM each way), then each kernel alone:")
     blocks_per_stage = (3, 4, 6, 3)
-    saved = 0.0
     for r in rows:
         if r["part"] == "block":
             print(f"  {str(tuple(r['shape'])):<22}-> {r['out_channels']:<5}{r['impl']:<7}{r['ms']:>9.3f} ms"

@@ -273,7 +273,14 @@ def bn_relu_apply(x: Array, mean: Array, var: Array, scale: Array, bias: Array, 
     the others float32 (C,). Reverse mode sums dscale and dbias (and the cotangents of mean
     and var) with :func:`relu_grad_sums`, reading x and dy only."""
     a = jax.lax.rsqrt(var + epsilon) * scale
-    return jnp.maximum((x.astype(jnp.float32) - mean) * a + bias, 0).astype(dtype)
+    return relu_bn(x, mean, a, bias).astype(dtype)
+
+
+def relu_bn(x: Array, mean: Array, a: Array, b: Array) -> Array:
+    """``relu((x - mean) * a + b)`` in float32, with ``a = scale * rsqrt(var + eps)`` and
+    ``b = bias``: the BatchNorm + ReLU that :func:`bn_relu_apply` returns and the fused
+    convolution's kernels (``pallas_fused_conv``) apply to their input."""
+    return jnp.maximum((x.astype(jnp.float32) - mean) * a + b, 0.0)
 
 
 def _bn_relu_tangent(epsilon: float, dtype: Dtype, present: tuple[bool, ...], res: tuple, lin: tuple) -> Array:

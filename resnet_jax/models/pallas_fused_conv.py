@@ -48,6 +48,7 @@ from resnet_jax.models.pallas_batch_norm import (
     _bn_relu_transpose,
     _largest_power_of_two_divisor,
     present_tangents,
+    relu_bn,
     row_sharded_op,
 )
 
@@ -63,12 +64,6 @@ BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 128, 64, 8, 2
 WGRAD_BLOCK_K, WGRAD_BLOCK_N, WGRAD_SUB_ROWS, WGRAD_NUM_WARPS, WGRAD_PROGRAMS = 64, 128, 32, 4, 528
 
 
-def _relu_bn(x: Array, mean: Array, a: Array, b: Array) -> Array:
-    """``relu((x - mean) * a + b)`` in float32: the model's BatchNorm + ReLU with
-    ``a = scale * rsqrt(var + eps)`` and ``b = bias`` (``pallas_batch_norm.bn_relu_apply``)."""
-    return jnp.maximum((x.astype(jnp.float32) - mean) * a + b, 0.0)
-
-
 # ---------------------------------------------------------------- the kernels
 def _forward_kernel(x_ref, mean_ref, a_ref, b_ref, w_ref, z_ref, sums_ref, *, block_k: int) -> None:
     """One (rows, out channels) block: ``z = relu_bn(x) @ w``, accumulated in float32 over the
@@ -78,7 +73,7 @@ def _forward_kernel(x_ref, mean_ref, a_ref, b_ref, w_ref, z_ref, sums_ref, *, bl
 
     def body(i: int, acc: Array) -> Array:
         ks = pl.ds(i * block_k, block_k)
-        y = _relu_bn(x_ref[:, ks], mean_ref[:, ks], a_ref[:, ks], b_ref[:, ks]).astype(w_ref.dtype)
+        y = relu_bn(x_ref[:, ks], mean_ref[:, ks], a_ref[:, ks], b_ref[:, ks]).astype(w_ref.dtype)
         return acc + jnp.dot(y, w_ref[ks, :], preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, body, jnp.zeros((rows, cols), jnp.float32))
@@ -99,7 +94,7 @@ def _wgrad_kernel(x_ref, mean_ref, a_ref, b_ref, dz_ref, dw_ref, *, rows: int, s
 
     def body(i: int, acc: Array) -> Array:
         rs = pl.ds(start + i * sub, sub)
-        y = _relu_bn(x_ref[rs, :], mean, a, b).astype(dz_ref.dtype)
+        y = relu_bn(x_ref[rs, :], mean, a, b).astype(dz_ref.dtype)
         return acc + jax.lax.dot_general(y, dz_ref[rs, :], (((0,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
 
@@ -206,13 +201,13 @@ def weight_grad(
 
 # ---------------------------------------------------------------- XLA's versions (fallback)
 def _matmul_moments_xla(x: Array, mean: Array, a: Array, b: Array, w: Array, out_dtype: Dtype) -> tuple[Array, Array]:
-    z = jnp.dot(_relu_bn(x, mean, a, b).astype(w.dtype), w, preferred_element_type=jnp.float32).astype(out_dtype)
+    z = jnp.dot(relu_bn(x, mean, a, b).astype(w.dtype), w, preferred_element_type=jnp.float32).astype(out_dtype)
     zf = z.astype(jnp.float32)
     return z, jnp.stack([jnp.sum(zf, axis=0), jnp.sum(zf * zf, axis=0)])
 
 
 def _weight_grad_xla(x: Array, mean: Array, a: Array, b: Array, dz: Array) -> Array:
-    y = _relu_bn(x, mean, a, b).astype(dz.dtype)
+    y = relu_bn(x, mean, a, b).astype(dz.dtype)
     return jax.lax.dot_general(y, dz, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
@@ -308,7 +303,7 @@ def _bn_relu_conv1x1_jvp(epsilon: float, dtype: Dtype, interpret: bool, primals:
             tz = tz + jnp.dot(ty, w, preferred_element_type=jnp.float32)
         if kernel_present:
             a = jax.lax.rsqrt(var + epsilon) * scale
-            y = _relu_bn(x, mean, a, bias).astype(dtype)
+            y = relu_bn(x, mean, a, bias).astype(dtype)
             tz = tz + jnp.dot(y, lin[-1].reshape(w.shape).astype(dtype), preferred_element_type=jnp.float32)
         return tz.astype(dtype)
 
