@@ -43,10 +43,12 @@ Array = jax.Array
 # The BatchNorms this script times: the model's own (on a GPU both Pallas kernels), XLA's
 # reductions everywhere (the model before 2026-11-26), or the backward kernel alone.
 CHOICES = ("model", "xla", "pallas")
-# What a whole-step benchmark may ask for: those, or the model's with each Bottleneck's bn2 +
-# ReLU, conv3 and bn3's statistics fused (a candidate: ``blocks.FUSE_BN2_CONV3``,
-# ``pallas_fused_conv``; ``fused_conv_pallas.py`` times it).
-STEP_CHOICES = (*CHOICES, "fused-conv")
+# What a whole-step benchmark may ask for: those, or the model's with candidates that fuse a
+# BatchNorm into a Bottleneck's 1x1 convolutions (``pallas_fused_conv``; ``fused_conv_pallas.py``
+# times them): ``fused-conv``, bn2 + ReLU, conv3 and bn3's statistics as one kernel
+# (``blocks.FUSE_BN2_CONV3``, change 9); ``fused-conv1``, conv1 summing bn1's statistics
+# (``blocks.FUSE_CONV1_BN1``, change 10); ``fused-convs``, both.
+STEP_CHOICES = (*CHOICES, "fused-conv", "fused-conv1", "fused-convs")
 
 
 @contextlib.contextmanager
@@ -54,23 +56,28 @@ def batch_norm(choice: str) -> Iterator[None]:
     """Within the block, models built and traced use the BatchNorm ``choice``
     (:data:`STEP_CHOICES`) in training mode; anything else is refused. ``xla`` swaps ``layers.batch_norm_train_xla``
     in for the per-platform choice; ``pallas`` keeps that choice and turns the GPU path's
-    statistics kernel off (``kernel_statistics=False``); ``fused-conv`` sets
-    ``blocks.FUSE_BN2_CONV3``."""
+    statistics kernel off (``kernel_statistics=False``); ``fused-conv``, ``fused-conv1`` and
+    ``fused-convs`` set ``blocks.FUSE_BN2_CONV3``, ``blocks.FUSE_CONV1_BN1`` or both."""
     if choice not in STEP_CHOICES:
         raise ValueError(f"bn_relu must be one of {', '.join(map(repr, STEP_CHOICES))}, not {choice!r}")
-    module, name, replacement = {
-        "model": (layers, "_batch_norm_train", layers._batch_norm_train),
-        "xla": (layers, "_batch_norm_train", layers.batch_norm_train_xla),
-        "pallas": (pallas_batch_norm, "batch_norm_train",
-                   functools.partial(pallas_batch_norm.batch_norm_train, kernel_statistics=False)),
-        "fused-conv": (blocks, "FUSE_BN2_CONV3", True),
+    fuse_conv3, fuse_conv1 = (blocks, "FUSE_BN2_CONV3", True), (blocks, "FUSE_CONV1_BN1", True)
+    patches = {
+        "model": [(layers, "_batch_norm_train", layers._batch_norm_train)],
+        "xla": [(layers, "_batch_norm_train", layers.batch_norm_train_xla)],
+        "pallas": [(pallas_batch_norm, "batch_norm_train",
+                    functools.partial(pallas_batch_norm.batch_norm_train, kernel_statistics=False))],
+        "fused-conv": [fuse_conv3],
+        "fused-conv1": [fuse_conv1],
+        "fused-convs": [fuse_conv3, fuse_conv1],
     }[choice]
-    original = getattr(module, name)
-    setattr(module, name, replacement)
+    originals = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, replacement in patches:
+        setattr(module, name, replacement)
     try:
         yield
     finally:
-        setattr(module, name, original)
+        for module, name, original in originals:
+            setattr(module, name, original)
 
 
 BLOCK_PARAMETERS = ("BLOCK_ROWS", "SUB_ROWS", "NUM_WARPS", "NUM_STAGES", "BLOCK_CHANNELS", "MIN_PROGRAMS")

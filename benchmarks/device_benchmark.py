@@ -7,10 +7,10 @@ So the measurements are jobs in priority order, and each call runs as many as it
 
 1. ResNet-50 @224: ours, torchvision (eager, torch.compile), flax's plain ResNet: the
    README's headline row and its ratio;
-2. the stem's candidate kernels, the step with each of its GPU kernel choices undone, the
-   fused BatchNorm + ReLU + 1x1 convolution candidate (alone and in the step), and the
-   Pallas BatchNorm kernels alone (``stem_variants.py``, ``fused_conv_pallas.py``,
-   ``bn_relu_pallas.py``);
+2. the candidates that fuse BatchNorm into the 1x1 convolutions (alone and in the step, with
+   the stem pool's candidate too), the Pallas BatchNorm kernels alone and with more
+   instances, then the stem's candidate kernels and the step with each of its GPU kernel
+   choices undone (``fused_conv_pallas.py``, ``bn_relu_pallas.py``, ``stem_variants.py``);
 3. ours for ResNet-18, ResNet-101 and ResNet-RS-50 @160 (its recipe's step);
 4. a profile of the step (``kernel_bandwidth.py``: where its time goes); the trainer's
    whole loop against its bare step;
@@ -173,13 +173,14 @@ def plan(
                    "--full-step-image-size", vsize, "--full-step-steps", str(max(steps // 2, 5)),
                    "--full-step-blocks", "512x32x4x2x128x528,512x32x4x2x128x1056"),
                   limit_s=200)
-    # the fused bn2 + ReLU + conv3 candidate: the block at ResNet-50's four shapes as the model runs
-    # it and fused, each kernel alone at a few blocks, then the whole step with it (and with the
-    # stem pool's candidate too); not yet timed, so the estimate is a guess
-    fused_conv = Job(f"fused-conv/b{batch}", 130,
+    # the candidates fusing BatchNorm into the 1x1 convolutions: bn2 + conv3 and conv1 + bn1 at
+    # ResNet-50's four shapes each, as the model runs them and fused, each kernel alone at a few
+    # blocks, then the whole step with bn2 + conv3, with both, and with both and the stem pool's
+    # candidate; not yet timed, so the estimate is a guess
+    fused_conv = Job(f"fused-conv/b{batch}", 175,
                      (PYTHON, "benchmarks/fused_conv_pallas.py", "--batch-size", str(batch), "--full-step-model", vmodel,
                       "--full-step-image-size", vsize, "--full-step-steps", str(max(steps // 2, 5))),
-                     limit_s=240)
+                     limit_s=300)
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(
@@ -206,7 +207,7 @@ def plan(
            for i, flags in enumerate(xla_variants, 1)]
 
     head, rest = models[0], models[1:]
-    return [ours(head), *peers(head), stem, fused_conv, bn_relu, *map(ours, rest), profile, trainer,
+    return [ours(head), *peers(head), fused_conv, bn_relu, stem, *map(ours, rest), profile, trainer,
             *[job for spec in rest for job in peers(spec)], *dispatch, *xla, compile_report, max_batch]
 
 

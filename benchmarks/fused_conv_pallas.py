@@ -1,19 +1,24 @@
-"""Times the fused BatchNorm + ReLU + 1x1 convolution (``resnet_jax.models.pallas_fused_conv``) on the device.
+"""Times the BatchNorms fused into the 1x1 convolutions (``resnet_jax.models.pallas_fused_conv``) on the device.
 
-A candidate (docs/performance.md, change 9): each Bottleneck's bn2 + ReLU, conv3 and bn3's
-statistics as one Pallas kernel (a Triton GEMM with the BatchNorm as its prologue and the
-statistics as its epilogue), and conv3's weight gradient as another that recomputes the
-activation from bn2's input. Compiled for the H100 here it takes the ResNet-50 step from 85.0
-to 81.6 GiB and its peak from 10.13 to 9.48 GiB; whether a Triton GEMM runs these shapes as
-fast as cuDNN is what this measures, at ResNet-50's four bn2 + conv3 shapes:
+Two candidates (docs/performance.md, changes 9 and 10): each Bottleneck's bn2 + ReLU, conv3
+and bn3's statistics as one Pallas kernel (a Triton GEMM with the BatchNorm as its prologue
+and the statistics as its epilogue) with conv3's weight gradient as another that recomputes
+the activation from bn2's input; and each conv1 as a Triton GEMM that sums bn1's statistics
+as it stores its output (its backward stays cuDNN's). Compiled for the H100 here they take
+the ResNet-50 step from 85.0 to 81.6 and 84.1 GiB, 80.7 together; whether a Triton GEMM runs
+these shapes as fast as cuDNN is what this measures:
 
-- the block's forward + backward (bn2's statistics given, z's statistics out), as the model
-  runs it on a GPU (``model``: the Pallas BatchNorm, cuDNN's 1x1 convolution, the statistics
-  kernel) and fused (``fused``), with the largest difference between them;
+- at ResNet-50's four bn2 + conv3 shapes, the block's forward + backward (bn2's statistics
+  given, z's statistics out), as the model runs it on a GPU (``model``: the Pallas
+  BatchNorm, cuDNN's 1x1 convolution, the statistics kernel) and fused (``fused``), with the
+  difference over the 16 blocks;
+- at ResNet-50's four conv1 shapes, conv1 + bn1 + ReLU forward + backward, as the model runs
+  it (cuDNN, the statistics kernel, the Pallas BatchNorm) and with ``conv1x1_moments``;
 - each kernel alone, at the first and last shapes, at a few block sizes (``--forward-blocks``,
   ``--wgrad-blocks``), with the bandwidth and tensor-core rate it reaches;
 - with ``--full-step-model``, the whole train step as the model has it, then with the fused
-  block (``bn_relu_pallas.batch_norm("fused-conv")``), then with the stem pool's candidate too
+  bn2 + conv3 (``bn_relu_pallas.batch_norm("fused-conv")``), with both candidates
+  (``"fused-convs"``), and with both and the stem pool's candidate
   (``stem_variants.POOL_VARIANTS["planes"]``).
 
     python3 benchmarks/fused_conv_pallas.py --batch-size 256
@@ -32,7 +37,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from resnet_jax.models import pallas_batch_norm  # noqa: E402
-from resnet_jax.models.pallas_fused_conv import bn_relu_conv1x1, matmul_moments, weight_grad  # noqa: E402
+from resnet_jax.models.pallas_fused_conv import (  # noqa: E402
+    bn_relu_conv1x1, conv1x1_moments, matmul_moments, weight_grad)
 
 Array = jax.Array
 EPSILON = 1e-5
@@ -76,6 +82,46 @@ def block(impl: str, dtype, interpret: bool = False) -> Callable:
     return jax.jit(step)
 
 
+def conv1_block(impl: str, dtype, interpret: bool = False) -> Callable:
+    """conv1 (1x1) -> bn1 + ReLU, forward + backward:
+    (x, kernel, scale, bias, ct_y) -> (y, dx, dkernel, dscale, dbias). ``model``: what the model
+    runs on a GPU (cuDNN's convolution, the statistics kernel, the Pallas BatchNorm);
+    ``fused``: ``pallas_fused_conv.conv1x1_moments``, then the same BatchNorm."""
+
+    def forward(x, kernel, scale, bias):
+        if impl == "fused":
+            z, (mean, mean_sq) = conv1x1_moments(x, kernel, dtype, interpret)
+        else:
+            z = jax.lax.conv_general_dilated(x, kernel.astype(dtype), (1, 1), "VALID",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            mean, mean_sq = pallas_batch_norm.batch_moments(z.astype(jnp.float32).reshape(-1, z.shape[-1]), dtype,
+                                                            interpret)
+        var = jnp.maximum(mean_sq - mean * mean, 0.0)
+        return pallas_batch_norm.bn_relu_apply(z, mean, var, scale, bias, EPSILON, dtype, interpret)
+
+    def step(x, kernel, scale, bias, ct_y):
+        y, pullback = jax.vjp(forward, x, kernel, scale, bias)
+        return (y, *pullback(ct_y))
+
+    return jax.jit(step)
+
+
+def conv1_shapes(batch: int) -> list[tuple[tuple[int, int, int, int], int]]:
+    """ResNet-50's conv1 inputs (NHWC) at 224px and their output channels, one per stage (the
+    stage's blocks after the first)."""
+    return [((batch, s, s, 4 * w), w) for s, w in ((56, 64), (28, 128), (14, 256), (7, 512))]
+
+
+def conv1_operands(shape: tuple[int, ...], n: int, dtype) -> tuple[Array, ...]:
+    keys = jax.random.split(jax.random.key(1), 5)
+    k = shape[-1]
+    x = jax.nn.relu(jax.random.normal(keys[0], shape)).astype(dtype)  # a block's output, after its ReLU
+    kernel = jax.random.normal(keys[1], (1, 1, k, n)) * (2 / n) ** 0.5
+    scale = 1 + 0.1 * jax.random.normal(keys[2], (n,))
+    bias = 0.1 * jax.random.normal(keys[3], (n,))
+    return x, kernel, scale, bias, jax.random.normal(keys[4], (*shape[:-1], n)).astype(dtype)
+
+
 def block_shapes(batch: int) -> list[tuple[tuple[int, int, int, int], int]]:
     """ResNet-50's bn2 inputs (NHWC) at 224px and conv3's output channels, one per stage."""
     return [((batch, s, s, w), 4 * w) for s, w in ((56, 64), (28, 128), (14, 256), (7, 512))]
@@ -101,13 +147,14 @@ def _max_rel_diff(a: Sequence[Array], b: Sequence[Array]) -> float:
 
 
 def full_steps(model: str, batch: int, image: int, dtype_name: str, steps: int) -> list[dict]:
-    """The whole train step as the model has it, with the fused block, and with the fused block
-    and the stem pool's candidate: images/s against the model's, and the largest loss difference."""
+    """The whole train step as the model has it, with the fused bn2 + conv3, with both fused
+    convolutions, and with both and the stem pool's candidate: images/s against the model's, and
+    the largest loss difference."""
     from benchmarks.stem_variants import compare_runs, full_step
 
     runs = [({"part": "train_step", "model": model, "bn_relu": bn, "pool": pool or "model's"},
              functools.partial(full_step, model, batch, image, dtype_name, steps, None, pool, bn))
-            for bn, pool in (("model", None), ("fused-conv", None), ("fused-conv", "planes"))]
+            for bn, pool in (("model", None), ("fused-conv", None), ("fused-convs", None), ("fused-convs", "planes"))]
     return compare_runs(runs, "model", batch, image, dtype_name)
 
 
@@ -150,12 +197,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             return None
 
     on_gpu = jax.default_backend() == "gpu"
-    for shape, n in block_shapes(a.batch_size):
-        operands = block_operands(shape, n, dtype)
+    cases = [("block", block, block_operands, shape, n) for shape, n in block_shapes(a.batch_size)]
+    cases += [("conv1_block", conv1_block, conv1_operands, shape, n) for shape, n in conv1_shapes(a.batch_size)]
+    for part, make, make_operands, shape, n in cases if on_gpu else ():
+        operands = make_operands(shape, n, dtype)
         outs = {}
-        for impl in IMPLS if on_gpu else ():
-            what = {"part": "block", "impl": impl, "shape": list(shape), "out_channels": n}
-            if (result := timed(block(impl, dtype), operands, **what)) is None:
+        for impl in IMPLS:
+            what = {"part": part, "impl": impl, "shape": list(shape), "out_channels": n}
+            if (result := timed(make(impl, dtype), operands, **what)) is None:
                 continue
             outs[impl], ms = result
             row = {**what, "dtype": a.dtype, "device_kind": kind, "ms": round(ms, 4)}
@@ -187,21 +236,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             emit({"part": part, "blocks": blocks, "shape": [m, k, n], "ms": round(ms, 4),
                   "gb_per_s": round((m * k + m * n) * dtype.itemsize / (ms * 1e-3) / 1e9),
                   "tflop_per_s": round(flops / (ms * 1e-3) / 1e12)})
-    print(f"\nbn2 + ReLU -> conv3 -> z's statistics, forward + backward on {kind}, {a.dtype} (median ms; "
-          "model: Pallas BatchNorm + cuDNN + statistics kernel, fused: one Pallas GEMM each way), then each kernel alone:")
-    blocks_per_stage = (3, 4, 6, 3)
+    print(f"\nforward + backward on {kind}, {a.dtype} (median ms): bn2 + ReLU -> conv3 -> z's statistics "
+          "(model: Pallas BatchNorm + cuDNN + statistics kernel, fused: one Pallas GEMM each way), conv1 -> bn1 + "
+          "ReLU (model: cuDNN + statistics kernel, fused: a Pallas GEMM summing them), then each kernel alone:")
     for r in rows:
-        if r["part"] == "block":
-            print(f"  {str(tuple(r['shape'])):<22}-> {r['out_channels']:<5}{r['impl']:<7}{r['ms']:>9.3f} ms"
-                  + (f"  diff {r['max_rel_diff_vs_model']:.2g}" if "max_rel_diff_vs_model" in r else ""))
+        if r["part"] in ("block", "conv1_block"):
+            print(f"  {r['part']:<12}{str(tuple(r['shape'])):<22}-> {r['out_channels']:<5}{r['impl']:<7}"
+                  f"{r['ms']:>9.3f} ms" + (f"  diff {r['max_rel_diff_vs_model']:.2g}" if "max_rel_diff_vs_model" in r else ""))
         else:
             print(f"  {r['part']:<15}{r['blocks']:<18}{str(tuple(r['shape'])):<24}{r['ms']:>8.3f} ms "
                   f"{r['gb_per_s']:>6} GB/s {r['tflop_per_s']:>5} TFLOP/s")
-    by_shape = {(tuple(r["shape"]), r["impl"]): r["ms"] for r in rows if r["part"] == "block"}
-    stage_ms = [(by_shape.get((tuple(s), "model")), by_shape.get((tuple(s), "fused"))) for s, _ in block_shapes(a.batch_size)]
-    if all(m is not None and f is not None for m, f in stage_ms):
-        saved = sum(count * (m - f) for count, (m, f) in zip(blocks_per_stage, stage_ms))
-        print(f"  ResNet-50's 16 blocks: {saved:+.2f} ms per step fused (positive: faster)")
+    # ResNet-50's blocks per stage (each stage's first conv1 has another input width: counted
+    # at the others' shape, so the conv1 figure is an estimate)
+    for part, shapes, what in (("block", block_shapes, "bn2 + conv3"), ("conv1_block", conv1_shapes, "conv1 + bn1")):
+        by_shape = {(tuple(r["shape"]), r["impl"]): r["ms"] for r in rows if r["part"] == part}
+        stage_ms = [(by_shape.get((tuple(s), "model")), by_shape.get((tuple(s), "fused"))) for s, _ in shapes(a.batch_size)]
+        if all(m is not None and f is not None for m, f in stage_ms):
+            saved = sum(count * (m - f) for count, (m, f) in zip((3, 4, 6, 3), stage_ms))
+            print(f"  ResNet-50's 16 {what}: {saved:+.2f} ms per step fused (positive: faster)")
     if a.full_step_model != "none":
         steps = full_steps(a.full_step_model, a.batch_size, a.full_step_image_size, a.dtype, a.full_step_steps)
         print(f"\nwhole {a.full_step_model} train step, batch {a.batch_size} @{a.full_step_image_size}px {a.dtype}:")

@@ -65,7 +65,7 @@ def require_cuda_plugin() -> None:
         pytest.skip("needs the CUDA plugin: pip install 'jax[cuda12-local]'")
 
 
-def use_cuda_kernels(patch, fused_conv: bool = False):
+def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False):
     """Swaps in, through ``patch`` (a ``pytest.MonkeyPatch``), the kernels a model runs when it is
     compiled for an NVIDIA GPU (``jax.lax.platform_dependent``), which a CPU otherwise never runs
     inside a whole model: the ReLU whose derivative comes from its output, the max pool over
@@ -73,7 +73,10 @@ def use_cuda_kernels(patch, fused_conv: bool = False):
     statistics through the Pallas kernels (under the Pallas interpreter). Every CUDA-only
     kernel belongs here, so that the tests using it cover them all. ``fused_conv``: also turn
     on the candidate that fuses a Bottleneck's bn2 + ReLU, conv3 and bn3's statistics
-    (``blocks.FUSE_BN2_CONV3``), with its Pallas kernels under the interpreter."""
+    (``blocks.FUSE_BN2_CONV3``), with its Pallas kernels under the interpreter; ``fused_conv1``:
+    the one whose conv1 sums bn1's statistics (``blocks.FUSE_CONV1_BN1``), likewise."""
+    import jax.numpy as jnp
+
     from resnet_jax.models import blocks, layers, pallas_batch_norm
 
     def batch_norm_train(x, scale, bias, group, epsilon, dtype, activation=None):
@@ -81,10 +84,19 @@ def use_cuda_kernels(patch, fused_conv: bool = False):
             return layers.batch_norm_train_xla(x, scale, bias, group, epsilon, dtype, activation)
         return pallas_batch_norm.batch_norm_train(x, scale, bias, epsilon, dtype, activation, interpret=True)
 
+    batch_norm_apply_elsewhere = layers.batch_norm_apply
+
+    def batch_norm_apply(x, mean, var, scale, bias, epsilon, dtype, activation=None):
+        if activation not in layers.RELUS:
+            return batch_norm_apply_elsewhere(x, mean, var, scale, bias, epsilon, dtype, activation)
+        return pallas_batch_norm.bn_relu_apply(x, mean, var, scale.astype(jnp.float32), bias.astype(jnp.float32),
+                                               epsilon, dtype, interpret=True)
+
     patch.setitem(layers.ACTIVATIONS, "relu", layers.relu_from_output)
     patch.setattr(layers, "max_pool_3x3_s2", layers.max_pool_parity)
     patch.setattr(layers, "conv_7x7_s2", layers.conv_7x7_s2_space_to_depth)
     patch.setattr(layers, "_batch_norm_train", batch_norm_train)
+    patch.setattr(layers, "batch_norm_apply", batch_norm_apply)
     if fused_conv:
         def fused(x, scale, bias, kernel, group, epsilon, dtype, activation=None):
             if group != x.shape[0] or activation not in layers.RELUS:
@@ -95,6 +107,10 @@ def use_cuda_kernels(patch, fused_conv: bool = False):
 
         patch.setattr(blocks, "FUSE_BN2_CONV3", True)
         patch.setattr(layers, "batch_norm_relu_conv1x1_train", fused)
+    if fused_conv1:
+        patch.setattr(blocks, "FUSE_CONV1_BN1", True)
+        patch.setattr(layers, "conv1x1_train_statistics",
+                      lambda x, kernel, dtype: layers.pallas_conv1x1_statistics(x, kernel, dtype=dtype, interpret=True))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ Parameter names follow torchvision/timm (``conv1``, ``bn1``, ..., ``se/fc1``,
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -21,12 +22,18 @@ import jax.numpy as jnp
 from resnet_jax.models.layers import Conv1x1Kernel, Shortcut, SqueezeExcite
 
 Array = jax.Array
+Dtype = Any
 
 # A candidate, off until the device times it (docs/performance.md, change 9): in training, a
 # Bottleneck's bn2 + ReLU, conv3 and bn3's statistics as one call
 # (``layers.BatchNorm(..., conv1x1_kernel=...)``: on an NVIDIA GPU one Pallas kernel). The
 # parameters are the same either way; benchmarks patch this to time it.
 FUSE_BN2_CONV3 = False
+# A candidate, off until the device times it (docs/performance.md, change 10): in training, a
+# Bottleneck's conv1 (1x1, stride 1) sums bn1's statistics as it stores its output
+# (``layers.BatchNorm(..., input_conv1x1_kernel=...)``: on an NVIDIA GPU one Pallas kernel), so
+# bn1 does not read it an extra time. The parameters are the same either way.
+FUSE_CONV1_BN1 = False
 
 
 class _Block(nn.Module):
@@ -67,6 +74,10 @@ class _Block(nn.Module):
 
     def residual(self, x: Array, train: bool) -> Array:
         raise NotImplementedError
+
+    def _param_dtype(self) -> Dtype:
+        """The dtype ``conv`` keeps its kernels in (for a kernel declared outside ``nn.Conv``)."""
+        return getattr(self.conv, "keywords", {}).get("param_dtype", jnp.float32)
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -110,12 +121,15 @@ class Bottleneck(_Block):
     def residual(self, x: Array, train: bool) -> Array:
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         s1, s3 = (self.strides, 1) if self.stride_on_1x1 else (1, self.strides)
-        y = self.conv(width, 1, s1, name="conv1")(x)
-        y = self.norm(name="bn1", activation=self.act)(y, train)
+        if FUSE_CONV1_BN1 and train and s1 == 1:
+            kernel = Conv1x1Kernel(width, self._param_dtype(), name="conv1")(x.shape[-1])
+            y = self.norm(name="bn1", activation=self.act)(x, train, input_conv1x1_kernel=kernel)
+        else:
+            y = self.conv(width, 1, s1, name="conv1")(x)
+            y = self.norm(name="bn1", activation=self.act)(y, train)
         y = self.conv(width, 3, s3, groups=self.groups, name="conv2")(y)
         if FUSE_BN2_CONV3 and train:
-            param_dtype = getattr(self.conv, "keywords", {}).get("param_dtype", jnp.float32)
-            kernel = Conv1x1Kernel(self.planes * self.expansion, param_dtype, name="conv3")(width)
+            kernel = Conv1x1Kernel(self.planes * self.expansion, self._param_dtype(), name="conv3")(width)
             y, statistics = self.norm(name="bn2", activation=self.act)(y, train, conv1x1_kernel=kernel)
             return self.norm(name="bn3", zero_init_scale=self.zero_init_last)(y, train, statistics=statistics)
         y = self.norm(name="bn2", activation=self.act)(y, train)

@@ -178,7 +178,7 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(
         self, x: Array, train: bool, *, statistics: tuple[Array, Array] | None = None,
-        conv1x1_kernel: Array | None = None,
+        conv1x1_kernel: Array | None = None, input_conv1x1_kernel: Array | None = None,
     ) -> Array | tuple[Array, tuple[Array, Array] | None]:
         """``activation(BatchNorm(x))``, x (N, H, W, C).
 
@@ -192,7 +192,21 @@ class BatchNorm(nn.Module):
         BatchNorm normalises) or None in evaluation. With whole-batch
         statistics and a ReLU, compiled for an NVIDIA GPU, the three run as one Pallas kernel
         (:func:`batch_norm_relu_conv1x1_train`); otherwise as the separate layers.
+        ``input_conv1x1_kernel``: the (1, 1, C_in, C) kernel of the bias-free 1x1 convolution
+        (:class:`Conv1x1Kernel`) whose output this BatchNorm normalises; x is then that
+        convolution's input, (N, H, W, C_in). In training with whole-batch statistics the
+        convolution returns them too (:func:`conv1x1_train_statistics`: on an NVIDIA GPU one
+        Pallas kernel that sums them as it stores its output); otherwise it is
+        :func:`conv1x1`, then the BatchNorm as usual.
         """
+        if input_conv1x1_kernel is not None:
+            if statistics is not None or conv1x1_kernel is not None:
+                raise ValueError("BatchNorm: input_conv1x1_kernel takes its statistics from the convolution "
+                                 "and cannot be combined with statistics= or conv1x1_kernel=")
+            if train and (self.group_size or x.shape[0]) == x.shape[0]:
+                x, statistics = conv1x1_train_statistics(x, input_conv1x1_kernel, self.dtype)
+            else:
+                x = conv1x1(x, input_conv1x1_kernel, self.dtype)
         features = x.shape[-1]
         scale_init = nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones
         scale = self.param("scale", scale_init, (features,), self.param_dtype)
@@ -217,9 +231,8 @@ class BatchNorm(nn.Module):
                     x, scale, bias, conv1x1_kernel, group, self.epsilon, self.dtype, self.activation)
             elif statistics is not None:
                 mean, var = statistics[0][None], statistics[1][None]
-                inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
-                y = ((x.astype(jnp.float32) - mean) * inv + bias.astype(jnp.float32)).astype(self.dtype)
-                y = y if self.activation is None else self.activation(y)
+                y = batch_norm_apply(x, statistics[0], statistics[1], scale, bias, self.epsilon, self.dtype,
+                                     self.activation)
             else:
                 y, mean, var = _batch_norm_train(
                     x, scale, bias, group, self.epsilon, self.dtype, self.activation
@@ -295,6 +308,62 @@ def batch_norm_train_xla(
     if activation is not None:
         y = activation(y)
     return y, mean.reshape(-1, features), var.reshape(-1, features)
+
+
+def batch_norm_apply(x: Array, mean: Array, var: Array, scale: Array, bias: Array, epsilon: float, dtype: Dtype,
+                     activation: Callable[[Array], Array] | None = None) -> Array:
+    """``activation((x - mean) * rsqrt(var + epsilon) * scale + bias)`` in ``dtype`` with given
+    float32 (C,) statistics, x (N, ..., C): the training-mode apply of :func:`_batch_norm_train`
+    without its reductions. With a ReLU, compiled for an NVIDIA GPU, it is
+    ``pallas_batch_norm.bn_relu_apply`` (the backward pass's reductions in a Pallas kernel, as
+    for the model's other inner BatchNorms); otherwise the plain formula."""
+
+    def plain(x: Array, mean: Array, var: Array, scale: Array, bias: Array) -> Array:
+        inv = jax.lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)
+        y = ((x.astype(jnp.float32) - mean) * inv + bias.astype(jnp.float32)).astype(dtype)
+        return y if activation is None else activation(y)
+
+    if activation not in RELUS:
+        return plain(x, mean, var, scale, bias)
+
+    def on_gpu(x: Array, mean: Array, var: Array, scale: Array, bias: Array) -> Array:
+        from resnet_jax.models import pallas_batch_norm
+
+        return pallas_batch_norm.bn_relu_apply(x, mean, var, scale.astype(jnp.float32), bias.astype(jnp.float32),
+                                               epsilon, dtype)
+
+    return jax.lax.platform_dependent(x, mean, var, scale, bias, cuda=on_gpu, default=plain)
+
+
+def conv1x1_train_statistics(x: Array, kernel: Array, dtype: Dtype) -> tuple[Array, tuple[Array, Array]]:
+    """``z = conv1x1(x, kernel)`` in ``dtype``, x (N, H, W, C_in), kernel (1, 1, C_in, C), and z's
+    float32 (C,) whole-batch mean and biased variance, for the BatchNorm that follows
+    (``BatchNorm(..., input_conv1x1_kernel=...)``). Compiled for an NVIDIA GPU this is
+    :func:`pallas_conv1x1_statistics`: one kernel stores z and sums its statistics, so z is not
+    read back for them. Elsewhere, the convolution and then the reductions
+    (:func:`conv1x1_statistics_layers`)."""
+    return jax.lax.platform_dependent(
+        x, kernel, cuda=functools.partial(pallas_conv1x1_statistics, dtype=dtype),
+        default=functools.partial(conv1x1_statistics_layers, dtype=dtype))
+
+
+def conv1x1_statistics_layers(x: Array, kernel: Array, *, dtype: Dtype) -> tuple[Array, tuple[Array, Array]]:
+    """:func:`conv1x1_train_statistics` as the separate layers: :func:`conv1x1`, then the
+    one-pass E[z], E[z^2] of :func:`batch_norm_train_xla`."""
+    z = conv1x1(x, kernel, dtype)
+    rows = z.astype(jnp.float32).reshape(-1, z.shape[-1])
+    mean = jnp.mean(rows, axis=0)
+    return z, (mean, jnp.maximum(jnp.mean(jnp.square(rows), axis=0) - jnp.square(mean), 0.0))
+
+
+def pallas_conv1x1_statistics(x: Array, kernel: Array, *, dtype: Dtype,
+                              interpret: bool = False) -> tuple[Array, tuple[Array, Array]]:
+    """:func:`conv1x1_train_statistics` for a GPU (or, ``interpret``, under the Pallas
+    interpreter): ``pallas_fused_conv.conv1x1_moments``."""
+    from resnet_jax.models import pallas_fused_conv
+
+    z, (mean, mean_sq) = pallas_fused_conv.conv1x1_moments(x, kernel, dtype, interpret)
+    return z, (mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0))
 
 
 def batch_norm_relu_conv1x1_train(

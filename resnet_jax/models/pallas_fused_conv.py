@@ -30,6 +30,12 @@ The model uses it where ``blocks.FUSE_BN2_CONV3`` is set (``layers.BatchNorm``'s
 ``conv1x1_kernel`` and ``statistics``). It is not the default: whether a Triton GEMM with a
 prologue beats cuDNN's 1x1 convolution plus XLA's apply pass is a question for the device
 (``benchmarks/fused_conv_pallas.py``).
+
+:func:`conv1x1_moments` is the same forward kernel without the prologue: a 1x1 convolution
+that sums its output's statistics as it stores it, for a BatchNorm that follows it (each
+Bottleneck's conv1 -> bn1 where ``blocks.FUSE_CONV1_BN1`` is set, through ``layers.BatchNorm``'s
+``input_conv1x1_kernel``; docs/performance.md, "Change 10"). Its derivative is the
+convolution's own, so its backward pass is XLA's (cuDNN's) as for ``nn.Conv``.
 """
 
 from __future__ import annotations
@@ -65,16 +71,21 @@ WGRAD_BLOCK_K, WGRAD_BLOCK_N, WGRAD_SUB_ROWS, WGRAD_NUM_WARPS, WGRAD_PROGRAMS = 
 
 
 # ---------------------------------------------------------------- the kernels
-def _forward_kernel(x_ref, mean_ref, a_ref, b_ref, w_ref, z_ref, sums_ref, *, block_k: int) -> None:
-    """One (rows, out channels) block: ``z = relu_bn(x) @ w``, accumulated in float32 over the
-    input channels ``block_k`` at a time, stored in ``z``'s dtype; ``sums[0]`` and ``sums[1]``
-    are the column sums of the stored z and z * z, in float32."""
+def _forward_kernel(*refs, block_k: int, prologue: bool) -> None:
+    """One (rows, out channels) block: ``z = relu_bn(x) @ w`` (``prologue``; else ``x @ w``),
+    accumulated in float32 over the input channels ``block_k`` at a time, stored in ``z``'s
+    dtype; ``sums[0]`` and ``sums[1]`` are the column sums of the stored z and z * z, in
+    float32. The refs are ``x, [mean, a, b,] w, z, sums``."""
+    x_ref, *vector_refs, w_ref, z_ref, sums_ref = refs
     rows, cols = z_ref.shape
 
     def body(i: int, acc: Array) -> Array:
         ks = pl.ds(i * block_k, block_k)
-        y = relu_bn(x_ref[:, ks], mean_ref[:, ks], a_ref[:, ks], b_ref[:, ks]).astype(w_ref.dtype)
-        return acc + jnp.dot(y, w_ref[ks, :], preferred_element_type=jnp.float32)
+        y = x_ref[:, ks]
+        if prologue:
+            mean_ref, a_ref, b_ref = vector_refs
+            y = relu_bn(y, mean_ref[:, ks], a_ref[:, ks], b_ref[:, ks])
+        return acc + jnp.dot(y.astype(w_ref.dtype), w_ref[ks, :], preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, body, jnp.zeros((rows, cols), jnp.float32))
     z = acc.astype(z_ref.dtype)
@@ -107,19 +118,22 @@ def _fits(*sizes: int) -> bool:
 
 
 def matmul_moments(
-    x: Array, mean: Array, a: Array, b: Array, w: Array, *, out_dtype: Dtype, interpret: bool = False,
-    block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+    x: Array, mean: Array | None, a: Array | None, b: Array | None, w: Array, *, out_dtype: Dtype,
+    interpret: bool = False, block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
 ) -> tuple[Array, Array] | None:
     """``z = relu((x - mean) * a + b) @ w`` in ``out_dtype`` and the float32 (2, N) column sums
     of z and z * z, in one Pallas (Triton) kernel. x is (M, K), w (K, N) in the compute dtype,
-    ``mean``, ``a``, ``b`` float32 (K,). Returns None where K is not a power of two (an
-    instance loads all K channels of its rows) or the largest power-of-two blocks that divide
-    M, N and K are smaller than 16 (the caller then uses XLA). Block parameters
-    left None are the module's (``BLOCK_M`` etc.) at trace time. A GPU only, unless
-    ``interpret``."""
+    ``mean``, ``a``, ``b`` float32 (K,), or all three None for ``z = x @ w`` (no BatchNorm
+    before the product: :func:`conv1x1_moments`). Returns None where K is not a power of two
+    (an instance loads all K channels of its rows) or the largest power-of-two blocks that
+    divide M, N and K are smaller than 16 (the caller then uses XLA). Block parameters left
+    None are the module's (``BLOCK_M`` etc.) at trace time. A GPU only, unless ``interpret``."""
     m, k = x.shape
     n = w.shape[1]
+    prologue = mean is not None
+    if prologue != (a is not None) or prologue != (b is not None):
+        raise ValueError("matmul_moments: give mean, a and b together (the BatchNorm before the product), or none")
     bm = _largest_power_of_two_divisor(m, block_m or BLOCK_M)
     bn = _largest_power_of_two_divisor(n, block_n or BLOCK_N)
     bk = _largest_power_of_two_divisor(k, block_k or BLOCK_K)
@@ -130,10 +144,11 @@ def matmul_moments(
     # instances find it in L2 (the kernel, at most 2 MiB, stays there).
     grid = (n // bn, m // bm)
     vector = pl.BlockSpec((1, k), lambda j, i: (0, 0))
+    vectors = [v.reshape(1, k) for v in (mean, a, b)] if prologue else []
     z, partial = pl.pallas_call(
-        functools.partial(_forward_kernel, block_k=bk),
+        functools.partial(_forward_kernel, block_k=bk, prologue=prologue),
         grid=grid,
-        in_specs=[pl.BlockSpec((bm, k), lambda j, i: (i, 0)), vector, vector, vector,
+        in_specs=[pl.BlockSpec((bm, k), lambda j, i: (i, 0)), *[vector] * len(vectors),
                   pl.BlockSpec((k, bn), lambda j, i: (0, j))],
         out_specs=[pl.BlockSpec((bm, bn), lambda j, i: (i, j)),
                    pl.BlockSpec((None, 2, bn), lambda j, i: (i, 0, j))],
@@ -141,8 +156,8 @@ def matmul_moments(
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(
             num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
-        name="bn_relu_matmul_moments",
-    )(x, mean.reshape(1, k), a.reshape(1, k), b.reshape(1, k), w)
+        name="bn_relu_matmul_moments" if prologue else "matmul_moments",
+    )(x, *vectors, w)
     return z, jnp.sum(partial, axis=0)
 
 
@@ -200,8 +215,10 @@ def weight_grad(
 
 
 # ---------------------------------------------------------------- XLA's versions (fallback)
-def _matmul_moments_xla(x: Array, mean: Array, a: Array, b: Array, w: Array, out_dtype: Dtype) -> tuple[Array, Array]:
-    z = jnp.dot(relu_bn(x, mean, a, b).astype(w.dtype), w, preferred_element_type=jnp.float32).astype(out_dtype)
+def _matmul_moments_xla(x: Array, mean: Array | None, a: Array | None, b: Array | None, w: Array,
+                        out_dtype: Dtype) -> tuple[Array, Array]:
+    y = x if mean is None else relu_bn(x, mean, a, b)
+    z = jnp.dot(y.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(out_dtype)
     zf = z.astype(jnp.float32)
     return z, jnp.stack([jnp.sum(zf, axis=0), jnp.sum(zf * zf, axis=0)])
 
@@ -218,13 +235,15 @@ def _kernel_or_xla(kernel_fn, xla_fn, *args: Array) -> Any:
 
 
 @functools.cache
-def _sharded_forward(out_dtype: Dtype, interpret: bool) -> Callable:
+def _sharded_forward(out_dtype: Dtype, interpret: bool, prologue: bool = True) -> Callable:
     """:func:`matmul_moments` (or XLA's where it declines) as a :func:`row_sharded_op`: x's rows
     split over the devices, z split the same way, the sums added across them; the vectors and
-    the kernel replicated (data parallelism)."""
+    the kernel replicated (data parallelism). ``prologue=False``: the op takes (x, w) only."""
     fn = functools.partial(_kernel_or_xla, functools.partial(matmul_moments, out_dtype=out_dtype, interpret=interpret),
                            functools.partial(_matmul_moments_xla, out_dtype=out_dtype))
-    return row_sharded_op(fn, (True, False, False, False, False), (True, False), "m k, k, k, k, k n -> m n, t n")
+    if prologue:
+        return row_sharded_op(fn, (True, False, False, False, False), (True, False), "m k, k, k, k, k n -> m n, t n")
+    return row_sharded_op(lambda x, w: fn(x, None, None, None, w), (True, False), (True, False), "m k, k n -> m n, t n")
 
 
 @functools.cache
@@ -327,3 +346,49 @@ def _bn_relu_conv1x1_jvp(epsilon: float, dtype: Dtype, interpret: bool, primals:
 
 
 _bn_relu_conv1x1.defjvp(_bn_relu_conv1x1_jvp, symbolic_zeros=True)
+
+
+# ---------------------------------------------------------------- a 1x1 convolution and its statistics
+def conv1x1_moments(x: Array, kernel: Array, dtype: Dtype, interpret: bool = False) -> tuple[Array, tuple[Array, Array]]:
+    """``z = conv1x1(x, kernel)`` in ``dtype`` and z's per-channel ``mean(z)`` and ``mean(z * z)``
+    over all positions (the next BatchNorm's statistics), from one kernel
+    (:func:`matmul_moments` without a prologue) that sums them as it stores z, so the
+    BatchNorm after it reads z once (to apply itself) instead of twice.
+
+    x is (..., K) NHWC; ``kernel`` is (K, N) or the convolution's (1, 1, K, N); both are cast to
+    ``dtype`` like flax's ``Conv``. z is (..., N) in ``dtype``; the moments are float32 (N,),
+    taken from z as stored, and carry the derivative of the two means with respect to z (as
+    ``pallas_batch_norm.batch_moments``, so the BatchNorm's backward pass is the model's). z's
+    own derivative is the convolution's, written with ``jax.lax.conv_general_dilated``: reverse
+    mode is XLA's transposed convolutions (cuDNN on a GPU), exactly as for ``nn.Conv``;
+    first-order forward and reverse mode work. The kernel is compiled for an NVIDIA GPU;
+    ``interpret=True`` runs it under the Pallas interpreter. Shapes it does not take (fewer than
+    16 channels or rows in a block, input channels not a power of two) run in XLA."""
+    z, sums = _conv1x1_sums(x, kernel, dtype, interpret)
+    return z, moments_from_sums(z.astype(jnp.float32).reshape(-1, z.shape[-1]), sums)
+
+
+def _conv1x1_xla(x: Array, kernel: Array, dtype: Dtype) -> Array:
+    """The 1x1 convolution as ``nn.Conv`` computes it (``layers.conv1x1``), for any kernel shape."""
+    k = x.shape[-1]
+    return jax.lax.conv_general_dilated(x.astype(dtype), kernel.reshape(1, 1, k, -1).astype(dtype), (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _conv1x1_sums(x: Array, kernel: Array, dtype: Dtype, interpret: bool = False) -> tuple[Array, Array]:
+    """z and the float32 (2, N) row sums of z and z * z, which carry no derivative of their own
+    (:func:`moments_from_sums` gives the moments theirs). x is (N, H, W, K)."""
+    k = x.shape[-1]
+    w = kernel.reshape(k, -1).astype(dtype)
+    z, sums = _sharded_forward(jnp.dtype(dtype), interpret, prologue=False)(x.reshape(-1, k).astype(dtype), w)
+    return z.reshape(*x.shape[:-1], w.shape[1]), sums
+
+
+@_conv1x1_sums.defjvp
+def _conv1x1_sums_jvp(dtype: Dtype, interpret: bool, primals: tuple, tangents: tuple) -> tuple:
+    (x, kernel), (tx, tkernel) = primals, tangents
+    z, sums = _conv1x1_sums(x, kernel, dtype, interpret)
+    # linear in (tx, tkernel): reverse mode transposes these two convolutions as it does nn.Conv's
+    tz = _conv1x1_xla(tx, kernel, dtype) + _conv1x1_xla(x, tkernel, dtype)
+    return (z, sums), (tz, jnp.zeros_like(sums))

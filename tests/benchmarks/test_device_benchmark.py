@@ -66,7 +66,7 @@ def test_the_headline_row_comes_first_and_the_longest_search_last():
                 flax_models={"resnet50", "resnet18", "resnet101"})
     ids = [j.id for j in jobs]
     assert ids[:6] == ["ours/resnet50@224", "torchvision/resnet50@224", "flax/resnet50@224",
-                       "stem-variants/resnet50@224", "fused-conv/b256", "bn-relu/b256"]
+                       "fused-conv/b256", "bn-relu/b256", "stem-variants/resnet50@224"]
     assert ids[6:10] == ["ours/resnet18@224", "ours/resnet101@224", "ours/resnetrs50@160", "profile/resnet50@224"]
     assert ids[-1] == "max-batch/resnet50@224"
     assert len(set(ids)) == len(ids)

@@ -1,5 +1,6 @@
-"""The fused BatchNorm + ReLU + 1x1 convolution (``pallas_fused_conv``) against the textbook
-formula in plain JAX and float64 NumPy, its kernels run under the Pallas interpreter."""
+"""The fused BatchNorm + ReLU + 1x1 convolution and the 1x1 convolution that sums its output's
+statistics (``pallas_fused_conv``) against the textbook formula in plain JAX and float64 NumPy,
+their kernels run under the Pallas interpreter."""
 
 import functools
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from resnet_jax.models import pallas_batch_norm, pallas_fused_conv
-from resnet_jax.models.pallas_fused_conv import bn_relu_conv1x1, matmul_moments, weight_grad
+from resnet_jax.models.pallas_fused_conv import bn_relu_conv1x1, conv1x1_moments, matmul_moments, weight_grad
 from tests.conftest import require_cuda_plugin
 
 EPS = 1e-5
@@ -53,6 +54,16 @@ def test_the_forward_kernel_multiplies_and_sums_like_float64(small_blocks):
     # the sums are those of z as stored, so computed from the returned z in float64
     zf = _f64(z)
     np.testing.assert_allclose(_f64(sums), np.stack([zf.sum(0), (zf * zf).sum(0)]), rtol=1e-5, atol=1e-3)
+
+
+def test_without_a_prologue_the_forward_kernel_is_the_plain_product_and_its_sums(small_blocks):
+    x, _, _, _, w, _ = _operands(256, 64, 96, seed=7)
+    z, sums = matmul_moments(x, None, None, None, w, out_dtype=jnp.bfloat16, interpret=True)
+    np.testing.assert_allclose(_f64(z), _f64(x) @ _f64(w), rtol=2**-8, atol=1e-3)
+    zf = _f64(z)
+    np.testing.assert_allclose(_f64(sums), np.stack([zf.sum(0), (zf * zf).sum(0)]), rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="mean, a and b together"):
+        matmul_moments(x, None, jnp.ones(64), None, w, out_dtype=jnp.bfloat16, interpret=True)
 
 
 def test_the_weight_gradient_kernel_recomputes_the_activation_and_sums_like_float64(small_blocks):
@@ -130,6 +141,52 @@ def test_forward_mode_equals_the_textbook_block(small_blocks):
     np.testing.assert_allclose(only_kernel[1][0], want_kernel[1][0], rtol=1e-4, atol=1e-4)
 
 
+def _conv_reference(x, kernel, dtype):
+    """A 1x1 convolution in ``dtype`` (as ``nn.Conv``) and the means of its output and its square."""
+    z = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    zf = z.astype(jnp.float32).reshape(-1, z.shape[-1])
+    return z, jnp.stack([zf.mean(0), (zf * zf).mean(0)])
+
+
+def _conv_fused(x, kernel, dtype, interpret=True):
+    z, moments = conv1x1_moments(x, kernel, dtype, interpret)
+    return z, jnp.stack(moments)
+
+
+@pytest.mark.parametrize("shape,n", [((2, 8, 8, 32), 64), ((1, 4, 4, 24), 32)])  # the second: XLA's fallback
+def test_the_convolution_with_its_statistics_equals_the_textbook_layers_in_both_modes(small_blocks, shape, n):
+    """Values, reverse mode (the gradients of x and the kernel, through z and through the
+    moments) and forward mode against a 1x1 convolution and two means in plain JAX (float32)."""
+    x, _, _, kernel, ct_z, ct_sums = _block_operands(shape, n, seed=8)
+
+    def loss(fn, x, kernel):
+        z, moments = fn(x, kernel, jnp.float32)
+        return jnp.sum(z * ct_z) + jnp.sum(moments * ct_sums)
+
+    got_value, got = jax.value_and_grad(functools.partial(loss, _conv_fused), argnums=(0, 1))(x, kernel)
+    want_value, want = jax.value_and_grad(functools.partial(loss, _conv_reference), argnums=(0, 1))(x, kernel)
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
+    for name, g, w in zip(("x", "kernel"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
+    tangents = (jax.random.normal(jax.random.key(10), x.shape), jax.random.normal(jax.random.key(11), kernel.shape))
+    got = jax.jvp(lambda *p: _conv_fused(*p, jnp.float32), (x, kernel), tangents)
+    want = jax.jvp(lambda *p: _conv_reference(*p, jnp.float32), (x, kernel), tangents)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
+
+
+def test_in_bf16_the_convolution_stores_z_and_sums_it_as_stored(small_blocks):
+    x, _, _, kernel, _, _ = _block_operands((2, 8, 8, 32), 64, seed=9, dtype=jnp.bfloat16)
+    z, moments = _conv_fused(x, kernel, jnp.bfloat16)
+    z_ref, _ = _conv_reference(x, kernel, jnp.bfloat16)
+    assert z.dtype == jnp.bfloat16 and moments.dtype == jnp.float32
+    top = float(jnp.max(jnp.abs(z_ref.astype(jnp.float32))))
+    assert float(jnp.max(jnp.abs(z.astype(jnp.float32) - z_ref.astype(jnp.float32)))) < 0.01 * top
+    zf = _f64(z).reshape(-1, 64)
+    np.testing.assert_allclose(_f64(moments), np.stack([zf.mean(0), (zf * zf).mean(0)]), rtol=1e-5, atol=1e-6)
+
+
 def test_in_bf16_the_block_stays_within_rounding_of_the_textbook_one(small_blocks):
     x, scale, bias, kernel, ct_z, ct_sums = _block_operands((2, 8, 8, 32), 64, seed=4, dtype=jnp.bfloat16)
     z, sums = _fused(x, scale, bias, kernel, jnp.bfloat16)
@@ -155,13 +212,41 @@ def test_shapes_the_kernels_do_not_take_run_in_xla():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_for_an_h100_the_block_is_two_kernels_on_the_tensor_cores_and_moves_fewer_bytes():
-    require_cuda_plugin()
+def _compiled_for_an_h100(block, shapes, ct_shapes):
+    """The optimised HLO text of ``block``'s forward and backward pass (``jax.vjp``; the first
+    output, float32 in the model's view, is returned stored in bf16, as the model stores it),
+    compiled for an H100 without one. ``shapes`` and ``ct_shapes``: (shape, dtype) of the inputs
+    and of the outputs' cotangents."""
     from benchmarks.gpu_compile_report import DEFAULT_TARGET, target_devices
-    from benchmarks.hlo_traffic import entry_kernels, summarise
 
     device = target_devices(DEFAULT_TARGET)[0]
-    on_gpu = jax.sharding.SingleDeviceSharding(device)
+
+    def step(*args):
+        outs, pullback = jax.vjp(block, *args[:len(shapes)])
+        return outs[0].astype(jnp.bfloat16), outs[1:], pullback(args[len(shapes):])
+
+    spec = functools.partial(jax.ShapeDtypeStruct, sharding=jax.sharding.SingleDeviceSharding(device))
+    with jax.default_device(device):
+        return jax.jit(step).lower(*[spec(*s) for s in (*shapes, *ct_shapes)]).compile().as_text()
+
+
+def _traffic(hlo: str) -> int:
+    from benchmarks.hlo_traffic import entry_kernels, summarise
+
+    return summarise(entry_kernels(hlo))["traffic_bytes"]
+
+
+def _cudnn_calls(hlo: str, backward: bool) -> list[str]:
+    """The cuDNN custom calls of the forward pass, or of the backward pass (the ones JAX's
+    transposition made: ``transpose(`` in their op name), sorted."""
+    import re
+
+    calls = re.findall(r'custom_call_target="(__cudnn\$\w+)".*?op_name="([^"]*)"', hlo)
+    return sorted(target for target, op in calls if ("transpose(" in op) == backward)
+
+
+def test_compiled_for_an_h100_the_block_is_two_kernels_on_the_tensor_cores_and_moves_fewer_bytes():
+    require_cuda_plugin()
     shape, n, dtype = (32, 28, 28, 64), 256, jnp.bfloat16
 
     def model_block(x, scale, bias, kernel):
@@ -179,43 +264,66 @@ def test_compiled_for_an_h100_the_block_is_two_kernels_on_the_tensor_cores_and_m
         z, moments = bn_relu_conv1x1(x, mean, mean_sq - mean * mean, scale, bias, kernel, EPS, dtype)
         return z, jnp.stack(moments)
 
-    def compiled(block):
-        def step(x, scale, bias, kernel, ct_z, ct_s):
-            (z, moments), pullback = jax.vjp(block, x, scale, bias, kernel)
-            # z stored in bf16 as in the model (bn3 reads its float32 view); the statistics are
-            # used (by bn3), so returned
-            return z.astype(dtype), moments, pullback((ct_z.astype(jnp.float32), ct_s))
-
-        spec = functools.partial(jax.ShapeDtypeStruct, sharding=on_gpu)
-        args = (spec(shape, dtype), spec(shape[-1:], jnp.float32), spec(shape[-1:], jnp.float32),
-                spec((1, 1, shape[-1], n), jnp.float32), spec((*shape[:-1], n), dtype), spec((2, n), jnp.float32))
-        with jax.default_device(device):
-            return jax.jit(step).lower(*args).compile().as_text()
-
-    model_hlo, fused_hlo = compiled(model_block), compiled(fused_block)
+    # z stored in bf16 as in the model (bn3 reads its float32 view); the statistics are used (by
+    # bn3), so returned
+    shapes = [(shape, dtype), (shape[-1:], jnp.float32), (shape[-1:], jnp.float32), ((1, 1, shape[-1], n), jnp.float32)]
+    ct_shapes = [((*shape[:-1], n), jnp.float32), ((2, n), jnp.float32)]
+    model_hlo, fused_hlo = (_compiled_for_an_h100(b, shapes, ct_shapes) for b in (model_block, fused_block))
     assert "bn_relu_matmul_moments" in fused_hlo and "bn_relu_matmul_weight_grad" in fused_hlo
     assert "cudnn$convBackwardFilter" in model_hlo and "cudnn$convBackwardFilter" not in fused_hlo
-    model_bytes = summarise(entry_kernels(model_hlo))["traffic_bytes"]
-    fused_bytes = summarise(entry_kernels(fused_hlo))["traffic_bytes"]
     # bn2's output neither written nor read back (2 units of x) and bn3's statistics without a
     # pass of their own (1 unit of z, 4 of x), less the partial sums the kernels write and XLA
     # reads back (here 1.2 units: the weight gradient's 28 ranges of 64 x 256 float32)
     x_bytes = 32 * 28 * 28 * 64 * 2
-    assert fused_bytes < model_bytes - 4.5 * x_bytes
+    assert _traffic(fused_hlo) < _traffic(model_hlo) - 4.5 * x_bytes
+
+
+def test_compiled_for_an_h100_the_convolution_sums_the_statistics_and_its_backward_stays_cudnn():
+    """conv1 -> bn1 + ReLU as the model runs it on a GPU (cuDNN's convolution, the statistics
+    kernel, the Pallas BatchNorm) and with ``conv1x1_moments``: the forward convolution becomes
+    the Triton kernel, its backward stays cuDNN's (filter and input gradients), and the step
+    reads z once less (the statistics' pass), less the partial sums."""
+    require_cuda_plugin()
+    shape, n, dtype = (32, 28, 28, 256), 64, jnp.bfloat16
+
+    def model_block(x, kernel, scale, bias):
+        z = jax.lax.conv_general_dilated(x, kernel.astype(dtype), (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        mean, mean_sq = pallas_batch_norm.batch_moments(z.astype(jnp.float32).reshape(-1, n), dtype)
+        return (pallas_batch_norm.bn_relu_apply(z, mean, mean_sq - mean * mean, scale, bias, EPS, dtype),)
+
+    def fused_block(x, kernel, scale, bias):
+        z, (mean, mean_sq) = conv1x1_moments(x, kernel, dtype)
+        return (pallas_batch_norm.bn_relu_apply(z, mean, mean_sq - mean * mean, scale, bias, EPS, dtype),)
+
+    shapes = [(shape, dtype), ((1, 1, shape[-1], n), jnp.float32), ((n,), jnp.float32), ((n,), jnp.float32)]
+    ct_shapes = [((*shape[:-1], n), dtype)]
+    model_hlo, fused_hlo = (_compiled_for_an_h100(b, shapes, ct_shapes) for b in (model_block, fused_block))
+    assert "matmul_moments" in fused_hlo and "bn_relu_matmul_moments" not in fused_hlo
+    # (a 1x1 convolution's input gradient is a cuDNN forward convolution by the transposed kernel)
+    assert _cudnn_calls(model_hlo, backward=False) == ["__cudnn$convForward"]
+    assert _cudnn_calls(fused_hlo, backward=False) == []
+    assert _cudnn_calls(fused_hlo, backward=True) == _cudnn_calls(model_hlo, backward=True)
+    assert len(_cudnn_calls(fused_hlo, backward=True)) == 2
+    z_bytes = 32 * 28 * 28 * n * 2
+    assert _traffic(fused_hlo) < _traffic(model_hlo) - 0.8 * z_bytes
 
 
 def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32):
     """Loss, gradients and new batch statistics of one training step of a narrow ResNet-50
-    (16 channels: the narrowest the kernels take), with the fused bn2 + conv3 path or without,
-    and the CPU's layers (``default``) or the GPU kernels under the interpreter (``cuda``)."""
+    (16 channels: the narrowest the kernels take), with the fused paths ``fused`` (a subset of
+    ``conv3``: bn2 + ReLU + conv3, ``blocks.FUSE_BN2_CONV3``; ``conv1``: conv1 with bn1's
+    statistics, ``blocks.FUSE_CONV1_BN1``), and the CPU's layers (``default``) or the GPU kernels
+    under the interpreter (``cuda``)."""
     from resnet_jax.models import blocks, create_model
     from tests.conftest import use_cuda_kernels
 
     with monkeypatch.context() as patch:
         if kernels == "cuda":
-            use_cuda_kernels(patch, fused_conv=fused)
+            use_cuda_kernels(patch, fused_conv="conv3" in fused, fused_conv1="conv1" in fused)
         else:
-            patch.setattr(blocks, "FUSE_BN2_CONV3", fused)
+            patch.setattr(blocks, "FUSE_BN2_CONV3", "conv3" in fused)
+            patch.setattr(blocks, "FUSE_CONV1_BN1", "conv1" in fused)
         model = create_model("resnet50", widths=(16, 16, 16, 16), stem_width=16, num_classes=5, dtype=dtype)
         x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
         labels = jnp.arange(4) % 5
@@ -233,12 +341,13 @@ def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["default", "cuda"])
-def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, kernels):
-    """The candidate changes no parameter (names, shapes, initial values) and no number: with it,
+@pytest.mark.parametrize("fused", [("conv3",), ("conv1",)], ids=["conv3", "conv1"])
+def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fused):
+    """Each candidate changes no parameter (names, shapes, initial values) and no number: with it,
     a training step's loss, every gradient and the new running statistics equal the model's
     without it, in float32, on the CPU's layers and with the GPU kernels under the interpreter."""
-    plain = _bottleneck_net_step(monkeypatch, False, kernels)
-    fused = _bottleneck_net_step(monkeypatch, True, kernels)
+    plain = _bottleneck_net_step(monkeypatch, (), kernels)
+    fused = _bottleneck_net_step(monkeypatch, fused, kernels)
     import chex
 
     chex.assert_trees_all_equal(plain[0], fused[0])  # same variables at init
@@ -248,26 +357,31 @@ def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, k
 
 
 @pytest.mark.parametrize("spec", ["data", ("data", "model")])
-def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gathered(small_blocks, spec):
+@pytest.mark.parametrize("op", ["bn_relu_conv1x1", "conv1x1_moments"])
+def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gathered(small_blocks, spec, op):
     """x split by examples over 4 or all 8 test devices: the loss and every gradient equal the
-    textbook block's on one device (float32), and no device gathers x or z: each kernel runs on
+    textbook layers' on one device (float32), and no device gathers x or z: each kernel runs on
     its own rows, and only the statistics and the weight gradient are all-reduced."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
     x, scale, bias, kernel, ct_z, ct_sums = _block_operands((16, 4, 4, 32), 64, seed=6)
-    x_sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec(spec)))
+    fused, reference, args, names = {
+        "bn_relu_conv1x1": (_fused, _reference, (x, scale, bias, kernel), ("x", "scale", "bias", "kernel")),
+        "conv1x1_moments": (_conv_fused, _conv_reference, (x, kernel), ("x", "kernel")),
+    }[op]
+    sharded = (jax.device_put(x, NamedSharding(mesh, PartitionSpec(spec))), *args[1:])
 
-    def loss(fn, x, scale, bias, kernel):
-        z, moments = fn(x, scale, bias, kernel, jnp.float32)
+    def loss(fn, *args):
+        z, moments = fn(*args, jnp.float32)
         return jnp.sum(z * ct_z) + jnp.sum(moments * ct_sums)
 
-    step = jax.jit(jax.value_and_grad(functools.partial(loss, _fused), argnums=(0, 1, 2, 3)))
-    value, grads = step(x_sharded, scale, bias, kernel)
-    want_value, want = jax.value_and_grad(functools.partial(loss, _reference), argnums=(0, 1, 2, 3))(
-        x, scale, bias, kernel)
+    argnums = tuple(range(len(args)))
+    step = jax.jit(jax.value_and_grad(functools.partial(loss, fused), argnums=argnums))
+    value, grads = step(*sharded)
+    want_value, want = jax.value_and_grad(functools.partial(loss, reference), argnums=argnums)(*args)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
-    for name, g, w in zip(("x", "scale", "bias", "kernel"), grads, want):
+    for name, g, w in zip(names, grads, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
-    hlo = step.lower(x_sharded, scale, bias, kernel).compile().as_text()
+    hlo = step.lower(*sharded).compile().as_text()
     assert "all-gather" not in hlo and "all-reduce" in hlo
