@@ -47,8 +47,9 @@ CHOICES = ("model", "xla", "pallas")
 # BatchNorm into a Bottleneck's 1x1 convolutions (``pallas_fused_conv``; ``fused_conv_pallas.py``
 # times them): ``fused-conv``, bn2 + ReLU, conv3 and bn3's statistics as one kernel
 # (``blocks.FUSE_BN2_CONV3``, change 9); ``fused-conv1``, conv1 summing bn1's statistics
-# (``blocks.FUSE_CONV1_BN1``, change 10); ``fused-convs``, both.
-STEP_CHOICES = (*CHOICES, "fused-conv", "fused-conv1", "fused-convs")
+# (``blocks.FUSE_CONV1_BN1``, change 10); ``fused-convs``, both; ``fused-bn3``, ``fused-conv`` with
+# bn3 in the same op (``blocks.FUSE_BN3``, change 11); ``fused-all``, the three.
+STEP_CHOICES = (*CHOICES, "fused-conv", "fused-conv1", "fused-convs", "fused-bn3", "fused-all")
 
 
 @contextlib.contextmanager
@@ -56,11 +57,12 @@ def batch_norm(choice: str) -> Iterator[None]:
     """Within the block, models built and traced use the BatchNorm ``choice``
     (:data:`STEP_CHOICES`) in training mode; anything else is refused. ``xla`` swaps ``layers.batch_norm_train_xla``
     in for the per-platform choice; ``pallas`` keeps that choice and turns the GPU path's
-    statistics kernel off (``kernel_statistics=False``); ``fused-conv``, ``fused-conv1`` and
-    ``fused-convs`` set ``blocks.FUSE_BN2_CONV3``, ``blocks.FUSE_CONV1_BN1`` or both."""
+    statistics kernel off (``kernel_statistics=False``); the ``fused-*`` choices set
+    ``blocks.FUSE_BN2_CONV3``, ``blocks.FUSE_CONV1_BN1`` and ``blocks.FUSE_BN3`` as above."""
     if choice not in STEP_CHOICES:
         raise ValueError(f"bn_relu must be one of {', '.join(map(repr, STEP_CHOICES))}, not {choice!r}")
-    fuse_conv3, fuse_conv1 = (blocks, "FUSE_BN2_CONV3", True), (blocks, "FUSE_CONV1_BN1", True)
+    fuse_conv3, fuse_conv1, fuse_bn3 = ((blocks, name, True) for name in ("FUSE_BN2_CONV3", "FUSE_CONV1_BN1",
+                                                                          "FUSE_BN3"))
     patches = {
         "model": [(layers, "_batch_norm_train", layers._batch_norm_train)],
         "xla": [(layers, "_batch_norm_train", layers.batch_norm_train_xla)],
@@ -69,6 +71,8 @@ def batch_norm(choice: str) -> Iterator[None]:
         "fused-conv": [fuse_conv3],
         "fused-conv1": [fuse_conv1],
         "fused-convs": [fuse_conv3, fuse_conv1],
+        "fused-bn3": [fuse_conv3, fuse_bn3],
+        "fused-all": [fuse_conv3, fuse_conv1, fuse_bn3],
     }[choice]
     originals = [(module, name, getattr(module, name)) for module, name, _ in patches]
     for module, name, replacement in patches:

@@ -56,6 +56,9 @@ DEFAULT_MODELS = ("resnet50:224", "resnet18:224", "resnet101:224", "resnetrs50:1
 # Flags worth a timing (docs/performance.md): the scheduler, and command buffers (CUDA graphs) off,
 # which says what launching the step's ~1,000 kernels one by one costs.
 DEFAULT_XLA_VARIANTS = ("--xla_gpu_enable_latency_hiding_scheduler=true", "--xla_gpu_enable_command_buffer=")
+# The fused-conv job's block timings (benchmarks/fused_conv_pallas.py), as the summary names them.
+FUSED_CONV_BLOCKS = {"block": "bn2+ReLU+conv3", "tail_block": "bn2+ReLU+conv3+bn3+add+ReLU",
+                     "conv1_block": "conv1+bn1+ReLU"}
 # Seconds kept after the last job for the summary.
 RESERVE_S = 20.0
 # Lines of the jobs' output not echoed to stdout (still in log.txt): the CPU-only machine's plugin noise.
@@ -173,14 +176,15 @@ def plan(
                    "--full-step-image-size", vsize, "--full-step-steps", str(max(steps // 2, 5)),
                    "--full-step-blocks", "512x32x4x2x128x528,512x32x4x2x128x1056"),
                   limit_s=200)
-    # the candidates fusing BatchNorm into the 1x1 convolutions: bn2 + conv3 and conv1 + bn1 at
-    # ResNet-50's four shapes each, as the model runs them and fused, each kernel alone at a few
-    # blocks, then the whole step with bn2 + conv3, with both, and with both and the stem pool's
-    # candidate; not yet timed, so the estimate is a guess
-    fused_conv = Job(f"fused-conv/b{batch}", 175,
+    # the candidates fusing BatchNorm into the 1x1 convolutions (changes 9-11): bn2 + conv3, the
+    # block's tail with bn3 outside and inside, and conv1 + bn1 at ResNet-50's four shapes each, as
+    # the model runs them and fused, each kernel alone at a few blocks, then the whole step with
+    # changes 9 and 10, with 11 too, and with those and the stem pool's candidate; not yet timed,
+    # so the estimate is a guess
+    fused_conv = Job(f"fused-conv/b{batch}", 195,
                      (PYTHON, "benchmarks/fused_conv_pallas.py", "--batch-size", str(batch), "--full-step-model", vmodel,
                       "--full-step-image-size", vsize, "--full-step-steps", str(max(steps // 2, 5))),
-                     limit_s=300)
+                     limit_s=320)
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(
@@ -379,10 +383,11 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
                          f"({f['vs_model']:.3f}x the model's own; peak {gib(f['peak_memory_gib'])} GiB; "
                          f"max loss diff {f['max_loss_diff_vs_model']:.1e}"
                          + (f"; compiled in {f['compile_seconds']:.1f} s" if f.get("compile_seconds") else "") + ")")
-        elif f["part"] == "block":
-            lines.append(f"bn2+ReLU+conv3 {tuple(f['shape'])} -> {f['out_channels']} {f['impl']}: {f['ms']:.3f} ms "
-                         "forward+backward" + (f" (max rel. diff {f['max_rel_diff_vs_model']:.1e} vs the model's)"
-                                               if "max_rel_diff_vs_model" in f else ""))
+        elif f["part"] in FUSED_CONV_BLOCKS:
+            lines.append(f"{FUSED_CONV_BLOCKS[f['part']]} {tuple(f['shape'])} -> {f['out_channels']} {f['impl']}: "
+                         f"{f['ms']:.3f} ms forward+backward"
+                         + (f" (max rel. diff {f['max_rel_diff_vs_model']:.1e} vs the model's)"
+                            if "max_rel_diff_vs_model" in f else ""))
         else:  # forward_kernel, wgrad_kernel: one kernel alone at one block size
             lines.append(f"fused conv {f['part'].replace('_', ' ')} {f['blocks']} on {tuple(f['shape'])}: "
                          f"{f['ms']:.3f} ms, {f['gb_per_s']} GB/s, {f['tflop_per_s']} TFLOP/s")

@@ -1,25 +1,28 @@
 """Times the BatchNorms fused into the 1x1 convolutions (``resnet_jax.models.pallas_fused_conv``) on the device.
 
-Two candidates (docs/performance.md, changes 9 and 10): each Bottleneck's bn2 + ReLU, conv3
+Three candidates (docs/performance.md, changes 9 to 11): each Bottleneck's bn2 + ReLU, conv3
 and bn3's statistics as one Pallas kernel (a Triton GEMM with the BatchNorm as its prologue
 and the statistics as its epilogue) with conv3's weight gradient as another that recomputes
-the activation from bn2's input; and each conv1 as a Triton GEMM that sums bn1's statistics
-as it stores its output (its backward stays cuDNN's). Compiled for the H100 here they take
-the ResNet-50 step from 85.0 to 81.6 and 84.1 GiB, 80.7 together; whether a Triton GEMM runs
-these shapes as fast as cuDNN is what this measures:
+the activation from bn2's input; bn3 in the same op, so that conv3's two backward GEMMs
+compute bn3's input gradient as they load its output gradient (never stored); and each conv1
+as a Triton GEMM that sums bn1's statistics as it stores its output (its backward stays
+cuDNN's). Compiled for the H100 here they take the ResNet-50 step from 85.0 GiB to 81.6
+(change 9), 79.0 (9 and 11), 84.1 (10) and 78.1 (all three); whether Triton GEMMs run these
+shapes as fast as cuDNN and cuBLAS is what this measures:
 
 - at ResNet-50's four bn2 + conv3 shapes, the block's forward + backward (bn2's statistics
   given, z's statistics out), as the model runs it on a GPU (``model``: the Pallas
   BatchNorm, cuDNN's 1x1 convolution, the statistics kernel) and fused (``fused``), with the
   difference over the 16 blocks;
+- at the same shapes, the block's whole tail to its output (bn3, the shortcut's add and the
+  ReLU) as the model runs it, with change 9 (``fused``) and with change 11 (``fused-bn3``);
 - at ResNet-50's four conv1 shapes, conv1 + bn1 + ReLU forward + backward, as the model runs
   it (cuDNN, the statistics kernel, the Pallas BatchNorm) and with ``conv1x1_moments``;
 - each kernel alone, at the first and last shapes, at a few block sizes (``--forward-blocks``,
   ``--wgrad-blocks``), with the bandwidth and tensor-core rate it reaches;
-- with ``--full-step-model``, the whole train step as the model has it, then with the fused
-  bn2 + conv3 (``bn_relu_pallas.batch_norm("fused-conv")``), with both candidates
-  (``"fused-convs"``), and with both and the stem pool's candidate
-  (``stem_variants.POOL_VARIANTS["planes"]``).
+- with ``--full-step-model``, the whole train step as the model has it, then with changes 9
+  and 10 (``bn_relu_pallas.batch_norm("fused-convs")``), with change 11 too (``"fused-all"``),
+  and with those and the stem pool's candidate (``stem_variants.POOL_VARIANTS["planes"]``).
 
     python3 benchmarks/fused_conv_pallas.py --batch-size 256
 """
@@ -38,11 +41,12 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from resnet_jax.models import pallas_batch_norm  # noqa: E402
 from resnet_jax.models.pallas_fused_conv import (  # noqa: E402
-    bn_relu_conv1x1, conv1x1_moments, matmul_moments, weight_grad)
+    bn_relu_conv1x1, bn_relu_conv1x1_bn, conv1x1_moments, matmul_moments, weight_grad)
 
 Array = jax.Array
 EPSILON = 1e-5
-IMPLS = ("model", "fused")
+# what each part compares, the model's first
+IMPLS = {"block": ("model", "fused"), "tail_block": ("model", "fused", "fused-bn3"), "conv1_block": ("model", "fused")}
 FORWARD_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES")
 WGRAD_BLOCKS = ("BLOCK_K", "BLOCK_N", "SUB_ROWS", "NUM_WARPS", "PROGRAMS")
 
@@ -59,11 +63,47 @@ def parse_spec(spec: str, names: Sequence[str]) -> dict[str, int]:
     return dict(zip(names, values))
 
 
-def block(impl: str, dtype, interpret: bool = False) -> Callable:
+def tail_block(impl: str, dtype, interpret: bool = False) -> Callable:
+    """A Bottleneck's tail, bn2 + ReLU -> conv3 -> bn3 -> + shortcut -> ReLU, forward + backward:
+    (x, mean, var, scale, bias, kernel, next_scale, next_bias, shortcut, ct_out) -> (out, its seven
+    gradients and the shortcut's). ``model``: what the model runs on a GPU; ``fused``: change 9
+    (:func:`block`'s fused op, bn3 in XLA with the statistics it returns); ``fused-bn3``: change
+    11, ``pallas_fused_conv.bn_relu_conv1x1_bn``."""
+
+    def forward(x, mean, var, scale, bias, kernel, next_scale, next_bias, shortcut):
+        if impl == "fused-bn3":
+            u, _, _ = bn_relu_conv1x1_bn(x, mean, var, scale, bias, kernel, next_scale, next_bias, EPSILON, EPSILON,
+                                         dtype, interpret)
+        else:
+            zf, moments = block(impl, dtype, interpret, jit=False)(x, mean, var, scale, bias, kernel)
+            mean3, var3 = moments[0], moments[1] - moments[0] * moments[0]
+            u = ((zf - mean3) * (jax.lax.rsqrt(var3 + EPSILON) * next_scale) + next_bias).astype(dtype)
+        return jax.nn.relu(u + shortcut)
+
+    def step(x, mean, var, scale, bias, kernel, next_scale, next_bias, shortcut, ct_out):
+        out, pullback = jax.vjp(forward, x, mean, var, scale, bias, kernel, next_scale, next_bias, shortcut)
+        return (out, *pullback(ct_out))
+
+    return jax.jit(step)
+
+
+def tail_operands(shape: tuple[int, ...], n: int, dtype) -> tuple[Array, ...]:
+    x, mean, var, scale, bias, kernel, _, _ = block_operands(shape, n, dtype)
+    keys = jax.random.split(jax.random.key(2), 4)
+    next_scale = 1 + 0.1 * jax.random.normal(keys[0], (n,))
+    next_bias = 0.1 * jax.random.normal(keys[1], (n,))
+    out_shape = (*shape[:-1], n)
+    shortcut = jax.nn.relu(jax.random.normal(keys[2], out_shape)).astype(dtype)
+    return (x, mean, var, scale, bias, kernel, next_scale, next_bias, shortcut,
+            jax.random.normal(keys[3], out_shape).astype(dtype))
+
+
+def block(impl: str, dtype, interpret: bool = False, jit: bool = True) -> Callable:
     """bn2 + ReLU -> conv3 (1x1) -> z's statistics, forward + backward:
     (x, mean, var, scale, bias, kernel, ct_z, ct_moments) -> (z, moments, dx, dmean, dvar, dscale, dbias, dkernel).
     ``model``: what the model runs on a GPU; ``fused``: ``pallas_fused_conv.bn_relu_conv1x1``.
-    ``interpret``: the kernels under the Pallas interpreter (the tests, on a CPU)."""
+    ``interpret``: the kernels under the Pallas interpreter (the tests, on a CPU). ``jit=False``:
+    the forward function alone, (x, mean, var, scale, bias, kernel) -> (z, moments)."""
 
     def forward(x, mean, var, scale, bias, kernel):
         if impl == "fused":
@@ -79,7 +119,7 @@ def block(impl: str, dtype, interpret: bool = False) -> Callable:
         out, pullback = jax.vjp(forward, x, mean, var, scale, bias, kernel)
         return (*out, *pullback((ct_z, ct_moments)))
 
-    return jax.jit(step)
+    return jax.jit(step) if jit else forward
 
 
 def conv1_block(impl: str, dtype, interpret: bool = False) -> Callable:
@@ -147,14 +187,15 @@ def _max_rel_diff(a: Sequence[Array], b: Sequence[Array]) -> float:
 
 
 def full_steps(model: str, batch: int, image: int, dtype_name: str, steps: int) -> list[dict]:
-    """The whole train step as the model has it, with the fused bn2 + conv3, with both fused
-    convolutions, and with both and the stem pool's candidate: images/s against the model's, and
-    the largest loss difference."""
+    """The whole train step as the model has it, with changes 9 and 10 (``fused-convs``), with
+    change 11 too (``fused-all``), and with those and the stem pool's candidate (change 7):
+    images/s against the model's, and the largest loss difference. Each run after the first
+    adds one change, so the differences attribute them (change 9 alone: the block timings)."""
     from benchmarks.stem_variants import compare_runs, full_step
 
     runs = [({"part": "train_step", "model": model, "bn_relu": bn, "pool": pool or "model's"},
              functools.partial(full_step, model, batch, image, dtype_name, steps, None, pool, bn))
-            for bn, pool in (("model", None), ("fused-conv", None), ("fused-convs", None), ("fused-convs", "planes"))]
+            for bn, pool in (("model", None), ("fused-convs", None), ("fused-all", None), ("fused-all", "planes"))]
     return compare_runs(runs, "model", batch, image, dtype_name)
 
 
@@ -198,11 +239,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     on_gpu = jax.default_backend() == "gpu"
     cases = [("block", block, block_operands, shape, n) for shape, n in block_shapes(a.batch_size)]
+    cases += [("tail_block", tail_block, tail_operands, shape, n) for shape, n in block_shapes(a.batch_size)]
     cases += [("conv1_block", conv1_block, conv1_operands, shape, n) for shape, n in conv1_shapes(a.batch_size)]
     for part, make, make_operands, shape, n in cases if on_gpu else ():
         operands = make_operands(shape, n, dtype)
         outs = {}
-        for impl in IMPLS:
+        for impl in IMPLS[part]:
             what = {"part": part, "impl": impl, "shape": list(shape), "out_channels": n}
             if (result := timed(make(impl, dtype), operands, **what)) is None:
                 continue
@@ -237,10 +279,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                   "gb_per_s": round((m * k + m * n) * dtype.itemsize / (ms * 1e-3) / 1e9),
                   "tflop_per_s": round(flops / (ms * 1e-3) / 1e12)})
     print(f"\nforward + backward on {kind}, {a.dtype} (median ms): bn2 + ReLU -> conv3 -> z's statistics "
-          "(model: Pallas BatchNorm + cuDNN + statistics kernel, fused: one Pallas GEMM each way), conv1 -> bn1 + "
-          "ReLU (model: cuDNN + statistics kernel, fused: a Pallas GEMM summing them), then each kernel alone:")
+          "(model: Pallas BatchNorm + cuDNN + statistics kernel, fused: one Pallas GEMM each way), the same to the "
+          "block's output (tail_block; fused-bn3: bn3 in the op, its gradient computed in the backward GEMMs), "
+          "conv1 -> bn1 + ReLU (model: cuDNN + statistics kernel, fused: a Pallas GEMM summing them), then each "
+          "kernel alone:")
     for r in rows:
-        if r["part"] in ("block", "conv1_block"):
+        if r["part"] in IMPLS:
             print(f"  {r['part']:<12}{str(tuple(r['shape'])):<22}-> {r['out_channels']:<5}{r['impl']:<7}"
                   f"{r['ms']:>9.3f} ms" + (f"  diff {r['max_rel_diff_vs_model']:.2g}" if "max_rel_diff_vs_model" in r else ""))
         else:
@@ -248,12 +292,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{r['gb_per_s']:>6} GB/s {r['tflop_per_s']:>5} TFLOP/s")
     # ResNet-50's blocks per stage (each stage's first conv1 has another input width: counted
     # at the others' shape, so the conv1 figure is an estimate)
-    for part, shapes, what in (("block", block_shapes, "bn2 + conv3"), ("conv1_block", conv1_shapes, "conv1 + bn1")):
+    for part, shapes, impl, what in (("block", block_shapes, "fused", "bn2 + conv3"),
+                                     ("tail_block", block_shapes, "fused", "tails, bn3 outside"),
+                                     ("tail_block", block_shapes, "fused-bn3", "tails, bn3 inside"),
+                                     ("conv1_block", conv1_shapes, "fused", "conv1 + bn1")):
         by_shape = {(tuple(r["shape"]), r["impl"]): r["ms"] for r in rows if r["part"] == part}
-        stage_ms = [(by_shape.get((tuple(s), "model")), by_shape.get((tuple(s), "fused"))) for s, _ in shapes(a.batch_size)]
+        stage_ms = [(by_shape.get((tuple(s), "model")), by_shape.get((tuple(s), impl))) for s, _ in shapes(a.batch_size)]
         if all(m is not None and f is not None for m, f in stage_ms):
             saved = sum(count * (m - f) for count, (m, f) in zip((3, 4, 6, 3), stage_ms))
-            print(f"  ResNet-50's 16 {what}: {saved:+.2f} ms per step fused (positive: faster)")
+            print(f"  ResNet-50's 16 {what}: {saved:+.2f} ms per step {impl} (positive: faster than the model's)")
     if a.full_step_model != "none":
         steps = full_steps(a.full_step_model, a.batch_size, a.full_step_image_size, a.dtype, a.full_step_steps)
         print(f"\nwhole {a.full_step_model} train step, batch {a.batch_size} @{a.full_step_image_size}px {a.dtype}:")

@@ -123,7 +123,8 @@ def compile_report(
     BatchNorm, one of ``bn_relu_pallas.STEP_CHOICES`` (``"model"``: the model's own, on a GPU its
     Pallas kernels; ``"xla"``: XLA's reductions; ``"pallas"``: the backward kernel alone;
     ``"fused-conv"``: the model's, with each Bottleneck's bn2 + ReLU, conv3 and bn3's statistics
-    fused; ``"fused-conv1"``: with each conv1 summing bn1's statistics; ``"fused-convs"``: both).
+    fused; ``"fused-conv1"``: with each conv1 summing bn1's statistics; ``"fused-convs"``: both;
+    ``"fused-bn3"``: ``"fused-conv"`` with bn3 in the same op; ``"fused-all"``: the three).
     """
     if bn_relu != "model":
         from benchmarks.bn_relu_pallas import batch_norm
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the BatchNorm: model (the model's own: on a GPU its Pallas kernels), xla (XLA's "
                         "reductions, the model before 2026-11-26), pallas (the backward kernel alone), fused-conv "
                         "(the model's, with each Bottleneck's bn2 + ReLU, conv3 and bn3's statistics in one kernel), "
-                        "fused-conv1 (with each Bottleneck's conv1 summing bn1's statistics), fused-convs (both)")
+                        "fused-conv1 (with each Bottleneck's conv1 summing bn1's statistics), fused-convs (both), fused-bn3 "
+                        "(fused-conv with bn3 in the same op), fused-all (the three)")
     p.add_argument("--top", type=int, default=0, help="list the N kernels that move the most bytes")
     p.add_argument("--dump-hlo", help="write the optimised HLO text here")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
@@ -302,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
            "fused-conv": "; each Bottleneck's bn2 + ReLU, conv3 and bn3's statistics in one kernel",
            "fused-conv1": "; each Bottleneck's conv1 summing bn1's statistics",
            "fused-convs": "; each Bottleneck's bn2 + ReLU, conv3 and bn3's statistics in one kernel, "
-                          "its conv1 summing bn1's statistics"}.get(r["bn_relu"], "")
+                          "its conv1 summing bn1's statistics",
+           "fused-bn3": "; each Bottleneck's bn2 + ReLU, conv3 and bn3 in one op (bn3's gradient computed in "
+                        "conv3's backward GEMMs)",
+           "fused-all": "; each Bottleneck's bn2 + ReLU, conv3 and bn3 in one op, its conv1 summing bn1's "
+                        "statistics"}.get(r["bn_relu"], "")
         + (f"; {r['steps_per_dispatch']} steps per dispatch, figures per step" if r["steps_per_dispatch"] > 1 else "")
         + "\n"
         f"  memory      peak {r['peak_gib']:.2f} GiB = arguments {r['argument_gib']:.2f} + temporaries "

@@ -65,7 +65,7 @@ def require_cuda_plugin() -> None:
         pytest.skip("needs the CUDA plugin: pip install 'jax[cuda12-local]'")
 
 
-def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False):
+def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False, fused_bn3: bool = False):
     """Swaps in, through ``patch`` (a ``pytest.MonkeyPatch``), the kernels a model runs when it is
     compiled for an NVIDIA GPU (``jax.lax.platform_dependent``), which a CPU otherwise never runs
     inside a whole model: the ReLU whose derivative comes from its output, the max pool over
@@ -74,7 +74,8 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False)
     kernel belongs here, so that the tests using it cover them all. ``fused_conv``: also turn
     on the candidate that fuses a Bottleneck's bn2 + ReLU, conv3 and bn3's statistics
     (``blocks.FUSE_BN2_CONV3``), with its Pallas kernels under the interpreter; ``fused_conv1``:
-    the one whose conv1 sums bn1's statistics (``blocks.FUSE_CONV1_BN1``), likewise."""
+    the one whose conv1 sums bn1's statistics (``blocks.FUSE_CONV1_BN1``), likewise;
+    ``fused_bn3`` (with ``fused_conv``): bn3 in the fused op too (``blocks.FUSE_BN3``)."""
     import jax.numpy as jnp
 
     from resnet_jax.models import blocks, layers, pallas_batch_norm
@@ -98,14 +99,17 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False)
     patch.setattr(layers, "_batch_norm_train", batch_norm_train)
     patch.setattr(layers, "batch_norm_apply", batch_norm_apply)
     if fused_conv:
-        def fused(x, scale, bias, kernel, group, epsilon, dtype, activation=None):
+        def fused(x, scale, bias, kernel, group, epsilon, dtype, activation=None, next_norm=None):
+            next_arrays, next_epsilon = ((), None) if next_norm is None else (next_norm[:2], next_norm[2])
             if group != x.shape[0] or activation not in layers.RELUS:
-                return layers.batch_norm_conv1x1_layers(x, scale, bias, kernel, group=group, epsilon=epsilon,
-                                                        dtype=dtype, activation=activation)
-            return layers.pallas_fused_conv_train(x, scale, bias, kernel, epsilon=epsilon, dtype=dtype,
-                                                  interpret=True)
+                return layers.batch_norm_conv1x1_layers(x, scale, bias, kernel, *next_arrays, group=group,
+                                                        epsilon=epsilon, dtype=dtype, activation=activation,
+                                                        next_epsilon=next_epsilon)
+            return layers.pallas_fused_conv_train(x, scale, bias, kernel, *next_arrays, epsilon=epsilon, dtype=dtype,
+                                                  next_epsilon=next_epsilon, interpret=True)
 
         patch.setattr(blocks, "FUSE_BN2_CONV3", True)
+        patch.setattr(blocks, "FUSE_BN3", fused_bn3)
         patch.setattr(layers, "batch_norm_relu_conv1x1_train", fused)
     if fused_conv1:
         patch.setattr(blocks, "FUSE_CONV1_BN1", True)

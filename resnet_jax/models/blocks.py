@@ -34,6 +34,11 @@ FUSE_BN2_CONV3 = False
 # (``layers.BatchNorm(..., input_conv1x1_kernel=...)``: on an NVIDIA GPU one Pallas kernel), so
 # bn1 does not read it an extra time. The parameters are the same either way.
 FUSE_CONV1_BN1 = False
+# A candidate, off until the device times it (docs/performance.md, change 11): with
+# FUSE_BN2_CONV3, bn3 is computed in the same op (``BatchNorm(..., next_norm=...)``), so that on
+# an NVIDIA GPU conv3's two backward GEMMs compute bn3's input gradient as they load its output
+# gradient instead of reading it stored. The parameters are the same either way.
+FUSE_BN3 = False
 
 
 class _Block(nn.Module):
@@ -130,6 +135,9 @@ class Bottleneck(_Block):
         y = self.conv(width, 3, s3, groups=self.groups, name="conv2")(y)
         if FUSE_BN2_CONV3 and train:
             kernel = Conv1x1Kernel(self.planes * self.expansion, self._param_dtype(), name="conv3")(width)
+            if FUSE_BN3:
+                bn3 = self.norm(name="bn3", zero_init_scale=self.zero_init_last)
+                return self.norm(name="bn2", activation=self.act)(y, train, conv1x1_kernel=kernel, next_norm=bn3)
             y, statistics = self.norm(name="bn2", activation=self.act)(y, train, conv1x1_kernel=kernel)
             return self.norm(name="bn3", zero_init_scale=self.zero_init_last)(y, train, statistics=statistics)
         y = self.norm(name="bn2", activation=self.act)(y, train)

@@ -179,6 +179,8 @@ class BatchNorm(nn.Module):
     def __call__(
         self, x: Array, train: bool, *, statistics: tuple[Array, Array] | None = None,
         conv1x1_kernel: Array | None = None, input_conv1x1_kernel: Array | None = None,
+        next_norm: BatchNorm | None = None,
+        computed_by: tuple[int, Callable[..., tuple[Array, tuple[Array, Array]]]] | None = None,
     ) -> Array | tuple[Array, tuple[Array, Array] | None]:
         """``activation(BatchNorm(x))``, x (N, H, W, C).
 
@@ -198,7 +200,22 @@ class BatchNorm(nn.Module):
         convolution returns them too (:func:`conv1x1_train_statistics`: on an NVIDIA GPU one
         Pallas kernel that sums them as it stores its output); otherwise it is
         :func:`conv1x1`, then the BatchNorm as usual.
+        ``next_norm`` (with ``conv1x1_kernel``, in training): the BatchNorm module that
+        normalises z; the output is then that BatchNorm's, in ``dtype``, computed with this one
+        as one function (:func:`batch_norm_relu_conv1x1_train`'s ``next_norm``: on an NVIDIA GPU
+        its backward pass never stores z's gradient), and ``next_norm``'s parameters and running
+        statistics are its own as usual. ``computed_by``: how such a ``next_norm`` is called,
+        ``(features, fn)``; x is then ignored (pass None) and ``fn(scale, bias, epsilon)``
+        returns this BatchNorm's output and its float32 (C,) whole-batch mean and biased variance.
         """
+        if computed_by is not None:
+            if not train:
+                raise ValueError("BatchNorm: computed_by is a training-mode computation; call it with train=True")
+            features, compute = computed_by
+            scale, bias, ra_mean, ra_var = self._parameters(features)
+            y, (mean, var) = compute(scale, bias, self.epsilon)
+            self._update_running_statistics(ra_mean, ra_var, mean[None], var[None])
+            return y
         if input_conv1x1_kernel is not None:
             if statistics is not None or conv1x1_kernel is not None:
                 raise ValueError("BatchNorm: input_conv1x1_kernel takes its statistics from the convolution "
@@ -207,12 +224,7 @@ class BatchNorm(nn.Module):
                 x, statistics = conv1x1_train_statistics(x, input_conv1x1_kernel, self.dtype)
             else:
                 x = conv1x1(x, input_conv1x1_kernel, self.dtype)
-        features = x.shape[-1]
-        scale_init = nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones
-        scale = self.param("scale", scale_init, (features,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        scale, bias, ra_mean, ra_var = self._parameters(x.shape[-1])
 
         if train:
             batch = x.shape[0]
@@ -226,7 +238,19 @@ class BatchNorm(nn.Module):
                 raise ValueError("BatchNorm statistics given from outside are whole-batch ones; "
                                  f"this BatchNorm has group_size={group}: leave statistics=None")
             out_statistics = None
-            if conv1x1_kernel is not None:
+            if conv1x1_kernel is not None and next_norm is not None:
+                own = []
+
+                def with_next(next_scale: Array, next_bias: Array, next_epsilon: float) -> tuple:
+                    u, mean, var, next_statistics = batch_norm_relu_conv1x1_train(
+                        x, scale, bias, conv1x1_kernel, group, self.epsilon, self.dtype, self.activation,
+                        next_norm=(next_scale, next_bias, next_epsilon))
+                    own.append((mean, var))
+                    return u, next_statistics
+
+                y = next_norm(None, train, computed_by=(conv1x1_kernel.shape[-1], with_next))
+                (mean, var), conv1x1_kernel = own[0], None  # the output is next_norm's: no statistics out
+            elif conv1x1_kernel is not None:
                 y, mean, var, out_statistics = batch_norm_relu_conv1x1_train(
                     x, scale, bias, conv1x1_kernel, group, self.epsilon, self.dtype, self.activation)
             elif statistics is not None:
@@ -237,16 +261,30 @@ class BatchNorm(nn.Module):
                 y, mean, var = _batch_norm_train(
                     x, scale, bias, group, self.epsilon, self.dtype, self.activation
                 )
-            if not self.is_initializing():
-                m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
-                ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
+            self._update_running_statistics(ra_mean, ra_var, mean, var)
             return y if conv1x1_kernel is None else (y, out_statistics)
         inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale.astype(jnp.float32)
         y = (x.astype(jnp.float32) - ra_mean.value) * inv + bias.astype(jnp.float32)
         y = y.astype(self.dtype)
         y = y if self.activation is None else self.activation(y)
         return y if conv1x1_kernel is None else (conv1x1(y, conv1x1_kernel, self.dtype), None)
+
+
+    def _parameters(self, features: int) -> tuple[Array, Array, Any, Any]:
+        """scale, bias (``param_dtype``, (features,)) and the running mean and variance variables."""
+        scale_init = nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones
+        scale = self.param("scale", scale_init, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        return scale, bias, ra_mean, ra_var
+
+    def _update_running_statistics(self, ra_mean: Any, ra_var: Any, mean: Array, var: Array) -> None:
+        """Moves the running statistics towards the mean of the (groups, C) batch ``mean`` and ``var``."""
+        if not self.is_initializing():
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
+            ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
 
 
 def _batch_norm_train(
@@ -375,49 +413,67 @@ def batch_norm_relu_conv1x1_train(
     epsilon: float,
     dtype: Dtype,
     activation: Callable[[Array], Array] | None = None,
+    next_norm: tuple[Array, Array, float] | None = None,
 ) -> tuple[Array, Array, Array, tuple[Array, Array]]:
     """``z = conv1x1(activation(BatchNorm(x)), kernel)`` in training, x (N, H, W, C), kernel
     (1, 1, C, N). Returns z (computed and stored in ``dtype``, returned as its float32 view, so
     that the next BatchNorm's normalisation and these statistics share it and z's gradient is
     summed in float32), the BatchNorm's float32 (N // group, C) means and biased variances (as
     :func:`_batch_norm_train`), and z's float32 whole-batch mean and biased variance, each (N,).
+    ``next_norm``: ``(scale, bias, epsilon)`` of the BatchNorm that normalises z with those
+    statistics; the first result is then its output, in ``dtype``, instead of z.
 
     With whole-batch statistics and a ReLU, compiled for an NVIDIA GPU, this is
     :func:`pallas_fused_conv_train`: one kernel applies the BatchNorm and ReLU to x as it loads
-    it, multiplies, and sums z's statistics as it stores z. Otherwise, and on other platforms,
-    the layers run one after another (:func:`batch_norm_conv1x1_layers`).
+    it, multiplies, and sums z's statistics as it stores z (with ``next_norm``, the backward
+    kernels also compute z's gradient from the next BatchNorm's as they load it). Otherwise,
+    and on other platforms, the layers run one after another (:func:`batch_norm_conv1x1_layers`).
     """
+    next_arrays, next_epsilon = ((), None) if next_norm is None else (next_norm[:2], next_norm[2])
     one_by_one = functools.partial(batch_norm_conv1x1_layers, group=group, epsilon=epsilon, dtype=dtype,
-                                   activation=activation)
+                                   activation=activation, next_epsilon=next_epsilon)
     if group != x.shape[0] or activation not in RELUS:
-        return one_by_one(x, scale, bias, kernel)
-    fused = functools.partial(pallas_fused_conv_train, epsilon=epsilon, dtype=dtype)
-    return jax.lax.platform_dependent(x, scale, bias, kernel, cuda=fused, default=one_by_one)
+        return one_by_one(x, scale, bias, kernel, *next_arrays)
+    fused = functools.partial(pallas_fused_conv_train, epsilon=epsilon, dtype=dtype, next_epsilon=next_epsilon)
+    return jax.lax.platform_dependent(x, scale, bias, kernel, *next_arrays, cuda=fused, default=one_by_one)
 
 
-def batch_norm_conv1x1_layers(x: Array, scale: Array, bias: Array, kernel: Array, *, group: int, epsilon: float,
-                              dtype: Dtype, activation: Callable[[Array], Array] | None = None) -> tuple:
+def batch_norm_conv1x1_layers(x: Array, scale: Array, bias: Array, kernel: Array, next_scale: Array | None = None,
+                              next_bias: Array | None = None, *, group: int, epsilon: float, dtype: Dtype,
+                              activation: Callable[[Array], Array] | None = None,
+                              next_epsilon: float | None = None) -> tuple:
     """:func:`batch_norm_relu_conv1x1_train` as the separate layers: :func:`_batch_norm_train`,
-    :func:`conv1x1`, then z's statistics as plain reductions."""
+    :func:`conv1x1`, then z's statistics as plain reductions (and the next BatchNorm's apply,
+    :func:`batch_norm_apply`, where ``next_scale`` is given)."""
     y, mean, var = _batch_norm_train(x, scale, bias, group, epsilon, dtype, activation)
     z = conv1x1(y, kernel, dtype).astype(jnp.float32)
     rows = z.reshape(-1, z.shape[-1])
     z_mean = jnp.mean(rows, axis=0)
-    return z, mean, var, (z_mean, jnp.maximum(jnp.mean(jnp.square(rows), axis=0) - jnp.square(z_mean), 0.0))
+    z_var = jnp.maximum(jnp.mean(jnp.square(rows), axis=0) - jnp.square(z_mean), 0.0)
+    if next_scale is not None:
+        z = batch_norm_apply(z, z_mean, z_var, next_scale, next_bias, next_epsilon, dtype)
+    return z, mean, var, (z_mean, z_var)
 
 
-def pallas_fused_conv_train(x: Array, scale: Array, bias: Array, kernel: Array, *, epsilon: float, dtype: Dtype,
-                            interpret: bool = False) -> tuple:
+def pallas_fused_conv_train(x: Array, scale: Array, bias: Array, kernel: Array, next_scale: Array | None = None,
+                            next_bias: Array | None = None, *, epsilon: float, dtype: Dtype,
+                            next_epsilon: float | None = None, interpret: bool = False) -> tuple:
     """:func:`batch_norm_relu_conv1x1_train` for a GPU (or, ``interpret``, under the Pallas
     interpreter): x's statistics from ``pallas_batch_norm.batch_moments``, then
-    ``pallas_fused_conv.bn_relu_conv1x1``."""
+    ``pallas_fused_conv.bn_relu_conv1x1`` (``bn_relu_conv1x1_bn`` where ``next_scale`` is given)."""
     from resnet_jax.models import pallas_batch_norm, pallas_fused_conv
 
     c = x.shape[-1]
     mean, mean_sq = pallas_batch_norm.batch_moments(x.astype(jnp.float32).reshape(-1, c), x.dtype, interpret)
     var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-    z, (z_mean, z_mean_sq) = pallas_fused_conv.bn_relu_conv1x1(
-        x, mean, var, scale.astype(jnp.float32), bias.astype(jnp.float32), kernel, epsilon, dtype, interpret)
+    scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
+    if next_scale is not None:
+        u, z_mean, z_var = pallas_fused_conv.bn_relu_conv1x1_bn(
+            x, mean, var, scale, bias, kernel, next_scale.astype(jnp.float32), next_bias.astype(jnp.float32),
+            epsilon, next_epsilon, dtype, interpret)
+        return u, mean[None], var[None], (z_mean, z_var)
+    z, (z_mean, z_mean_sq) = pallas_fused_conv.bn_relu_conv1x1(x, mean, var, scale, bias, kernel, epsilon, dtype,
+                                                               interpret)
     return z, mean[None], var[None], (z_mean, jnp.maximum(z_mean_sq - jnp.square(z_mean), 0.0))
 
 

@@ -95,26 +95,67 @@ def _forward_kernel(*refs, block_k: int, prologue: bool) -> None:
     sums_ref[1, :] = jnp.sum(zf * zf, axis=0)
 
 
-def _wgrad_kernel(x_ref, mean_ref, a_ref, b_ref, dz_ref, dw_ref, *, rows: int, sub: int) -> None:
+def affine_grad(g: Array, z: Array, scale_g: Array, scale_z: Array, shift: Array) -> Array:
+    """``scale_g * g + scale_z * z + shift`` in float32, per channel (the vectors broadcast over
+    rows): a BatchNorm's input gradient written as a function of its output's gradient g and
+    its input z, which the backward kernels compute as they load g and z (:func:`input_grad`,
+    :func:`weight_grad`) instead of reading a stored dz."""
+    return g.astype(jnp.float32) * scale_g + z.astype(jnp.float32) * scale_z + shift
+
+
+def _wgrad_kernel(x_ref, mean_ref, a_ref, b_ref, *refs, rows: int, sub: int) -> None:
     """Instance (n, k, s): ``dw = relu_bn(x)^T @ dz`` over rows ``[s * rows, (s + 1) * rows)``,
     ``sub`` rows at a time, for one (input, output) channel block, in float32. The refs hold all
-    rows of their channel block."""
+    rows of their channel block; after b come ``dz, dw`` or ``g, z, scale_g, scale_z, shift, dw``
+    (dz is then :func:`affine_grad` of them, rounded to g's dtype as a stored dz would be)."""
+    *dz_refs, dw_ref = refs
     start = pl.program_id(2) * rows
     block_k, block_n = dw_ref.shape
     mean, a, b = mean_ref[...], a_ref[...], b_ref[...]
+    compute_dtype = dz_refs[0].dtype
+
+    def dz_rows(rs: Any) -> Array:
+        if len(dz_refs) == 1:
+            return dz_refs[0][rs, :]
+        g_ref, z_ref, scale_g, scale_z, shift = dz_refs
+        return affine_grad(g_ref[rs, :], z_ref[rs, :], scale_g[...], scale_z[...], shift[...]).astype(compute_dtype)
 
     def body(i: int, acc: Array) -> Array:
         rs = pl.ds(start + i * sub, sub)
-        y = relu_bn(x_ref[rs, :], mean, a, b).astype(dz_ref.dtype)
-        return acc + jax.lax.dot_general(y, dz_ref[rs, :], (((0,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
+        y = relu_bn(x_ref[rs, :], mean, a, b).astype(compute_dtype)
+        return acc + jax.lax.dot_general(y, dz_rows(rs), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
     dw_ref[...] = jax.lax.fori_loop(0, rows // sub, body, jnp.zeros((block_k, block_n), jnp.float32))
+
+
+def _input_grad_kernel(g_ref, z_ref, scale_g_ref, scale_z_ref, shift_ref, wt_ref, dy_ref, *, block_n: int) -> None:
+    """One (rows, input channels) block: ``dy = affine_grad(g, z, ...) @ wt``, accumulated in
+    float32 over the output channels ``block_n`` at a time, dz rounded to wt's dtype before the
+    product (as a stored dz would be), dy stored in its dtype."""
+    rows, cols = dy_ref.shape
+
+    def body(i: int, acc: Array) -> Array:
+        ns = pl.ds(i * block_n, block_n)
+        dz = affine_grad(g_ref[:, ns], z_ref[:, ns], scale_g_ref[:, ns], scale_z_ref[:, ns], shift_ref[:, ns])
+        return acc + jnp.dot(dz.astype(wt_ref.dtype), wt_ref[ns, :], preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, g_ref.shape[1] // block_n, body, jnp.zeros((rows, cols), jnp.float32))
+    dy_ref[...] = acc.astype(dy_ref.dtype)
 
 
 def _fits(*sizes: int) -> bool:
     """Triton's dot needs power-of-two blocks of at least 16 along each dimension."""
     return all(s >= 16 for s in sizes)
+
+
+def _gemm_blocks(rows: int, out: int, inner: int, block_rows: int, block_out: int,
+                 block_inner: int) -> tuple[int, int, int] | None:
+    """The blocks of a GEMM kernel whose instances each own (rows, out) and loop over all of
+    ``inner``: the largest powers of two up to the given ones that divide each dimension, or
+    None where one is under 16 or ``inner`` is not a power of two (the caller then uses XLA)."""
+    blocks = tuple(_largest_power_of_two_divisor(d, b) for d, b in
+                   ((rows, block_rows), (out, block_out), (inner, block_inner)))
+    return None if not _fits(*blocks) or inner & (inner - 1) else blocks
 
 
 def matmul_moments(
@@ -134,11 +175,9 @@ def matmul_moments(
     prologue = mean is not None
     if prologue != (a is not None) or prologue != (b is not None):
         raise ValueError("matmul_moments: give mean, a and b together (the BatchNorm before the product), or none")
-    bm = _largest_power_of_two_divisor(m, block_m or BLOCK_M)
-    bn = _largest_power_of_two_divisor(n, block_n or BLOCK_N)
-    bk = _largest_power_of_two_divisor(k, block_k or BLOCK_K)
-    if not _fits(bm, bn, bk) or k & (k - 1):
+    if (blocks := _gemm_blocks(m, n, k, block_m or BLOCK_M, block_n or BLOCK_N, block_k or BLOCK_K)) is None:
         return None
+    bm, bn, bk = blocks
     # The output-channel blocks are the grid's first (fastest-launched) dimension: the instances
     # that share a block of x run together, so x is read from memory once and the other
     # instances find it in L2 (the kernel, at most 2 MiB, stays there).
@@ -174,18 +213,22 @@ def _row_splits(m: int, sub: int, programs_per_split: int, target: int, most: in
 
 
 def weight_grad(
-    x: Array, mean: Array, a: Array, b: Array, dz: Array, *, interpret: bool = False,
+    x: Array, mean: Array, a: Array, b: Array, dz: Array | tuple[Array, ...], *, interpret: bool = False,
     block_k: int | None = None, block_n: int | None = None, sub_rows: int | None = None,
     num_warps: int | None = None, programs: int | None = None,
 ) -> Array | None:
     """``relu((x - mean) * a + b)^T @ dz``, float32 (K, N), for x (M, K) and dz (M, N) in the
     compute dtype, in one Pallas (Triton) kernel that recomputes the ReLU'd BatchNorm from x.
+    ``dz`` may instead be ``(g, z, scale_g, scale_z, shift)``, g and z (M, N) and the others
+    float32 (N,): dz is then :func:`affine_grad` of them, computed as they are loaded.
     The rows are split into ranges so that the kernel runs about ``programs`` instances, as
     long as their float32 (K, N) partial sums, which XLA adds, stay under an eighth of the
-    bytes of x and dz. Returns None where the blocks would be
+    bytes the kernel reads. Returns None where the blocks would be
     smaller than 16 (the caller then uses XLA). A GPU only, unless ``interpret``."""
     m, k = x.shape
-    n = dz.shape[1]
+    dz_args = tuple(dz) if isinstance(dz, tuple) else (dz,)
+    rows_in = dz_args[:2] if len(dz_args) > 1 else dz_args
+    n = rows_in[0].shape[1]
     bk = _largest_power_of_two_divisor(k, block_k or WGRAD_BLOCK_K)
     bn = _largest_power_of_two_divisor(n, block_n or WGRAD_BLOCK_N)
     sub = _largest_power_of_two_divisor(m, sub_rows or WGRAD_SUB_ROWS)
@@ -193,25 +236,62 @@ def weight_grad(
         return None
     # each range writes a float32 (K, N) partial sum that XLA reads back: at most an eighth of
     # the bytes the kernel has to read anyway
-    most = (x.size * x.dtype.itemsize + dz.size * dz.dtype.itemsize) // (8 * k * n * 4)
+    most = (x.size * x.dtype.itemsize + sum(r.size * r.dtype.itemsize for r in rows_in)) // (8 * k * n * 4)
     splits = _row_splits(m, sub, (k // bk) * (n // bn), programs or WGRAD_PROGRAMS, most)
     # Row ranges are the grid's last (slowest-launched) dimension: the instances that read the
     # same rows of x and dz run together, so those rows come from memory once and from L2 after.
     grid = (n // bn, k // bk, splits)
     vector = pl.BlockSpec((1, bk), lambda j, i, s: (0, i))
+    rows_spec = pl.BlockSpec((m, bn), lambda j, i, s: (0, j))
+    out_vector = pl.BlockSpec((1, bn), lambda j, i, s: (0, j))
+    dz_specs = [rows_spec] * len(rows_in) + [out_vector] * (len(dz_args) - len(rows_in))
+    dz_vectors = [v.reshape(1, n) for v in dz_args[len(rows_in):]]
     partial = pl.pallas_call(
         functools.partial(_wgrad_kernel, rows=m // splits, sub=sub),
         grid=grid,
-        in_specs=[pl.BlockSpec((m, bk), lambda j, i, s: (0, i)), vector, vector, vector,
-                  pl.BlockSpec((m, bn), lambda j, i, s: (0, j))],
+        in_specs=[pl.BlockSpec((m, bk), lambda j, i, s: (0, i)), vector, vector, vector, *dz_specs],
         out_specs=pl.BlockSpec((None, bk, bn), lambda j, i, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((splits, k, n), jnp.float32),
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps or WGRAD_NUM_WARPS,
                                                                      num_stages=2),
-        name="bn_relu_matmul_weight_grad",
-    )(x, mean.reshape(1, k), a.reshape(1, k), b.reshape(1, k), dz)
+        name="bn_relu_matmul_weight_grad" if len(dz_args) == 1 else "bn_relu_matmul_weight_grad_affine",
+    )(x, mean.reshape(1, k), a.reshape(1, k), b.reshape(1, k), *rows_in, *dz_vectors)
     return jnp.sum(partial, axis=0)
+
+
+def input_grad(
+    g: Array, z: Array, scale_g: Array, scale_z: Array, shift: Array, w: Array, *, out_dtype: Dtype,
+    interpret: bool = False, block_m: int | None = None, block_k: int | None = None, block_n: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> Array | None:
+    """``affine_grad(g, z, scale_g, scale_z, shift) @ w^T`` in ``out_dtype``, (M, K), for g and z
+    (M, N) in the compute dtype, the vectors float32 (N,) and w (K, N), in one Pallas (Triton)
+    kernel that computes dz as it loads g and z: the input gradient of a 1x1 convolution
+    followed by a BatchNorm, without dz stored. Returns None where N is not a power of two or
+    the blocks would be smaller than 16 (the caller then uses XLA). Block parameters left None
+    are the forward kernel's (``BLOCK_M``; ``BLOCK_N`` for the input channels, ``BLOCK_K`` for
+    the output channels it loops over). A GPU only, unless ``interpret``."""
+    m, n = g.shape
+    k = w.shape[0]
+    if (blocks := _gemm_blocks(m, k, n, block_m or BLOCK_M, block_k or BLOCK_N, block_n or BLOCK_K)) is None:
+        return None
+    bm, bk, bn = blocks
+    # the input-channel blocks first: the instances that share rows of g and z run together
+    grid = (k // bk, m // bm)
+    rows = pl.BlockSpec((bm, n), lambda j, i: (i, 0))
+    vector = pl.BlockSpec((1, n), lambda j, i: (0, 0))
+    return pl.pallas_call(
+        functools.partial(_input_grad_kernel, block_n=bn),
+        grid=grid,
+        in_specs=[rows, rows, vector, vector, vector, pl.BlockSpec((n, bk), lambda j, i: (0, j))],
+        out_specs=pl.BlockSpec((bm, bk), lambda j, i: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((m, k), out_dtype),
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(
+            num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
+        name="affine_grad_matmul",
+    )(g, z, scale_g.reshape(1, n), scale_z.reshape(1, n), shift.reshape(1, n), w.T)
 
 
 # ---------------------------------------------------------------- XLA's versions (fallback)
@@ -223,9 +303,17 @@ def _matmul_moments_xla(x: Array, mean: Array | None, a: Array | None, b: Array 
     return z, jnp.stack([jnp.sum(zf, axis=0), jnp.sum(zf * zf, axis=0)])
 
 
-def _weight_grad_xla(x: Array, mean: Array, a: Array, b: Array, dz: Array) -> Array:
+def _weight_grad_xla(x: Array, mean: Array, a: Array, b: Array, dz: Array | tuple[Array, ...]) -> Array:
+    if isinstance(dz, tuple):
+        dz = affine_grad(*dz).astype(dz[0].dtype)
     y = relu_bn(x, mean, a, b).astype(dz.dtype)
     return jax.lax.dot_general(y, dz, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _input_grad_xla(g: Array, z: Array, scale_g: Array, scale_z: Array, shift: Array, w: Array,
+                    out_dtype: Dtype) -> Array:
+    dz = affine_grad(g, z, scale_g, scale_z, shift).astype(w.dtype)
+    return jnp.dot(dz, w.T, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def _kernel_or_xla(kernel_fn, xla_fn, *args: Array) -> Any:
@@ -247,11 +335,25 @@ def _sharded_forward(out_dtype: Dtype, interpret: bool, prologue: bool = True) -
 
 
 @functools.cache
-def _sharded_weight_grad(interpret: bool) -> Callable:
+def _sharded_weight_grad(interpret: bool, affine: bool = False) -> Callable:
     """:func:`weight_grad` (or XLA's) as a :func:`row_sharded_op`: x's and dz's rows split over
-    the devices, each device's (K, N) sum added across them."""
+    the devices, each device's (K, N) sum added across them. ``affine``: the op takes
+    ``(x, mean, a, b, g, z, scale_g, scale_z, shift)``, dz being :func:`affine_grad` of the last five."""
     fn = functools.partial(_kernel_or_xla, functools.partial(weight_grad, interpret=interpret), _weight_grad_xla)
-    return row_sharded_op(fn, (True, False, False, False, True), (False,), "m k, k, k, k, m n -> k n", ("m",))
+    if not affine:
+        return row_sharded_op(fn, (True, False, False, False, True), (False,), "m k, k, k, k, m n -> k n", ("m",))
+    return row_sharded_op(lambda x, mean, a, b, *dz: fn(x, mean, a, b, tuple(dz)),
+                          (True, False, False, False, True, True, False, False, False), (False,),
+                          "m k, k, k, k, m n, m n, n, n, n -> k n", ("m",))
+
+
+@functools.cache
+def _sharded_input_grad(out_dtype: Dtype, interpret: bool) -> Callable:
+    """:func:`input_grad` (or XLA's) as a :func:`row_sharded_op`: g's and z's rows split over the
+    devices, dy split the same way; the vectors and the kernel replicated."""
+    fn = functools.partial(_kernel_or_xla, functools.partial(input_grad, out_dtype=out_dtype, interpret=interpret),
+                           functools.partial(_input_grad_xla, out_dtype=out_dtype))
+    return row_sharded_op(fn, (True, True, False, False, False, False), (True,), "m n, m n, n, n, n, k n -> m k")
 
 
 # ---------------------------------------------------------------- the differentiable op
@@ -392,3 +494,121 @@ def _conv1x1_sums_jvp(dtype: Dtype, interpret: bool, primals: tuple, tangents: t
     # linear in (tx, tkernel): reverse mode transposes these two convolutions as it does nn.Conv's
     tz = _conv1x1_xla(tx, kernel, dtype) + _conv1x1_xla(x, tkernel, dtype)
     return (z, sums), (tz, jnp.zeros_like(sums))
+
+
+# ---------------------------------------------------------------- bn2 + ReLU, conv3 and bn3 whole
+def bn_relu_conv1x1_bn(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
+                       next_scale: Array, next_bias: Array, epsilon: float, next_epsilon: float, dtype: Dtype,
+                       interpret: bool = False) -> tuple[Array, Array, Array]:
+    """``u = BatchNorm'(conv1x1(relu(BatchNorm(x)), kernel))`` in training: :func:`bn_relu_conv1x1`
+    followed by the next BatchNorm (``next_scale``, ``next_bias``, ``next_epsilon``) with z's
+    whole-batch statistics, as one differentiable op whose backward pass never stores z's
+    gradient.
+
+    x is (..., K) in the compute ``dtype``; ``mean``, ``var`` x's float32 (K,) batch statistics,
+    ``scale``, ``bias`` its BatchNorm's (K,); ``kernel`` (K, N) or (1, 1, K, N); ``next_scale``
+    and ``next_bias`` (N,). Returns u (..., N) in ``dtype`` and z's float32 (N,) mean and biased
+    variance (for the next BatchNorm's running statistics; they carry their derivative too).
+
+    Forward: :func:`matmul_moments` (z and its sums in one kernel), then u in XLA (which fuses
+    it with whatever follows: in a Bottleneck, the residual add and ReLU). Reverse: the next
+    BatchNorm's gradient is an affine function of u's gradient g and z per channel, so g's two
+    sums are reduced in XLA (which fuses them into the kernel that makes g) and the two GEMMs
+    that need dz, :func:`input_grad` and :func:`weight_grad`, compute it as they load g and z:
+    dz is never written or read (docs/performance.md, change 11). The variance's clip at zero
+    is left out of the derivative (as where it does not bind). First-order forward and
+    reverse mode work; second-order derivatives do not (``linear_call``)."""
+    return _bn_relu_conv1x1_bn(x, mean, var, scale, bias, kernel, next_scale, next_bias, epsilon, next_epsilon,
+                               dtype, interpret)
+
+
+def _bn3_from_sums(z: Array, sums: Array, next_scale: Array, next_bias: Array, next_epsilon: float,
+                   dtype: Dtype) -> tuple[Array, Array, Array, Array]:
+    """u in ``dtype``, z's mean and biased variance from its row sums, and 1 / std."""
+    rows = z.shape[0]
+    mean3 = sums[0] / rows
+    var3 = jnp.maximum(sums[1] / rows - mean3 * mean3, 0.0)
+    inv3 = jax.lax.rsqrt(var3 + next_epsilon)
+    u = ((z.astype(jnp.float32) - mean3) * (inv3 * next_scale) + next_bias).astype(dtype)
+    return u, mean3, var3, inv3
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9, 10, 11))
+def _bn_relu_conv1x1_bn(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
+                        next_scale: Array, next_bias: Array, epsilon: float, next_epsilon: float, dtype: Dtype,
+                        interpret: bool = False) -> tuple[Array, Array, Array]:
+    z, sums = _bn_relu_conv1x1(x, mean, var, scale, bias, kernel, epsilon, dtype, interpret)
+    z = z.reshape(-1, z.shape[-1])
+    u, mean3, var3, _ = _bn3_from_sums(z, sums, next_scale, next_bias, next_epsilon, dtype)
+    return u.reshape(*x.shape[:-1], z.shape[-1]), mean3, var3
+
+
+def _bn_relu_conv1x1_bn_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, interpret: bool, primals: tuple,
+                            tangents: tuple) -> tuple[tuple, tuple]:
+    x, mean, var, scale, bias, kernel, next_scale, next_bias = primals
+    k = x.shape[-1]
+    w = kernel.reshape(k, -1).astype(dtype)
+    a = jax.lax.rsqrt(var + epsilon) * scale
+    z, sums = _sharded_forward(jnp.dtype(dtype), interpret)(x.reshape(-1, k), mean, a, bias.astype(jnp.float32), w)
+    u, mean3, var3, inv3 = _bn3_from_sums(z, sums, next_scale, next_bias, next_epsilon, dtype)
+    present, linear = present_tangents(tangents)
+    bn_present, kernel_present, next_present = present[:5], present[5], present[6:]
+    n_bn, rows = sum(bn_present), z.shape[0]
+    res = (x, mean, var, scale, bias, kernel, next_scale, z, mean3, inv3)
+
+    def tangent(res: tuple, lin: tuple) -> tuple[Array, Array, Array]:
+        x, mean, var, scale, bias, kernel, next_scale, z, mean3, inv3 = res
+        w = kernel.reshape(k, -1).astype(dtype)
+        tz = jnp.zeros(z.shape, jnp.float32)
+        if n_bn:
+            ty = _bn_relu_tangent(epsilon, dtype, bn_present, res[:5], lin[:n_bn]).reshape(-1, k)
+            tz = tz + jnp.dot(ty, w, preferred_element_type=jnp.float32)
+        if kernel_present:
+            y = relu_bn(x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias).astype(dtype)
+            tz = tz + jnp.dot(y, lin[n_bn].reshape(w.shape).astype(dtype), preferred_element_type=jnp.float32)
+        centred = z.astype(jnp.float32) - mean3
+        tmean3 = jnp.mean(tz, axis=0)
+        tvar3 = jnp.mean(2 * centred * tz, axis=0)
+        tu = ((tz - tmean3) * inv3 - centred * (0.5 * inv3**3 * tvar3)) * next_scale
+        it = iter(lin[n_bn + kernel_present:])
+        tscale3, tbias3 = (next(it) if p else None for p in next_present)
+        if tscale3 is not None:
+            tu = tu + centred * inv3 * tscale3
+        if tbias3 is not None:
+            tu = tu + tbias3
+        return tu.astype(dtype).reshape(*x.shape[:-1], -1), tmean3, tvar3
+
+    def transpose(res: tuple, cts: tuple) -> tuple:
+        x, mean, var, scale, bias, kernel, next_scale, z, mean3, inv3 = res
+        du, dmean3, dvar3 = cts
+        w = kernel.reshape(k, -1).astype(dtype)
+        g = du.reshape(z.shape)
+        gf, centred = g.astype(jnp.float32), z.astype(jnp.float32) - mean3
+        # u's two sums: plain reductions, which XLA fuses into the kernel that makes g
+        sum_g, sum_gc = jnp.sum(gf, axis=0), jnp.sum(gf * centred, axis=0)
+        a3 = inv3 * next_scale
+        dmean3 = jnp.zeros_like(mean3) if dmean3 is None else dmean3
+        dvar3 = jnp.zeros_like(mean3) if dvar3 is None else dvar3
+        # dz = a3 g - a3 mean(g) - a3 inv3^2 (z - mean3) mean(g (z - mean3)) + dmean3 / M + 2 dvar3 (z - mean3) / M
+        scale_z = (2 * dvar3 - a3 * inv3**2 * sum_gc) / rows
+        shift = (dmean3 - a3 * sum_g) / rows - scale_z * mean3
+        affine = (g, z, a3, scale_z, shift)
+        out = []
+        if n_bn:
+            dy = _sharded_input_grad(jnp.dtype(dtype), interpret)(*affine, w).reshape(x.shape)
+            out.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res[:5], dy))
+        if kernel_present:
+            a = jax.lax.rsqrt(var + epsilon) * scale
+            dw = _sharded_weight_grad(interpret, affine=True)(x.reshape(-1, k), mean, a, bias.astype(jnp.float32),
+                                                               *affine)
+            out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
+        for ct, p in zip((sum_gc * inv3, sum_g), next_present):
+            if p:
+                out.append(ct)
+        return tuple(out)
+
+    outs = jax.custom_derivatives.linear_call(tangent, transpose, res, linear)
+    return (u.reshape(*x.shape[:-1], -1), mean3, var3), outs
+
+
+_bn_relu_conv1x1_bn.defjvp(_bn_relu_conv1x1_bn_jvp, symbolic_zeros=True)

@@ -174,3 +174,31 @@ def test_a_candidate_kernel_that_fails_on_the_device_is_reported_not_dropped():
     assert "BatchNorm statistics (256, 56, 56, 256) pallas: 0.100 ms, 4112 GB/s" in text
     assert "BatchNorm kernel grad_sums_kernel 1024x32x4 () failed: out of resources" in text
     assert "BatchNorm moments kernel 512x32x8 on (3211264, 64): 0.150 ms, 2741 GB/s" in text
+
+
+def test_the_summary_names_each_fused_conv_timing():
+    """fused_conv_pallas.py's rows: the three block timings by what they time, a kernel alone,
+    a whole step, and a candidate that failed."""
+    rows = [
+        {"job": "fused-conv/b256", "part": "block", "impl": "fused", "shape": [256, 56, 56, 64], "out_channels": 256,
+         "ms": 1.5, "max_rel_diff_vs_model": 0.004},
+        {"job": "fused-conv/b256", "part": "tail_block", "impl": "fused-bn3", "shape": [256, 56, 56, 64],
+         "out_channels": 256, "ms": 2.5},
+        {"job": "fused-conv/b256", "part": "conv1_block", "impl": "model", "shape": [256, 56, 56, 256],
+         "out_channels": 64, "ms": 1.25},
+        {"job": "fused-conv/b256", "part": "forward_kernel", "blocks": "128x128x64x8x2", "shape": [802816, 64, 256],
+         "ms": 0.5, "gb_per_s": 2100, "tflop_per_s": 53},
+        {"job": "fused-conv/b256", "part": "train_step", "model": "resnet50", "bn_relu": "fused-all", "pool": "planes",
+         "images_per_second": 7000.0, "vs_model": 1.08, "peak_memory_gib": 9.5, "max_loss_diff_vs_model": 0.01,
+         "compile_seconds": 21.0},
+        {"job": "fused-conv/b256", "part": "tail_block", "impl": "fused", "shape": [256, 7, 7, 512],
+         "error": "TritonError: out of shared memory"},
+    ]
+    text = summary(rows, [db.Outcome("fused-conv/b256", "done", 180.0, 195.0)])
+    assert ("bn2+ReLU+conv3 (256, 56, 56, 64) -> 256 fused: 1.500 ms forward+backward "
+            "(max rel. diff 4.0e-03 vs the model's)") in text
+    assert "bn2+ReLU+conv3+bn3+add+ReLU (256, 56, 56, 64) -> 256 fused-bn3: 2.500 ms forward+backward" in text
+    assert "conv1+bn1+ReLU (256, 56, 56, 256) -> 64 model: 1.250 ms forward+backward" in text
+    assert "fused conv forward kernel 128x128x64x8x2 on (802816, 64, 256): 0.500 ms, 2100 GB/s, 53 TFLOP/s" in text
+    assert "resnet50 step, BatchNorm fused-all, pool planes: 7000 img/s (1.080x the model's own" in text
+    assert "fused conv tail_block fused (256, 7, 7, 512) failed: TritonError" in text

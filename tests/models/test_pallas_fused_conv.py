@@ -1,6 +1,6 @@
-"""The fused BatchNorm + ReLU + 1x1 convolution and the 1x1 convolution that sums its output's
-statistics (``pallas_fused_conv``) against the textbook formula in plain JAX and float64 NumPy,
-their kernels run under the Pallas interpreter."""
+"""The fused BatchNorm + ReLU + 1x1 convolution (with or without the BatchNorm after it) and the
+1x1 convolution that sums its output's statistics (``pallas_fused_conv``) against the textbook
+formula in plain JAX and float64 NumPy, their kernels run under the Pallas interpreter."""
 
 import functools
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from resnet_jax.models import pallas_batch_norm, pallas_fused_conv
-from resnet_jax.models.pallas_fused_conv import bn_relu_conv1x1, conv1x1_moments, matmul_moments, weight_grad
+from resnet_jax.models.pallas_fused_conv import (
+    affine_grad, bn_relu_conv1x1, bn_relu_conv1x1_bn, conv1x1_moments, input_grad, matmul_moments, weight_grad)
 from tests.conftest import require_cuda_plugin
 
 EPS = 1e-5
@@ -78,6 +79,49 @@ def test_the_weight_gradient_kernel_recomputes_the_activation_and_sums_like_floa
     assert pallas_fused_conv._row_splits(384, 16, 4, 10_000, 10) == 8  # partial sums capped
 
 
+def _affine_operands(m, n, seed):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    g = jax.random.normal(keys[0], (m, n)).astype(jnp.bfloat16)
+    z = (jax.random.normal(keys[1], (m, n)) + 0.5).astype(jnp.bfloat16)
+    return g, z, 1 + 0.3 * jax.random.normal(keys[2], (n,)), 0.2 * jax.random.normal(keys[3], (n,)), \
+        0.1 * jax.random.normal(keys[4], (n,))
+
+
+def _affine_rounded(g, z, scale_g, scale_z, shift):
+    """g * scale_g + z * scale_z + shift in float32 NumPy, in that order, rounded to bf16 as the
+    kernels feed it to the dot (float64 before the rounding would round a few elements the
+    other way)."""
+    f32 = [np.asarray(jnp.asarray(v, jnp.float32)) for v in (g, z, scale_g, scale_z, shift)]
+    dz = f32[0] * f32[2] + f32[1] * f32[3] + f32[4]
+    return _f64(jnp.asarray(dz).astype(jnp.bfloat16))
+
+
+def test_the_input_gradient_kernel_computes_dz_as_it_loads_and_multiplies_like_float64(small_blocks):
+    g, z, scale_g, scale_z, shift = _affine_operands(256, 64, seed=12)
+    w = (jax.random.normal(jax.random.key(13), (32, 64)) / 8).astype(jnp.bfloat16)
+    dy = input_grad(g, z, scale_g, scale_z, shift, w, out_dtype=jnp.bfloat16, interpret=True)
+    want = _affine_rounded(g, z, scale_g, scale_z, shift) @ _f64(w).T
+    # dy is the float32 product rounded once to bf16
+    np.testing.assert_allclose(_f64(dy), want, rtol=2**-8, atol=2**-8 * np.abs(want).max())
+    # 48 output channels: not a power of two, so it declines (the op then uses XLA)
+    assert input_grad(g[:, :48], z[:, :48], scale_g[:48], scale_z[:48], shift[:48], w[:, :48],
+                      out_dtype=jnp.bfloat16, interpret=True) is None
+
+
+def test_the_weight_gradient_kernel_takes_dz_as_an_affine_map_of_g_and_z(small_blocks):
+    x, mean, a, b, _, _ = _operands(384, 32, 64, seed=14)
+    affine = _affine_operands(384, 64, seed=15)
+    dw = weight_grad(x, mean, a, b, affine, interpret=True)
+    want = _relu_bn_rounded(x, mean, a, b, jnp.bfloat16).T @ _affine_rounded(*affine)
+    np.testing.assert_allclose(_f64(dw), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # the XLA fallback computes the same
+    np.testing.assert_allclose(pallas_fused_conv._weight_grad_xla(x, mean, a, b, affine), dw, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(_f64(affine_grad(*affine)),
+                               _f64(affine[0]) * _f64(affine[2]) + _f64(affine[1]) * _f64(affine[3]) + _f64(affine[4]),
+                               rtol=1e-6, atol=1e-6)
+
+
 def _reference(x, scale, bias, kernel, dtype):
     """The textbook block: whole-batch BatchNorm (biased variance), ReLU, 1x1 convolution in
     ``dtype``, and the means of its output and its square, in plain JAX."""
@@ -98,6 +142,34 @@ def _fused(x, scale, bias, kernel, dtype, interpret=True):
     var = jnp.mean(xf * xf, axes) - mean * mean
     z, moments = bn_relu_conv1x1(x, mean, var, scale, bias, kernel, EPS, dtype, interpret)
     return z, jnp.stack(moments)
+
+
+def _reference_bn3(x, scale, bias, kernel, next_scale, next_bias, dtype):
+    """The textbook block with the next BatchNorm: u, and z's mean and biased variance stacked."""
+    z, _ = _reference(x, scale, bias, kernel, dtype)
+    zf = z.astype(jnp.float32)
+    axes = tuple(range(z.ndim - 1))
+    mean3, var3 = jnp.mean(zf, axes), jnp.var(zf, axes)
+    u = ((zf - mean3) / jnp.sqrt(var3 + EPS) * next_scale + next_bias).astype(dtype)
+    return u, jnp.stack([mean3, var3])
+
+
+def _fused_bn3(x, scale, bias, kernel, next_scale, next_bias, dtype, interpret=True):
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axes)
+    var = jnp.mean(xf * xf, axes) - mean * mean
+    u, mean3, var3 = bn_relu_conv1x1_bn(x, mean, var, scale, bias, kernel, next_scale, next_bias, EPS, EPS, dtype,
+                                        interpret)
+    return u, jnp.stack([mean3, var3])
+
+
+def _bn3_operands(shape, n, seed, dtype=jnp.float32):
+    x, scale, bias, kernel, ct_u, ct_stats = _block_operands(shape, n, seed=seed, dtype=dtype)
+    keys = jax.random.split(jax.random.key(seed + 100), 2)
+    next_scale = 1 + 0.2 * jax.random.normal(keys[0], (n,))
+    next_bias = 0.2 * jax.random.normal(keys[1], (n,))
+    return (x, scale, bias, kernel, next_scale, next_bias), ct_u, ct_stats
 
 
 def _block_operands(shape, n, seed=2, dtype=jnp.float32):
@@ -185,6 +257,51 @@ def test_in_bf16_the_convolution_stores_z_and_sums_it_as_stored(small_blocks):
     assert float(jnp.max(jnp.abs(z.astype(jnp.float32) - z_ref.astype(jnp.float32)))) < 0.01 * top
     zf = _f64(z).reshape(-1, 64)
     np.testing.assert_allclose(_f64(moments), np.stack([zf.mean(0), (zf * zf).mean(0)]), rtol=1e-5, atol=1e-6)
+
+
+NAMES_BN3 = ("x", "scale", "bias", "kernel", "next_scale", "next_bias")
+
+
+def test_with_the_next_batch_norm_values_and_gradients_equal_the_textbook_block_in_float32(small_blocks):
+    """u, z's statistics and the gradients of all six inputs, through u and through the
+    statistics (their cotangents enter dz as it is computed in the kernels)."""
+    args, ct_u, ct_stats = _bn3_operands((2, 8, 8, 32), 64, seed=16)
+
+    def loss(fn, *params):
+        u, stats = fn(*params, jnp.float32)
+        return jnp.sum(u * ct_u) + jnp.sum(stats * ct_stats)
+
+    argnums = tuple(range(len(args)))
+    got_value, got = jax.value_and_grad(functools.partial(loss, _fused_bn3), argnums=argnums)(*args)
+    want_value, want = jax.value_and_grad(functools.partial(loss, _reference_bn3), argnums=argnums)(*args)
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
+    for name, g, w in zip(NAMES_BN3, got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
+    # u alone (the statistics' cotangents then absent), and the kernel's gradient alone
+    got = jax.grad(lambda x, k: jnp.sum(_fused_bn3(x, *args[1:3], k, *args[4:], jnp.float32)[0] * ct_u),
+                   argnums=(0, 1))(args[0], args[3])
+    want = jax.grad(lambda x, k: jnp.sum(_reference_bn3(x, *args[1:3], k, *args[4:], jnp.float32)[0] * ct_u),
+                    argnums=(0, 1))(args[0], args[3])
+    for name, g, w in zip(("x", "kernel"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
+
+
+def test_with_the_next_batch_norm_forward_mode_equals_the_textbook_block(small_blocks):
+    args, _, _ = _bn3_operands((2, 8, 8, 32), 64, seed=17)
+    tangents = tuple(jax.random.normal(jax.random.key(30 + i), v.shape) for i, v in enumerate(args))
+    for present in ((0, 1, 2, 3, 4, 5), (3,), (4, 5)):  # all; the kernel's alone; the next BatchNorm's alone
+        def at(fn, *moving, present=present):
+            full = list(args)
+            for i, v in zip(present, moving):
+                full[i] = v
+            return fn(*full, jnp.float32)
+
+        primals = tuple(args[i] for i in present)
+        tans = tuple(tangents[i] for i in present)
+        got = jax.jvp(functools.partial(at, _fused_bn3), primals, tans)
+        want = jax.jvp(functools.partial(at, _reference_bn3), primals, tans)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=str(present))
 
 
 def test_in_bf16_the_block_stays_within_rounding_of_the_textbook_one(small_blocks):
@@ -278,6 +395,42 @@ def test_compiled_for_an_h100_the_block_is_two_kernels_on_the_tensor_cores_and_m
     assert _traffic(fused_hlo) < _traffic(model_hlo) - 4.5 * x_bytes
 
 
+def test_compiled_for_an_h100_with_the_next_batch_norm_its_gradient_is_never_stored():
+    """bn2 + ReLU, conv3, bn3, the residual add and ReLU: with bn3 outside the fused op (change 9)
+    XLA runs bn3's backward as two passes over z's width, the second writing dz for conv3's two
+    backward GEMMs; with bn3 inside (``bn_relu_conv1x1_bn``) the GEMMs compute dz as they load g
+    and z: that second pass goes (3 units of z) and each GEMM reads one more (2), so the block
+    moves about a unit of z less (measured 0.82 at this batch of 32, where the weight gradient's
+    partial sums take more; the ResNet-50 step at batch 256 saves a unit per block), and XLA's
+    input-gradient GEMM is replaced by ours."""
+    require_cuda_plugin()
+    shape, n, dtype = (32, 28, 28, 64), 256, jnp.bfloat16
+
+    def statistics(x):
+        mean, mean_sq = pallas_batch_norm.batch_moments(x.astype(jnp.float32).reshape(-1, shape[-1]), dtype)
+        return mean, mean_sq - mean * mean
+
+    def bn3_outside(x, scale, bias, kernel, next_scale, next_bias, shortcut):
+        zf, (mean3, mean_sq3) = bn_relu_conv1x1(x, *statistics(x), scale, bias, kernel, EPS, dtype)
+        var3 = mean_sq3 - mean3 * mean3
+        u = ((zf - mean3) * jax.lax.rsqrt(var3 + EPS) * next_scale + next_bias).astype(dtype)
+        return (jax.nn.relu(u + shortcut),)
+
+    def bn3_inside(x, scale, bias, kernel, next_scale, next_bias, shortcut):
+        u, _, _ = bn_relu_conv1x1_bn(x, *statistics(x), scale, bias, kernel, next_scale, next_bias, EPS, EPS, dtype)
+        return (jax.nn.relu(u + shortcut),)
+
+    vectors = [((shape[-1],), jnp.float32)] * 2
+    shapes = [(shape, dtype), *vectors, ((1, 1, shape[-1], n), jnp.float32), ((n,), jnp.float32), ((n,), jnp.float32),
+              ((*shape[:-1], n), dtype)]
+    ct_shapes = [((*shape[:-1], n), dtype)]
+    outside_hlo, inside_hlo = (_compiled_for_an_h100(b, shapes, ct_shapes) for b in (bn3_outside, bn3_inside))
+    assert "affine_grad_matmul" in inside_hlo and "bn_relu_matmul_weight_grad_affine" in inside_hlo
+    assert "affine_grad_matmul" not in outside_hlo
+    z_bytes = 32 * 28 * 28 * n * 2
+    assert _traffic(inside_hlo) < _traffic(outside_hlo) - 0.7 * z_bytes
+
+
 def test_compiled_for_an_h100_the_convolution_sums_the_statistics_and_its_backward_stays_cudnn():
     """conv1 -> bn1 + ReLU as the model runs it on a GPU (cuDNN's convolution, the statistics
     kernel, the Pallas BatchNorm) and with ``conv1x1_moments``: the forward convolution becomes
@@ -313,17 +466,20 @@ def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32):
     """Loss, gradients and new batch statistics of one training step of a narrow ResNet-50
     (16 channels: the narrowest the kernels take), with the fused paths ``fused`` (a subset of
     ``conv3``: bn2 + ReLU + conv3, ``blocks.FUSE_BN2_CONV3``; ``conv1``: conv1 with bn1's
-    statistics, ``blocks.FUSE_CONV1_BN1``), and the CPU's layers (``default``) or the GPU kernels
-    under the interpreter (``cuda``)."""
+    statistics, ``blocks.FUSE_CONV1_BN1``; ``bn3``: with ``conv3``, bn3 in the same op,
+    ``blocks.FUSE_BN3``), and the CPU's layers (``default``) or the GPU kernels under the
+    interpreter (``cuda``)."""
     from resnet_jax.models import blocks, create_model
     from tests.conftest import use_cuda_kernels
 
     with monkeypatch.context() as patch:
         if kernels == "cuda":
-            use_cuda_kernels(patch, fused_conv="conv3" in fused, fused_conv1="conv1" in fused)
+            use_cuda_kernels(patch, fused_conv="conv3" in fused, fused_conv1="conv1" in fused,
+                             fused_bn3="bn3" in fused)
         else:
             patch.setattr(blocks, "FUSE_BN2_CONV3", "conv3" in fused)
             patch.setattr(blocks, "FUSE_CONV1_BN1", "conv1" in fused)
+            patch.setattr(blocks, "FUSE_BN3", "bn3" in fused)
         model = create_model("resnet50", widths=(16, 16, 16, 16), stem_width=16, num_classes=5, dtype=dtype)
         x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
         labels = jnp.arange(4) % 5
@@ -341,7 +497,7 @@ def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["default", "cuda"])
-@pytest.mark.parametrize("fused", [("conv3",), ("conv1",)], ids=["conv3", "conv1"])
+@pytest.mark.parametrize("fused", [("conv3",), ("conv1",), ("conv3", "bn3")], ids=["conv3", "conv1", "conv3+bn3"])
 def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fused):
     """Each candidate changes no parameter (names, shapes, initial values) and no number: with it,
     a training step's loss, every gradient and the new running statistics equal the model's
@@ -357,7 +513,7 @@ def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, k
 
 
 @pytest.mark.parametrize("spec", ["data", ("data", "model")])
-@pytest.mark.parametrize("op", ["bn_relu_conv1x1", "conv1x1_moments"])
+@pytest.mark.parametrize("op", ["bn_relu_conv1x1", "conv1x1_moments", "bn_relu_conv1x1_bn"])
 def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gathered(small_blocks, spec, op):
     """x split by examples over 4 or all 8 test devices: the loss and every gradient equal the
     textbook layers' on one device (float32), and no device gathers x or z: each kernel runs on
@@ -369,6 +525,7 @@ def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gat
     fused, reference, args, names = {
         "bn_relu_conv1x1": (_fused, _reference, (x, scale, bias, kernel), ("x", "scale", "bias", "kernel")),
         "conv1x1_moments": (_conv_fused, _conv_reference, (x, kernel), ("x", "kernel")),
+        "bn_relu_conv1x1_bn": (_fused_bn3, _reference_bn3, _bn3_operands((16, 4, 4, 32), 64, seed=6)[0], NAMES_BN3),
     }[op]
     sharded = (jax.device_put(x, NamedSharding(mesh, PartitionSpec(spec))), *args[1:])
 

@@ -139,7 +139,7 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32, width=Non
     * ``cuda``: the kernels it runs when compiled for an NVIDIA GPU (``use_cuda_kernels``), which
       a CPU otherwise never runs in a model;
     * ``cuda-fused``: those, with the candidates that fuse BatchNorm into the 1x1 convolutions
-      on (bn2 + ReLU + conv3, and conv1 with bn1's statistics).
+      on (bn2 + ReLU + conv3 with bn3, and conv1 with bn1's statistics).
 
     ``width``: every stage's (and the stem's) width instead of the tiny config's 8.
     """
@@ -149,7 +149,8 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32, width=Non
         if kernels == "textbook":
             patch.setitem(layers.ACTIVATIONS, "relu", _textbook_relu)
         elif kernels in ("cuda", "cuda-fused"):
-            use_cuda_kernels(patch, fused_conv=kernels == "cuda-fused", fused_conv1=kernels == "cuda-fused")
+            fused = kernels == "cuda-fused"
+            use_cuda_kernels(patch, fused_conv=fused, fused_conv1=fused, fused_bn3=fused)
         widths = {"model.overrides.widths": (width,) * 4, "model.overrides.stem_width": width} if width else {}
         config = tiny_config(**{"model.name": model, "model.dtype": dtype, "data.image_size": size,
                                 "schedule.name": "constant", "optimizer.base_lr": 0.1, **widths})
@@ -198,13 +199,13 @@ def test_fast_kernels_keep_the_loss_curve_of_the_textbook_model(monkeypatch, mod
 @pytest.mark.slow
 def test_the_fused_bottleneck_candidates_keep_the_loss_curve(monkeypatch):
     """Issue 6's condition for the candidates that fuse BatchNorm into a Bottleneck's 1x1
-    convolutions, together (bn2 + ReLU + conv3, ``blocks.FUSE_BN2_CONV3``; conv1 with bn1's
-    statistics, ``blocks.FUSE_CONV1_BN1``): a ResNet-50 16 channels wide (the narrowest their
-    kernels take; they run under the interpreter) trains as the model's GPU path does. In
-    float32 the 20-step curves agree to 1e-5; in bf16 the fused curve stays within 4x the
-    distance the model's own bf16 curve keeps from its float32 one (the kernels round in
-    another order: the GEMMs sum over all input channels in float32 before their one
-    rounding, and the statistics come from the stored outputs)."""
+    convolutions, together (bn2 + ReLU + conv3, ``blocks.FUSE_BN2_CONV3``, with bn3,
+    ``blocks.FUSE_BN3``; conv1 with bn1's statistics, ``blocks.FUSE_CONV1_BN1``): a ResNet-50 16
+    channels wide (the narrowest their kernels take; they run under the interpreter) trains as
+    the model's GPU path does. In float32 the 20-step curves agree to 1e-5; in bf16 the fused
+    curve stays within 4x the distance the model's own bf16 curve keeps from its float32 one
+    (the kernels round in another order: the GEMMs sum over all input channels in float32
+    before their one rounding, and the statistics come from the stored outputs)."""
     curves = {(k, d): _loss_curve(monkeypatch, k, d, "resnet50", width=16)
               for k in ("cuda", "cuda-fused") for d in ("float32", "bfloat16")}
     noise = np.max(np.abs(curves["cuda", "bfloat16"] - curves["cuda", "float32"]))
