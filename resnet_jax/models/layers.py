@@ -200,11 +200,11 @@ class BatchNorm(nn.Module):
         convolution returns them too (:func:`conv1x1_train_statistics`: on an NVIDIA GPU one
         Pallas kernel that sums them as it stores its output); otherwise it is
         :func:`conv1x1`, then the BatchNorm as usual.
-        ``next_norm`` (with ``conv1x1_kernel``, in training): the BatchNorm module that
-        normalises z; the output is then that BatchNorm's, in ``dtype``, computed with this one
+        ``next_norm`` (with ``conv1x1_kernel``): the BatchNorm module that normalises z; the
+        output is then that BatchNorm's, in ``dtype``. In training it is computed with this one
         as one function (:func:`batch_norm_relu_conv1x1_train`'s ``next_norm``: on an NVIDIA GPU
-        its backward pass never stores z's gradient), and ``next_norm``'s parameters and running
-        statistics are its own as usual. ``computed_by``: how such a ``next_norm`` is called,
+        its backward pass never stores z's gradient); in evaluation the layers run one after
+        another. ``next_norm``'s parameters and running statistics are its own as usual. ``computed_by``: how such a ``next_norm`` is called,
         ``(features, fn)``; x is then ignored (pass None) and ``fn(scale, bias, epsilon)``
         returns this BatchNorm's output and its float32 (C,) whole-batch mean and biased variance.
         """
@@ -267,8 +267,9 @@ class BatchNorm(nn.Module):
         y = (x.astype(jnp.float32) - ra_mean.value) * inv + bias.astype(jnp.float32)
         y = y.astype(self.dtype)
         y = y if self.activation is None else self.activation(y)
+        if conv1x1_kernel is not None and next_norm is not None:  # the layers one after another
+            return next_norm(conv1x1(y, conv1x1_kernel, self.dtype), train)
         return y if conv1x1_kernel is None else (conv1x1(y, conv1x1_kernel, self.dtype), None)
-
 
     def _parameters(self, features: int) -> tuple[Array, Array, Any, Any]:
         """scale, bias (``param_dtype``, (features,)) and the running mean and variance variables."""

@@ -4,6 +4,8 @@ formula in plain JAX and float64 NumPy, their kernels run under the Pallas inter
 
 import functools
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -504,8 +506,6 @@ def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, k
     without it, in float32, on the CPU's layers and with the GPU kernels under the interpreter."""
     plain = _bottleneck_net_step(monkeypatch, (), kernels)
     fused = _bottleneck_net_step(monkeypatch, fused, kernels)
-    import chex
-
     chex.assert_trees_all_equal(plain[0], fused[0])  # same variables at init
     np.testing.assert_allclose(fused[1], plain[1], rtol=1e-5)
     for got, want in zip(jax.tree.leaves(fused[2:]), jax.tree.leaves(plain[2:])):
@@ -542,3 +542,58 @@ def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gat
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
     hlo = step.lower(*sharded).compile().as_text()
     assert "all-gather" not in hlo and "all-reduce" in hlo
+
+
+class _Layers(nn.Module):
+    """conv1 -> bn1 + ReLU -> bn2 + ReLU -> conv3 -> bn3, as separate layers or through
+    BatchNorm's fusion keywords (``input_conv1x1_kernel``, ``conv1x1_kernel`` + ``next_norm``)."""
+
+    fused: bool
+
+    @nn.compact
+    def __call__(self, x, train):
+        from resnet_jax.models import layers
+
+        if self.fused:
+            k1 = layers.Conv1x1Kernel(32, name="conv1")(x.shape[-1])
+            y = layers.BatchNorm(name="bn1", activation=jax.nn.relu)(x, train, input_conv1x1_kernel=k1)
+            k3 = layers.Conv1x1Kernel(64, name="conv3")(32)
+            bn3 = layers.BatchNorm(name="bn3")
+            return layers.BatchNorm(name="bn2", activation=jax.nn.relu)(y, train, conv1x1_kernel=k3, next_norm=bn3)
+        y = layers.conv(32, 1, name="conv1")(x)
+        y = layers.BatchNorm(name="bn1", activation=jax.nn.relu)(y, train)
+        y = layers.BatchNorm(name="bn2", activation=jax.nn.relu)(y, train)
+        return layers.BatchNorm(name="bn3")(layers.conv(64, 1, name="conv3")(y), train)
+
+
+def test_batch_norm_fusion_keywords_give_the_separate_layers_results_in_training_and_evaluation():
+    """The same parameters, outputs, gradients and running statistics as the layers one after
+    another (the CPU's paths; the kernels' are the tests above), in training and in evaluation;
+    combinations that cannot work are refused with a message that says so."""
+    from resnet_jax.models import layers
+
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 16))
+    plain, fused = _Layers(False), _Layers(True)
+    variables = plain.init(jax.random.key(1), x, True)
+    chex.assert_trees_all_equal_shapes(variables, fused.init(jax.random.key(1), x, True))
+
+    def train(model, params):
+        out, updates = model.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
+        return jnp.sum(out * jnp.cos(out)), (out, updates)
+
+    (_, (want, want_stats)), want_grads = jax.value_and_grad(functools.partial(train, plain), has_aux=True)(
+        variables["params"])
+    (_, (got, got_stats)), got_grads = jax.value_and_grad(functools.partial(train, fused), has_aux=True)(
+        variables["params"])
+    for g, w in zip(jax.tree.leaves((got, got_stats, got_grads)), jax.tree.leaves((want, want_stats, want_grads))):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    evaluated = {**variables, **want_stats}
+    np.testing.assert_allclose(fused.apply(evaluated, x, False), plain.apply(evaluated, x, False), rtol=1e-5,
+                               atol=1e-6)
+
+    norm = layers.BatchNorm()
+    with pytest.raises(ValueError, match="cannot be combined"):
+        norm.init(jax.random.key(0), x, True, statistics=(jnp.zeros(8), jnp.ones(8)),
+                  input_conv1x1_kernel=jnp.ones((1, 1, 16, 8)))
+    with pytest.raises(ValueError, match="train=True"):
+        norm.init(jax.random.key(0), None, False, computed_by=(8, lambda s, b, e: None))
