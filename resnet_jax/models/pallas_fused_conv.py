@@ -470,13 +470,6 @@ def conv1x1_moments(x: Array, kernel: Array, dtype: Dtype, interpret: bool = Fal
     return z, moments_from_sums(z.astype(jnp.float32).reshape(-1, z.shape[-1]), sums)
 
 
-def _conv1x1_xla(x: Array, kernel: Array, dtype: Dtype) -> Array:
-    """The 1x1 convolution as ``nn.Conv`` computes it (``layers.conv1x1``), for any kernel shape."""
-    k = x.shape[-1]
-    return jax.lax.conv_general_dilated(x.astype(dtype), kernel.reshape(1, 1, k, -1).astype(dtype), (1, 1), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _conv1x1_sums(x: Array, kernel: Array, dtype: Dtype, interpret: bool = False) -> tuple[Array, Array]:
     """z and the float32 (2, N) row sums of z and z * z, which carry no derivative of their own
@@ -489,10 +482,13 @@ def _conv1x1_sums(x: Array, kernel: Array, dtype: Dtype, interpret: bool = False
 
 @_conv1x1_sums.defjvp
 def _conv1x1_sums_jvp(dtype: Dtype, interpret: bool, primals: tuple, tangents: tuple) -> tuple:
+    from resnet_jax.models.layers import conv1x1  # the convolution as nn.Conv computes it
+
     (x, kernel), (tx, tkernel) = primals, tangents
     z, sums = _conv1x1_sums(x, kernel, dtype, interpret)
+    as_hwio = (1, 1, x.shape[-1], -1)
     # linear in (tx, tkernel): reverse mode transposes these two convolutions as it does nn.Conv's
-    tz = _conv1x1_xla(tx, kernel, dtype) + _conv1x1_xla(x, tkernel, dtype)
+    tz = conv1x1(tx, kernel.reshape(as_hwio), dtype) + conv1x1(x, tkernel.reshape(as_hwio), dtype)
     return (z, sums), (tz, jnp.zeros_like(sums))
 
 
@@ -547,9 +543,8 @@ def _bn_relu_conv1x1_bn_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, i
                             tangents: tuple) -> tuple[tuple, tuple]:
     x, mean, var, scale, bias, kernel, next_scale, next_bias = primals
     k = x.shape[-1]
-    w = kernel.reshape(k, -1).astype(dtype)
-    a = jax.lax.rsqrt(var + epsilon) * scale
-    z, sums = _sharded_forward(jnp.dtype(dtype), interpret)(x.reshape(-1, k), mean, a, bias.astype(jnp.float32), w)
+    z, sums = _bn_relu_conv1x1(x, mean, var, scale, bias, kernel, epsilon, dtype, interpret)
+    z = z.reshape(-1, z.shape[-1])
     u, mean3, var3, inv3 = _bn3_from_sums(z, sums, next_scale, next_bias, next_epsilon, dtype)
     present, linear = present_tangents(tangents)
     bn_present, kernel_present, next_present = present[:5], present[5], present[6:]
@@ -587,8 +582,6 @@ def _bn_relu_conv1x1_bn_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, i
         # u's two sums: plain reductions, which XLA fuses into the kernel that makes g
         sum_g, sum_gc = jnp.sum(gf, axis=0), jnp.sum(gf * centred, axis=0)
         a3 = inv3 * next_scale
-        dmean3 = jnp.zeros_like(mean3) if dmean3 is None else dmean3
-        dvar3 = jnp.zeros_like(mean3) if dvar3 is None else dvar3
         # dz = a3 g - a3 mean(g) - a3 inv3^2 (z - mean3) mean(g (z - mean3)) + dmean3 / M + 2 dvar3 (z - mean3) / M
         scale_z = (2 * dvar3 - a3 * inv3**2 * sum_gc) / rows
         shift = (dmean3 - a3 * sum_g) / rows - scale_z * mean3
