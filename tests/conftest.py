@@ -65,7 +65,8 @@ def require_cuda_plugin() -> None:
         pytest.skip("needs the CUDA plugin: pip install 'jax[cuda12-local]'")
 
 
-def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False, fused_bn3: bool = False):
+def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False, fused_bn3: bool = False,
+                     input_grad_sums: bool = False):
     """Swaps in, through ``patch`` (a ``pytest.MonkeyPatch``), the kernels a model runs when it is
     compiled for an NVIDIA GPU (``jax.lax.platform_dependent``), which a CPU otherwise never runs
     inside a whole model: the ReLU whose derivative comes from its output, the max pool over
@@ -75,10 +76,12 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False,
     on the candidate that fuses a Bottleneck's bn2 + ReLU, conv3 and bn3's statistics
     (``blocks.FUSE_BN2_CONV3``), with its Pallas kernels under the interpreter; ``fused_conv1``:
     the one whose conv1 sums bn1's statistics (``blocks.FUSE_CONV1_BN1``), likewise;
-    ``fused_bn3`` (with ``fused_conv``): bn3 in the fused op too (``blocks.FUSE_BN3``)."""
+    ``fused_bn3`` (with ``fused_conv``): bn3 in the fused op too (``blocks.FUSE_BN3``);
+    ``input_grad_sums`` (with ``fused_bn3``): bn2's backward sums in that op's input-gradient
+    GEMM (``pallas_fused_conv.INPUT_GRAD_SUMS``)."""
     import jax.numpy as jnp
 
-    from resnet_jax.models import blocks, layers, pallas_batch_norm
+    from resnet_jax.models import blocks, layers, pallas_batch_norm, pallas_fused_conv
 
     def batch_norm_train(x, scale, bias, group, epsilon, dtype, activation=None):
         if group != x.shape[0]:
@@ -110,6 +113,7 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False,
 
         patch.setattr(blocks, "FUSE_BN2_CONV3", True)
         patch.setattr(blocks, "FUSE_BN3", fused_bn3)
+        patch.setattr(pallas_fused_conv, "INPUT_GRAD_SUMS", input_grad_sums)
         patch.setattr(layers, "batch_norm_relu_conv1x1_train", fused)
     if fused_conv1:
         patch.setattr(blocks, "FUSE_CONV1_BN1", True)

@@ -305,15 +305,18 @@ def _bn_relu_tangent(epsilon: float, dtype: Dtype, present: tuple[bool, ...], re
     return jnp.where(centred * a + bias > 0, tz, 0.0).astype(dtype)
 
 
-def _bn_relu_transpose(epsilon: float, interpret: bool, present: tuple[bool, ...], res: tuple, ct: Array) -> tuple:
+def _bn_relu_transpose(epsilon: float, interpret: bool, present: tuple[bool, ...], res: tuple, ct: Array,
+                       sums: Array | None = None) -> tuple:
     """The transpose of :func:`_bn_relu_tangent`: the cotangents of the ``present`` inputs
     for the output cotangent ``ct``. dscale and dbias are summed by :func:`relu_grad_sums`
-    (x and ct read once), dx is one XLA loop fusion reading x and ct."""
+    (x and ct read once) unless ``sums`` gives them (its float32 (2, C) result, summed by
+    whoever made ct), dx is one XLA loop fusion reading x and ct."""
     x, mean, var, scale, bias = res
     inv = jax.lax.rsqrt(var + epsilon)
     a = inv * scale
     c = x.shape[-1]
-    sums = _GRAD_SUMS[interpret](x.reshape(-1, c), ct.reshape(-1, c), mean, a, bias)
+    if sums is None:
+        sums = _GRAD_SUMS[interpret](x.reshape(-1, c), ct.reshape(-1, c), mean, a, bias)
     sum_g, sum_gc = sums[0], sums[1]
     # The barrier keeps XLA from merging this mask with the forward pass's (it would then
     # store the mask); dx is one loop fusion reading x and ct.

@@ -68,6 +68,11 @@ BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 128, 64, 8, 2
 # loop, warps, and the number of instances it aims for by splitting the rows (each split
 # writes a float32 (K, N) partial sum, which XLA adds).
 WGRAD_BLOCK_K, WGRAD_BLOCK_N, WGRAD_SUB_ROWS, WGRAD_NUM_WARPS, WGRAD_PROGRAMS = 64, 128, 32, 4, 528
+# A candidate, off until the device times it (docs/performance.md, change 12): in
+# :func:`bn_relu_conv1x1_bn`'s reverse pass, the input-gradient GEMM also sums bn2's backward
+# statistics as it stores its output (x read once in its epilogue), instead of
+# ``pallas_batch_norm.relu_grad_sums`` reading x and that output again. Read at trace time.
+INPUT_GRAD_SUMS = False
 
 
 # ---------------------------------------------------------------- the kernels
@@ -128,10 +133,19 @@ def _wgrad_kernel(x_ref, mean_ref, a_ref, b_ref, *refs, rows: int, sub: int) -> 
     dw_ref[...] = jax.lax.fori_loop(0, rows // sub, body, jnp.zeros((block_k, block_n), jnp.float32))
 
 
-def _input_grad_kernel(g_ref, z_ref, scale_g_ref, scale_z_ref, shift_ref, wt_ref, dy_ref, *, block_n: int) -> None:
+def _input_grad_kernel(g_ref, z_ref, scale_g_ref, scale_z_ref, shift_ref, wt_ref, *refs, block_n: int) -> None:
     """One (rows, input channels) block: ``dy = affine_grad(g, z, ...) @ wt``, accumulated in
     float32 over the output channels ``block_n`` at a time, dz rounded to wt's dtype before the
-    product (as a stored dz would be), dy stored in its dtype."""
+    product (as a stored dz would be), dy stored in its dtype. The refs after wt are ``dy``, or
+    ``x, mean, a, b, dy, sums``: then the epilogue also sums, over the block's rows, the
+    gradient of the BatchNorm + ReLU that made the GEMM's input (``relu_bn(x, mean, a, b)``):
+    ``sums[0] = sum of g2``, ``sums[1] = sum of g2 * (x - mean)``, g2 = the stored dy where
+    ``(x - mean) * a + b > 0`` else 0, in float32 (what ``pallas_batch_norm.relu_grad_sums``
+    reads x and dy again for)."""
+    if len(refs) == 1:
+        (dy_ref,), bn_refs = refs, None
+    else:
+        *bn_refs, dy_ref, sums_ref = refs
     rows, cols = dy_ref.shape
 
     def body(i: int, acc: Array) -> Array:
@@ -140,7 +154,14 @@ def _input_grad_kernel(g_ref, z_ref, scale_g_ref, scale_z_ref, shift_ref, wt_ref
         return acc + jnp.dot(dz.astype(wt_ref.dtype), wt_ref[ns, :], preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, g_ref.shape[1] // block_n, body, jnp.zeros((rows, cols), jnp.float32))
-    dy_ref[...] = acc.astype(dy_ref.dtype)
+    dy = acc.astype(dy_ref.dtype)
+    dy_ref[...] = dy
+    if bn_refs is not None:
+        x_ref, mean_ref, a_ref, b_ref = bn_refs
+        centred = x_ref[...].astype(jnp.float32) - mean_ref[...]
+        g2 = jnp.where(centred * a_ref[...] + b_ref[...] > 0, dy.astype(jnp.float32), 0.0)
+        sums_ref[0, :] = jnp.sum(g2, axis=0)
+        sums_ref[1, :] = jnp.sum(g2 * centred, axis=0)
 
 
 def _fits(*sizes: int) -> bool:
@@ -261,17 +282,23 @@ def weight_grad(
 
 
 def input_grad(
-    g: Array, z: Array, scale_g: Array, scale_z: Array, shift: Array, w: Array, *, out_dtype: Dtype,
+    g: Array, z: Array, scale_g: Array, scale_z: Array, shift: Array, w: Array,
+    relu_bn_input: tuple[Array, Array, Array, Array] | None = None, *, out_dtype: Dtype,
     interpret: bool = False, block_m: int | None = None, block_k: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
-) -> Array | None:
+) -> Array | tuple[Array, Array] | None:
     """``affine_grad(g, z, scale_g, scale_z, shift) @ w^T`` in ``out_dtype``, (M, K), for g and z
     (M, N) in the compute dtype, the vectors float32 (N,) and w (K, N), in one Pallas (Triton)
     kernel that computes dz as it loads g and z: the input gradient of a 1x1 convolution
     followed by a BatchNorm, without dz stored. Returns None where N is not a power of two or
     the blocks would be smaller than 16 (the caller then uses XLA). Block parameters left None
     are the forward kernel's (``BLOCK_M``; ``BLOCK_N`` for the input channels, ``BLOCK_K`` for
-    the output channels it loops over). A GPU only, unless ``interpret``."""
+    the output channels it loops over). A GPU only, unless ``interpret``.
+
+    ``relu_bn_input = (x, mean, a, b)``, x (M, K) in the compute dtype and the vectors float32
+    (K,), the BatchNorm + ReLU whose output was the product's input: then also returns the
+    float32 (2, K) sums of its gradient, ``pallas_batch_norm.relu_grad_sums(x, dy, mean, a,
+    b)``, summed as dy is stored (x read once, in the epilogue), as ``(dy, sums)``."""
     m, n = g.shape
     k = w.shape[0]
     if (blocks := _gemm_blocks(m, k, n, block_m or BLOCK_M, block_k or BLOCK_N, block_n or BLOCK_K)) is None:
@@ -281,17 +308,29 @@ def input_grad(
     grid = (k // bk, m // bm)
     rows = pl.BlockSpec((bm, n), lambda j, i: (i, 0))
     vector = pl.BlockSpec((1, n), lambda j, i: (0, 0))
-    return pl.pallas_call(
+    dy_spec, dy_shape = pl.BlockSpec((bm, bk), lambda j, i: (i, j)), jax.ShapeDtypeStruct((m, k), out_dtype)
+    bn_args, bn_specs, out_specs, out_shape = [], [], dy_spec, dy_shape
+    if relu_bn_input is not None:
+        x, *vectors = relu_bn_input
+        bn_args = [x, *(v.reshape(1, k) for v in vectors)]
+        bn_specs = [dy_spec, *[pl.BlockSpec((1, bk), lambda j, i: (0, j))] * 3]
+        out_specs = [dy_spec, pl.BlockSpec((None, 2, bk), lambda j, i: (i, 0, j))]
+        out_shape = [dy_shape, jax.ShapeDtypeStruct((m // bm, 2, k), jnp.float32)]
+    out = pl.pallas_call(
         functools.partial(_input_grad_kernel, block_n=bn),
         grid=grid,
-        in_specs=[rows, rows, vector, vector, vector, pl.BlockSpec((n, bk), lambda j, i: (0, j))],
-        out_specs=pl.BlockSpec((bm, bk), lambda j, i: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((m, k), out_dtype),
+        in_specs=[rows, rows, vector, vector, vector, pl.BlockSpec((n, bk), lambda j, i: (0, j)), *bn_specs],
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(
             num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
-        name="affine_grad_matmul",
-    )(g, z, scale_g.reshape(1, n), scale_z.reshape(1, n), shift.reshape(1, n), w.T)
+        name="affine_grad_matmul" if relu_bn_input is None else "affine_grad_matmul_relu_grad_sums",
+    )(g, z, scale_g.reshape(1, n), scale_z.reshape(1, n), shift.reshape(1, n), w.T, *bn_args)
+    if relu_bn_input is None:
+        return out
+    dy, partial = out
+    return dy, jnp.sum(partial, axis=0)
 
 
 # ---------------------------------------------------------------- XLA's versions (fallback)
@@ -311,9 +350,16 @@ def _weight_grad_xla(x: Array, mean: Array, a: Array, b: Array, dz: Array | tupl
 
 
 def _input_grad_xla(g: Array, z: Array, scale_g: Array, scale_z: Array, shift: Array, w: Array,
-                    out_dtype: Dtype) -> Array:
+                    relu_bn_input: tuple[Array, Array, Array, Array] | None = None, *,
+                    out_dtype: Dtype) -> Array | tuple[Array, Array]:
     dz = affine_grad(g, z, scale_g, scale_z, shift).astype(w.dtype)
-    return jnp.dot(dz, w.T, preferred_element_type=jnp.float32).astype(out_dtype)
+    dy = jnp.dot(dz, w.T, preferred_element_type=jnp.float32).astype(out_dtype)
+    if relu_bn_input is None:
+        return dy
+    x, mean, a, b = relu_bn_input
+    centred = x.astype(jnp.float32) - mean
+    g2 = jnp.where(centred * a + b > 0, dy.astype(jnp.float32), 0.0)
+    return dy, jnp.stack([jnp.sum(g2, axis=0), jnp.sum(g2 * centred, axis=0)])
 
 
 def _kernel_or_xla(kernel_fn, xla_fn, *args: Array) -> Any:
@@ -348,12 +394,18 @@ def _sharded_weight_grad(interpret: bool, affine: bool = False) -> Callable:
 
 
 @functools.cache
-def _sharded_input_grad(out_dtype: Dtype, interpret: bool) -> Callable:
+def _sharded_input_grad(out_dtype: Dtype, interpret: bool, sums: bool = False) -> Callable:
     """:func:`input_grad` (or XLA's) as a :func:`row_sharded_op`: g's and z's rows split over the
-    devices, dy split the same way; the vectors and the kernel replicated."""
+    devices, dy split the same way; the vectors and the kernel replicated. ``sums``: the op
+    takes ``(g, z, scale_g, scale_z, shift, w, x, mean, a, b)`` and also returns the sums of
+    the BatchNorm + ReLU's gradient (``relu_bn_input``), added across the devices."""
     fn = functools.partial(_kernel_or_xla, functools.partial(input_grad, out_dtype=out_dtype, interpret=interpret),
                            functools.partial(_input_grad_xla, out_dtype=out_dtype))
-    return row_sharded_op(fn, (True, True, False, False, False, False), (True,), "m n, m n, n, n, n, k n -> m k")
+    if not sums:
+        return row_sharded_op(fn, (True, True, False, False, False, False), (True,), "m n, m n, n, n, n, k n -> m k")
+    return row_sharded_op(lambda g, z, sg, sz, shift, w, *bn: fn(g, z, sg, sz, shift, w, tuple(bn)),
+                          (True, True, False, False, False, False, True, False, False, False), (True, False),
+                          "m n, m n, n, n, n, k n, m k, k, k, k -> m k, t k")
 
 
 # ---------------------------------------------------------------- the differentiable op
@@ -587,7 +639,13 @@ def _bn_relu_conv1x1_bn_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, i
         shift = (dmean3 - a3 * sum_g) / rows - scale_z * mean3
         affine = (g, z, a3, scale_z, shift)
         out = []
-        if n_bn:
+        if n_bn and INPUT_GRAD_SUMS and any(bn_present[1:]):
+            # bn2's two backward sums in the input gradient's epilogue (change 12): x read there
+            # once instead of x and dy again by relu_grad_sums
+            bn_input = (x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
+            dy, sums2 = _sharded_input_grad(jnp.dtype(dtype), interpret, sums=True)(*affine, w, *bn_input)
+            out.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res[:5], dy.reshape(x.shape), sums2))
+        elif n_bn:
             dy = _sharded_input_grad(jnp.dtype(dtype), interpret)(*affine, w).reshape(x.shape)
             out.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res[:5], dy))
         if kernel_present:

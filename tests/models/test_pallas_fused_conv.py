@@ -110,6 +110,32 @@ def test_the_input_gradient_kernel_computes_dz_as_it_loads_and_multiplies_like_f
                       out_dtype=jnp.bfloat16, interpret=True) is None
 
 
+def test_the_input_gradient_kernel_sums_the_previous_batch_norms_gradient_as_it_stores(small_blocks):
+    """Change 12: with ``relu_bn_input`` the kernel also returns relu_grad_sums(x, dy): the
+    column sums of g2 and g2 * (x - mean), g2 = the stored dy where the BatchNorm + ReLU that
+    made the GEMM's input is positive, against float64 NumPy (the mask taken in float32, as
+    the forward kernel takes it); dy is the same as without; XLA's fallback gives the same."""
+    g, z, scale_g, scale_z, shift = _affine_operands(256, 64, seed=18)
+    x, mean, a, b, _, _ = _operands(256, 32, 64, seed=19)
+    w = (jax.random.normal(jax.random.key(20), (32, 64)) / 8).astype(jnp.bfloat16)
+    plain = input_grad(g, z, scale_g, scale_z, shift, w, out_dtype=jnp.bfloat16, interpret=True)
+    dy, sums = input_grad(g, z, scale_g, scale_z, shift, w, (x, mean, a, b), out_dtype=jnp.bfloat16, interpret=True)
+    np.testing.assert_array_equal(dy, plain)
+    centred32 = np.asarray(jnp.asarray(x, jnp.float32)) - np.asarray(mean)
+    mask = centred32 * np.asarray(a) + np.asarray(b) > 0
+    assert 0.2 < mask.mean() < 0.8  # both sides of the ReLU
+    g2 = np.where(mask, _f64(dy), 0.0)
+    want = np.stack([g2.sum(0), (g2 * centred32.astype(np.float64)).sum(0)])
+    np.testing.assert_allclose(_f64(sums), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # the Pallas BatchNorm's own kernel, which this replaces, sums the same
+    np.testing.assert_allclose(sums, pallas_batch_norm.relu_grad_sums(x, dy, mean, a, b, interpret=True),
+                               rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    xla_dy, xla_sums = pallas_fused_conv._input_grad_xla(g, z, scale_g, scale_z, shift, w, (x, mean, a, b),
+                                                         out_dtype=jnp.bfloat16)
+    np.testing.assert_allclose(_f64(xla_dy), _f64(dy), rtol=2**-7, atol=2**-7 * np.abs(_f64(dy)).max())
+    np.testing.assert_allclose(xla_sums, sums, rtol=0.02, atol=0.02 * np.abs(want).max())
+
+
 def test_the_weight_gradient_kernel_takes_dz_as_an_affine_map_of_g_and_z(small_blocks):
     x, mean, a, b, _, _ = _operands(384, 32, 64, seed=14)
     affine = _affine_operands(384, 64, seed=15)
@@ -264,9 +290,13 @@ def test_in_bf16_the_convolution_stores_z_and_sums_it_as_stored(small_blocks):
 NAMES_BN3 = ("x", "scale", "bias", "kernel", "next_scale", "next_bias")
 
 
-def test_with_the_next_batch_norm_values_and_gradients_equal_the_textbook_block_in_float32(small_blocks):
+@pytest.mark.parametrize("grad_sums", [False, True], ids=["relu_grad_sums", "input_grad_sums"])
+def test_with_the_next_batch_norm_values_and_gradients_equal_the_textbook_block_in_float32(small_blocks, monkeypatch,
+                                                                                        grad_sums):
     """u, z's statistics and the gradients of all six inputs, through u and through the
-    statistics (their cotangents enter dz as it is computed in the kernels)."""
+    statistics (their cotangents enter dz as it is computed in the kernels); bn2's backward
+    sums by its own kernel, or in the input gradient's epilogue (change 12)."""
+    monkeypatch.setattr(pallas_fused_conv, "INPUT_GRAD_SUMS", grad_sums)
     args, ct_u, ct_stats = _bn3_operands((2, 8, 8, 32), 64, seed=16)
 
     def loss(fn, *params):
@@ -404,7 +434,8 @@ def test_compiled_for_an_h100_with_the_next_batch_norm_its_gradient_is_never_sto
     and z: that second pass goes (3 units of z) and each GEMM reads one more (2), so the block
     moves about a unit of z less (measured 0.82 at this batch of 32, where the weight gradient's
     partial sums take more; the ResNet-50 step at batch 256 saves a unit per block), and XLA's
-    input-gradient GEMM is replaced by ours."""
+    input-gradient GEMM is replaced by ours. With change 12 that GEMM also sums bn2's backward
+    statistics."""
     require_cuda_plugin()
     shape, n, dtype = (32, 28, 28, 64), 256, jnp.bfloat16
 
@@ -431,6 +462,17 @@ def test_compiled_for_an_h100_with_the_next_batch_norm_its_gradient_is_never_sto
     assert "affine_grad_matmul" not in outside_hlo
     z_bytes = 32 * 28 * 28 * n * 2
     assert _traffic(inside_hlo) < _traffic(outside_hlo) - 0.7 * z_bytes
+
+    # change 12: bn2's backward sums in the input gradient's epilogue, which reads x there (1
+    # unit of x) where the Pallas BatchNorm's sums kernel read x and dy (2): 0.95 units less
+    # measured, the rest being the epilogue's partial sums
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pallas_fused_conv, "INPUT_GRAD_SUMS", True)
+        sums_hlo = _compiled_for_an_h100(bn3_inside, shapes, ct_shapes)
+    assert "affine_grad_matmul_relu_grad_sums" in sums_hlo and "batch_norm_relu_grad_sums" in inside_hlo
+    assert "batch_norm_relu_grad_sums" not in sums_hlo
+    x_bytes = 32 * 28 * 28 * shape[-1] * 2
+    assert _traffic(sums_hlo) < _traffic(inside_hlo) - 0.9 * x_bytes
 
 
 def test_compiled_for_an_h100_the_convolution_sums_the_statistics_and_its_backward_stays_cudnn():
@@ -477,7 +519,7 @@ def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32):
     with monkeypatch.context() as patch:
         if kernels == "cuda":
             use_cuda_kernels(patch, fused_conv="conv3" in fused, fused_conv1="conv1" in fused,
-                             fused_bn3="bn3" in fused)
+                             fused_bn3="bn3" in fused, input_grad_sums="sums" in fused)
         else:
             patch.setattr(blocks, "FUSE_BN2_CONV3", "conv3" in fused)
             patch.setattr(blocks, "FUSE_CONV1_BN1", "conv1" in fused)
@@ -499,11 +541,15 @@ def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["default", "cuda"])
-@pytest.mark.parametrize("fused", [("conv3",), ("conv1",), ("conv3", "bn3")], ids=["conv3", "conv1", "conv3+bn3"])
+@pytest.mark.parametrize("fused", [("conv3",), ("conv1",), ("conv3", "bn3"), ("conv3", "bn3", "sums")],
+                         ids=["conv3", "conv1", "conv3+bn3", "conv3+bn3+sums"])
 def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fused):
     """Each candidate changes no parameter (names, shapes, initial values) and no number: with it,
     a training step's loss, every gradient and the new running statistics equal the model's
-    without it, in float32, on the CPU's layers and with the GPU kernels under the interpreter."""
+    without it, in float32, on the CPU's layers and with the GPU kernels under the interpreter
+    (``sums``, change 12, is in the GPU kernels only)."""
+    if kernels == "default" and "sums" in fused:
+        pytest.skip("change 12 exists in the GPU kernels only: on the CPU's layers it is conv3+bn3")
     plain = _bottleneck_net_step(monkeypatch, (), kernels)
     fused = _bottleneck_net_step(monkeypatch, fused, kernels)
     chex.assert_trees_all_equal(plain[0], fused[0])  # same variables at init
@@ -513,12 +559,17 @@ def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, k
 
 
 @pytest.mark.parametrize("spec", ["data", ("data", "model")])
-@pytest.mark.parametrize("op", ["bn_relu_conv1x1", "conv1x1_moments", "bn_relu_conv1x1_bn"])
-def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gathered(small_blocks, spec, op):
+@pytest.mark.parametrize("op", ["bn_relu_conv1x1", "conv1x1_moments", "bn_relu_conv1x1_bn",
+                                "bn_relu_conv1x1_bn+input_grad_sums"])
+def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gathered(small_blocks, monkeypatch,
+                                                                                      spec, op):
     """x split by examples over 4 or all 8 test devices: the loss and every gradient equal the
     textbook layers' on one device (float32), and no device gathers x or z: each kernel runs on
     its own rows, and only the statistics and the weight gradient are all-reduced."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    op, _, grad_sums = op.partition("+")
+    monkeypatch.setattr(pallas_fused_conv, "INPUT_GRAD_SUMS", bool(grad_sums))
 
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
     x, scale, bias, kernel, ct_z, ct_sums = _block_operands((16, 4, 4, 32), 64, seed=6)

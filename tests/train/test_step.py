@@ -139,7 +139,8 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32, width=Non
     * ``cuda``: the kernels it runs when compiled for an NVIDIA GPU (``use_cuda_kernels``), which
       a CPU otherwise never runs in a model;
     * ``cuda-fused``: those, with the candidates that fuse BatchNorm into the 1x1 convolutions
-      on (bn2 + ReLU + conv3 with bn3, and conv1 with bn1's statistics).
+      on (bn2 + ReLU + conv3 with bn3 and bn2's backward sums in its input gradient, and conv1
+      with bn1's statistics).
 
     ``width``: every stage's (and the stem's) width instead of the tiny config's 8.
     """
@@ -150,7 +151,7 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32, width=Non
             patch.setitem(layers.ACTIVATIONS, "relu", _textbook_relu)
         elif kernels in ("cuda", "cuda-fused"):
             fused = kernels == "cuda-fused"
-            use_cuda_kernels(patch, fused_conv=fused, fused_conv1=fused, fused_bn3=fused)
+            use_cuda_kernels(patch, fused_conv=fused, fused_conv1=fused, fused_bn3=fused, input_grad_sums=fused)
         widths = {"model.overrides.widths": (width,) * 4, "model.overrides.stem_width": width} if width else {}
         config = tiny_config(**{"model.name": model, "model.dtype": dtype, "data.image_size": size,
                                 "schedule.name": "constant", "optimizer.base_lr": 0.1, **widths})
@@ -200,7 +201,9 @@ def test_fast_kernels_keep_the_loss_curve_of_the_textbook_model(monkeypatch, mod
 def test_the_fused_bottleneck_candidates_keep_the_loss_curve(monkeypatch):
     """Issue 6's condition for the candidates that fuse BatchNorm into a Bottleneck's 1x1
     convolutions, together (bn2 + ReLU + conv3, ``blocks.FUSE_BN2_CONV3``, with bn3,
-    ``blocks.FUSE_BN3``; conv1 with bn1's statistics, ``blocks.FUSE_CONV1_BN1``): a ResNet-50 16
+    ``blocks.FUSE_BN3``, and bn2's backward sums in its input gradient,
+    ``pallas_fused_conv.INPUT_GRAD_SUMS``; conv1 with bn1's statistics,
+    ``blocks.FUSE_CONV1_BN1``): a ResNet-50 16
     channels wide (the narrowest their kernels take; they run under the interpreter) trains as
     the model's GPU path does. In float32 the 20-step curves agree to 1e-5; in bf16 the fused
     curve stays within 4x the distance the model's own bf16 curve keeps from its float32 one
