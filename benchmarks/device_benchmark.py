@@ -5,16 +5,22 @@ command may run 10 minutes: not enough for everything (estimates below, ~30 minu
 So the measurements are jobs in priority order, and each call runs as many as its
 ``--budget-s`` allows:
 
-1. ResNet-50 @224: ours, torchvision (eager, torch.compile), flax's plain ResNet: the
-   README's headline row and its ratio;
-2. the candidates that fuse BatchNorm into the 1x1 convolutions (alone and in the step, with
-   the stem pool's candidate too), the Pallas BatchNorm kernels alone and with more
-   instances, then the stem's candidate kernels and the step with each of its GPU kernel
-   choices undone (``fused_conv_pallas.py``, ``bn_relu_pallas.py``, ``stem_variants.py``);
-3. ours for ResNet-18, ResNet-101 and ResNet-RS-50 @160 (its recipe's step);
-4. a profile of the step (``kernel_bandwidth.py``: where its time goes); the trainer's
+1. ResNet-50 @224: torchvision (eager, torch.compile) and flax's plain ResNet, the peers of
+   the README's headline row;
+2. the ``candidates/`` job (``candidates.py select``): the whole ResNet-50 step as the model
+   has it, then with each change built but off by default (changes 7-12) added in turn, kept
+   where it is faster; every ``resnet-jax`` job after it runs with that choice
+   (``candidates.py apply``), so that the rows a winning candidate changes are measured in
+   the same call, and the next call gets it with ``--candidates`` (the owed line says so);
+3. ours for ResNet-50 (the headline row and its ratio), ResNet-18, ResNet-101 and
+   ResNet-RS-50 @160 (its recipe's step);
+4. the diagnostics of the candidates: the BatchNorms fused into the 1x1 convolutions alone
+   and each kernel, the Pallas BatchNorm kernels alone and with more instances, then the
+   stem's candidate kernels and the step with each of its GPU kernel choices undone
+   (``fused_conv_pallas.py``, ``bn_relu_pallas.py``, ``stem_variants.py``);
+5. a profile of the step (``kernel_bandwidth.py``: where its time goes); the trainer's
    whole loop against its bare step;
-5. the other models' peers; steps per dispatch and XLA flag variants; the step compiled on
+6. the other models' peers; steps per dispatch and XLA flag variants; the step compiled on
    the device; the largest batch that fits.
 
 A job starts only if its estimate fits in the time left (a later, shorter one may still
@@ -28,7 +34,8 @@ rest in the next call. Each result line is written to
     here:       bash benchmarks/prepare_device.sh     # .whl/: ml-collections + the peer script
     on device:  run(command="bash benchmarks/device_benchmark.sh", carry=[".whl"], timeout_s=600)
     then at once, while the machine is warm (it goes back after 30 s idle), with the device time left:
-                run(command="bash benchmarks/device_benchmark.sh --only ... --budget-s N", carry=[".whl"])
+                run(command="bash benchmarks/device_benchmark.sh --candidates ... --only ... --budget-s N",
+                    carry=[".whl"])
 
 ``--list`` prints the plan with its estimates and exits; a CPU dry run of the whole path:
 ``bash benchmarks/device_benchmark.sh --models resnet18:32 --batch-size 8 --steps 10``.
@@ -95,12 +102,19 @@ class Outcome:
     reason: str = ""
 
 
-def _bench(model: str, size: str, batch: int, steps: int, *extra: str) -> tuple[str, ...]:
+def _cli(choice: str, *args: str) -> tuple[str, ...]:
+    """``resnet-jax ARGS`` with the candidates ``choice`` switched on (``benchmarks/candidates.py
+    apply``; ``auto``: the choice this call's ``candidates/`` job made, the model as it is where
+    it made none)."""
+    return (PYTHON, "benchmarks/candidates.py", "apply", "--choice", choice, "--", *args)
+
+
+def _bench(model: str, size: str, batch: int, steps: int, *extra: str, choice: str = "auto") -> tuple[str, ...]:
     recipe: tuple[str, ...] = ()
     if model.startswith("resnetrs"):  # the recipe's step (EMA, label smoothing, dropout), as it trains
         recipe = ("--config", f"configs/resnet_rs.py:scaled-{model.removeprefix('resnetrs')}-{size}")
-    return (PYTHON, "-m", "resnet_jax.cli", "benchmark", "--json", *recipe, "--model", model,
-            "--batch-size", str(batch), "--image-size", size, "--dtype", "bfloat16", "--steps", str(steps), *extra)
+    return _cli(choice, "benchmark", "--json", *recipe, "--model", model, "--batch-size", str(batch),
+                "--image-size", size, "--dtype", "bfloat16", "--steps", str(steps), *extra)
 
 
 def _shell(script: str) -> tuple[str, ...]:
@@ -122,39 +136,50 @@ def plan(
     torchvision_models: Iterable[str] = (),
     flax_models: Iterable[str] = (),
     peer_script: str = ".whl/peer_torchvision.py",
+    choice: str = "auto",
 ) -> list[Job]:
-    """The jobs, most important first. ``models[0]`` is the headline model: its peers come next.
+    """The jobs, most important first. ``models[0]`` is the headline model: its peers come next,
+    then the ``candidates/`` job that chooses among the changes built but off by default
+    (``benchmarks/candidates.py select``), then our rows.
 
     ``torchvision_models`` / ``flax_models``: the models those peers can run here (torchvision
     needs a CUDA device); the rest get no peer job. Variants, the profile, the trainer, the
     device compile and the batch search use ``variant_model`` (default ``models[0]``).
+    ``choice``: the candidates every ``resnet-jax`` job runs with (``candidates.py apply
+    --choice``): ``auto``, what this call's ``candidates/`` job chose (none: the model as it
+    is); or a spec such as ``fused-conv+planes-pool``, or ``none``, where the ``candidates/``
+    job does not run.
     """
     torchvision_models, flax_models = set(torchvision_models), set(flax_models)
     vmodel, vsize = _split(variant_model or models[0])
     vtag = f"{vmodel}@{vsize}"
 
+    def bench(model: str, size: str, steps: int, *extra: str) -> tuple[str, ...]:
+        return _bench(model, size, batch, steps, *extra, choice=choice)
+
     def peers(spec: str) -> list[Job]:
         model, size = _split(spec)
         tag, found = f"{model}@{size}", []
         if model in torchvision_models:  # eager + torch.compile: the compile takes a minute or two
-            found.append(Job(f"torchvision/{tag}", {"resnet18": 45, "resnet101": 105}.get(model, 85),
+            found.append(Job(f"torchvision/{tag}", {"resnet18": 45, "resnet101": 105}.get(model, 75),
                              (PYTHON, peer_script, "--model", model, "--batch-size", str(batch), "--image-size", size)))
         if model in flax_models:
-            found.append(Job(f"flax/{tag}", {"resnet18": 30, "resnet101": 60}.get(model, 55),
+            found.append(Job(f"flax/{tag}", {"resnet18": 30, "resnet101": 60}.get(model, 50),
                              (PYTHON, "benchmarks/peer_flax.py", "--model", model, "--batch-size", str(batch),
                               "--image-size", size, "--steps", str(steps))))
         return found
 
     def ours(spec: str) -> Job:
         model, size = _split(spec)
-        estimate = {"resnet18": 25, "resnet101": 70}.get(model, 75 if model.startswith("resnetrs") else 40)
-        return Job(f"ours/{model}@{size}", estimate, _bench(model, size, batch, steps))
+        # H100, 2026-11-26: 25, 79, 70 and 40 s; a little more for the candidates' Triton kernels
+        estimate = {"resnet18": 25, "resnet101": 80}.get(model, 80 if model.startswith("resnetrs") else 45)
+        return Job(f"ours/{model}@{size}", estimate, bench(model, size, steps))
 
     profile_dir = "/tmp/device_benchmark_profile"
     profile = Job(f"profile/{vtag}", 40, _shell(
         # command buffers (CUDA graphs) off: kernels inside one name no HLO instruction in the trace
         f"rm -rf {profile_dir}\n"
-        f"XLA_FLAGS=--xla_gpu_enable_command_buffer= {shlex.join(_bench(vmodel, vsize, batch, 20, '--profile', profile_dir))}"
+        f"XLA_FLAGS=--xla_gpu_enable_command_buffer= {shlex.join(bench(vmodel, vsize, 20, '--profile', profile_dir))}"
         " > /dev/null\n"
         # the trace and HLO first: if the report fails on them, they still come back to debug it here
         f"tar -czf \"$OUT/profile.tar.gz\" -C {os.path.dirname(profile_dir)} {os.path.basename(profile_dir)}\n"
@@ -185,15 +210,22 @@ def plan(
                      (PYTHON, "benchmarks/fused_conv_pallas.py", "--batch-size", str(batch), "--full-step-model", vmodel,
                       "--full-step-image-size", vsize, "--full-step-steps", str(max(steps // 2, 5))),
                      limit_s=320)
+    # the whole step as the model has it, then with each candidate built but off by default added in
+    # turn, kept where it is faster (benchmarks/candidates.py); the resnet-jax jobs after it run with
+    # its choice. Seven compiles of the step (stem-variants: ~24 s each), the Triton kernels' on top
+    candidates = Job(f"candidates/{vtag}", 180,
+                     (PYTHON, "benchmarks/candidates.py", "select", "--model", vmodel, "--batch-size", str(batch),
+                      "--image-size", vsize, "--steps", str(max(steps // 2, 5))),
+                     limit_s=250)
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(
         # the bare step of the recipe, then `resnet-jax train` itself on fake data made on the host
         # (host-to-device copies, metrics kept on device, a log line every steps/2 steps); its
         # metrics.jsonl lines (with "split") become results of this job
-        f"{shlex.join(_bench(vmodel, vsize, batch, steps, '--config', recipe))}\n"
+        f"{shlex.join(bench(vmodel, vsize, steps, '--config', recipe))}\n"
         f"rm -rf {workdir}\n"
-        f"{PYTHON} -m resnet_jax.cli train --config {recipe} --workdir {workdir} --config.data.name=fake "
+        f"{shlex.join(_cli(choice, 'train'))} --config {recipe} --workdir {workdir} --config.data.name=fake "
         f"--config.data.image_size={vsize} --config.data.batch_size={batch} --config.data.eval_batch_size={batch} "
         f"--config.data.fake_eval_size={batch} --config.num_train_steps={3 * steps} "
         f"--config.log_every_steps={max(1, steps // 2)} --config.checkpoint_every_steps=1000000000 "
@@ -201,18 +233,19 @@ def plan(
         f"cat {workdir}/metrics.jsonl"))
     compile_report = Job(f"compile-report/{vtag}", 25, _shell(
         f"{PYTHON} benchmarks/gpu_compile_report.py --model {vmodel} --batch-size {batch} --image-size {vsize} "
-        "--top 10 --dump-hlo /tmp/compile_report.hlo.txt | tee /tmp/compile_report.txt\n"
+        f"--candidates {choice} --top 10 --dump-hlo /tmp/compile_report.hlo.txt | tee /tmp/compile_report.txt\n"
         "tar -czf \"$OUT/compile_report.tar.gz\" -C /tmp compile_report.txt compile_report.hlo.txt"))
     max_batch = Job(f"max-batch/{vtag}", 480,
-                    _bench(vmodel, vsize, batch, 10, "--find-max-batch"))
+                    bench(vmodel, vsize, 10, "--find-max-batch"))
     dispatch = [Job(f"dispatch-{k}/{vtag}", 40,
-                    _bench(vmodel, vsize, batch, steps, "--steps-per-dispatch", str(k))) for k in dispatch_variants]
-    xla = [Job(f"xla-{i}/{vtag}", 40, _bench(vmodel, vsize, batch, steps), (("XLA_FLAGS", flags),))
+                    bench(vmodel, vsize, steps, "--steps-per-dispatch", str(k))) for k in dispatch_variants]
+    xla = [Job(f"xla-{i}/{vtag}", 40, bench(vmodel, vsize, steps), (("XLA_FLAGS", flags),))
            for i, flags in enumerate(xla_variants, 1)]
 
     head, rest = models[0], models[1:]
-    return [ours(head), *peers(head), fused_conv, bn_relu, stem, *map(ours, rest), profile, trainer,
-            *[job for spec in rest for job in peers(spec)], *dispatch, *xla, compile_report, max_batch]
+    return [*peers(head), *([candidates] if choice == "auto" else []), ours(head), *map(ours, rest), fused_conv,
+            bn_relu, stem, profile, trainer, *[job for spec in rest for job in peers(spec)], *dispatch, *xla,
+            compile_report, max_batch]
 
 
 def select(jobs: Sequence[Job], only: str = "", skip: str = "") -> list[Job]:
@@ -307,11 +340,17 @@ def _run_one(job: Job, out: Path, left: float, log, results, echo, clock) -> Out
     return Outcome(job.id, "done", seconds, job.estimate_s)
 
 
-def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
-    """The README table (ours against the fastest peer of the same model and size) and what is owed."""
+def summary(rows: Sequence[dict], outcomes: Sequence[Outcome], choice: str = "auto") -> str:
+    """The README table (ours against the fastest peer of the same model and size), the
+    candidates chosen and what each ``resnet-jax`` job ran with, and what is owed (``choice``:
+    the call's ``--candidates``, carried into the owed line)."""
 
     def kind(row: dict) -> str:
         return row["job"].split("/")[0]
+
+    # candidates.py apply's first line in each resnet-jax job: what that job switched on
+    ran_with = {r["job"]: r for r in rows if r.get("part") == "candidates"}
+    rows = [r for r in rows if r.get("part") != "candidates"]
 
     def gib(value: float | None) -> str:
         return f"{value:.1f}" if value else "-"
@@ -337,6 +376,21 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
             f"{r['peak_memory_gib'] or 0:>8.1f}{r['compile_seconds']:>10.1f}{rate['eager']:>9}{rate['compile']:>11}"
             f"{rate['flax']:>7}{ratio:>7}{gib(tv_gib):>7}{gib(flax_gib):>9}")
     lines.append("ratio: ours / the fastest peer of the row (torchvision eager, torch.compile, plain flax)")
+    for spec in dict.fromkeys(r["candidates"] for r in ran_with.values()):
+        jobs = [job for job, r in ran_with.items() if r["candidates"] == spec]
+        lines.append(f"candidates on: {spec} in {', '.join(jobs)} ({ran_with[jobs[0]]['source']})")
+    for c in (r for r in rows if kind(r) == "candidates"):
+        if c["part"] == "choice":
+            if c.get("final"):
+                lines.append(f"candidates chosen: {c['candidates']} ({c['vs_model']:.3f}x the model's step)")
+        elif "images_per_second" not in c:
+            lines.append(f"candidate {c['trying']} not run: {c.get('error') or c.get('why')}")
+        else:
+            lines.append(f"{c['job'].split('/')[1]} step + {c['trying']}"
+                         + (f" with {c['with']}" if "with" in c else "") + f": {c['images_per_second']:.0f} img/s "
+                         f"({c['vs_model']:.3f}x the model's, {c['vs_kept']:.3f}x what was kept; peak "
+                         f"{gib(c['peak_memory_gib'])} GiB; max loss diff {c['max_loss_diff_vs_model']:.1e}): "
+                         + ("kept" if c["kept"] else f"not kept, {c['why']}"))
     ours = {(r["model"], r["image_size"], r["batch_size"]): r["images_per_second"] for r in rows if kind(r) == "ours"}
     for v in (r for r in rows if kind(r).startswith(("xla-", "dispatch-"))):
         base = ours.get((v["model"], v["image_size"], v["batch_size"]))
@@ -405,9 +459,12 @@ def summary(rows: Sequence[dict], outcomes: Sequence[Outcome]) -> str:
                          f"{median:.0f} img/s (median of {len(steady)} log windows, {steady[0]:.0f}-{steady[-1]:.0f}); "
                          f"its bare step {bare['images_per_second']:.0f}: {median / bare['images_per_second'] - 1:+.1%}")
     lines.append("jobs: " + ", ".join(f"{o.id} {o.status} {o.seconds:.0f}/{o.estimate_s:.0f} s" for o in outcomes))
-    owed = [o.id for o in outcomes if o.status != "done"]
+    # the next call runs with this call's choice, so its candidates job is not owed again
+    chosen = [r["candidates"] for r in rows if r.get("part") == "choice"][-1:] or ([choice] if choice != "auto" else [])
+    owed = [o.id for o in outcomes if o.status != "done" and not (chosen and o.id.startswith("candidates/"))]
     if owed:
-        lines.append(f"owed ({len(owed)}): bash benchmarks/device_benchmark.sh --only {','.join(owed)}")
+        carry = f" --candidates {chosen[0]}" if chosen else ""
+        lines.append(f"owed ({len(owed)}): bash benchmarks/device_benchmark.sh{carry} --only {','.join(owed)}")
     else:
         lines.append("owed: nothing")
     return "\n".join(lines)
@@ -437,8 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench_out"), help="default: $OUT")
-    p.add_argument("--budget-s", type=float, default=540.0,
-                   help="seconds this call may take (default 540, inside the 600 s a device command may run)")
+    p.add_argument("--budget-s", type=float, default=570.0,
+                   help="seconds this call may take (default 570, inside the 600 s a device command may run)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
                    help="comma-separated MODEL:SIZE; the first is the headline model (default %(default)s)")
     p.add_argument("--variant-model", help="MODEL:SIZE of the profile, variants, trainer and batch search "
@@ -449,6 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="';'-separated XLA_FLAGS strings, each timed once; give it as --xla-variants=... since the "
                         "flags start with '--' (default %(default)s)")
     p.add_argument("--dispatch-variants", default="4", help="comma-separated K for --steps-per-dispatch")
+    p.add_argument("--candidates", default="auto",
+                   help="the candidates built but off by default that the resnet-jax jobs switch on: 'auto' "
+                        "(default), what this call's candidates/ job chooses; or names joined by '+' "
+                        "(benchmarks/candidates.py), or 'none', without that job")
     p.add_argument("--only", default="", help="comma-separated job ids or patterns (ours, flax/*, profile/resnet50@224)")
     p.add_argument("--skip", default="", help="the same, for jobs not to run")
     p.add_argument("--list", action="store_true", help="print the plan with its estimates and exit")
@@ -459,12 +520,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     if not models:
         p.error("--models names no model")
+    if a.candidates != "auto":  # refused here, not in every job on the device
+        from benchmarks.candidates import parse_choice
+
+        try:
+            parse_choice(a.candidates)
+        except ValueError as e:
+            p.error(f"--candidates: {e}")
     tv, flax = _peer_models(models)
     jobs = select(plan(models, a.batch_size, a.steps, a.variant_model,
                        [f for f in a.xla_variants.split(";") if f.strip()],
                        [int(k) for k in a.dispatch_variants.split(",") if k.strip()],
                        tv, flax, ".whl/peer_torchvision.py" if os.path.exists(".whl/peer_torchvision.py")
-                       else "../shared/bench/peer_torchvision.py"), a.only, a.skip)
+                       else "../shared/bench/peer_torchvision.py", a.candidates), a.only, a.skip)
     device = Job("device/-", 10, (PYTHON, "-c", (
         "import json, subprocess, jax\n"
         "gpu = subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv,noheader'],"
@@ -485,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes = run_jobs([device, *jobs], out, a.budget_s)
     rows = [json.loads(line) for line in open(out / "results.jsonl")] if (out / "results.jsonl").exists() else []
     try:
-        text = summary(rows, outcomes)
+        text = summary(rows, outcomes, a.candidates)
     except (KeyError, TypeError, ValueError) as e:  # the rows are safe in results.jsonl; say so, don't lose the call
         text = f"the summary failed ({e!r}): results.jsonl and jobs.jsonl hold every row"
     (out / "summary.txt").write_text(text + "\n")

@@ -36,6 +36,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 if not os.path.exists("/dev/nvidia0"):
     # No GPU here: keep jax on the CPU backend so the CUDA plugin only compiles (it would
@@ -273,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(the model's, with each Bottleneck's bn2 + ReLU, conv3 and bn3's statistics in one kernel), "
                         "fused-conv1 (with each Bottleneck's conv1 summing bn1's statistics), fused-convs (both), fused-bn3 "
                         "(fused-conv with bn3 in the same op), fused-all (the three)")
+    p.add_argument("--candidates", default="none",
+                   help="changes built but off by default to switch on, names joined by '+' "
+                        "(benchmarks/candidates.py, e.g. fused-conv+fused-bn3+grad-sums), or 'auto': the last "
+                        "choice in $OUT/results.jsonl (the device job's); with --bn-relu too")
     p.add_argument("--top", type=int, default=0, help="list the N kernels that move the most bytes")
     p.add_argument("--dump-hlo", help="write the optimised HLO text here")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
@@ -283,15 +288,24 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--tpu {args.tpu}: unknown generation; use one of {', '.join(TPU_BANDWIDTH)}, e.g. v5e:2x2")
     if args.gpus > 1 and (args.tpu or args.peer or args.max_batch_within):
         p.error("--gpus is for our step on GPUs (not with --tpu, --peer or --max-batch-within)")
-    r, hlo = compile_report(
-        args.model, args.batch_size, args.image_size, args.dtype, args.target, args.tpu, args.peer,
-        args.steps_per_dispatch, args.config, args.gpus, args.bn_relu,
-    )
+    from benchmarks.candidates import applied, choice_from_results, parse_choice, spec_of
+
+    try:
+        choice = (choice_from_results(Path(os.environ.get("OUT", "/tmp/bench_out")) / "results.jsonl")[0]
+                  if args.candidates == "auto" else parse_choice(args.candidates))
+    except ValueError as e:
+        p.error(f"--candidates: {e}")
+    with applied(choice):
+        r, hlo = compile_report(
+            args.model, args.batch_size, args.image_size, args.dtype, args.target, args.tpu, args.peer,
+            args.steps_per_dispatch, args.config, args.gpus, args.bn_relu,
+        )
+        r["candidates"] = spec_of(choice)
+        if args.max_batch_within:
+            r.update(max_batch_within(args, r))
     if args.dump_hlo:
         with open(args.dump_hlo, "w") as f:
             f.write(hlo)
-    if args.max_batch_within:
-        r.update(max_batch_within(args, r))
     if args.json:
         print(json.dumps(r))
         return 0
@@ -310,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
            "fused-all": "; each Bottleneck's bn2 + ReLU, conv3 and bn3 in one op, its conv1 summing bn1's "
                         "statistics"}.get(r["bn_relu"], "")
         + (f"; {r['steps_per_dispatch']} steps per dispatch, figures per step" if r["steps_per_dispatch"] > 1 else "")
+        + (f"; candidates on: {r['candidates']}" if r["candidates"] != "none" else "")
         + "\n"
         f"  memory      peak {r['peak_gib']:.2f} GiB = arguments {r['argument_gib']:.2f} + temporaries "
         f"{r['temp_gib']:.2f} ({r['temp_mib_per_image']:.1f} MiB/image) + outputs {r['output_gib']:.2f}\n"

@@ -61,18 +61,31 @@ def test_jobs_run_in_order_within_the_budget_and_every_job_is_accounted_for(tmp_
     assert [j.id for j in select(jobs, only=only)] == [o.id for o in outcomes if o.status != "done"]
 
 
-def test_the_headline_row_comes_first_and_the_longest_search_last():
+def test_the_headline_peers_come_first_then_the_choice_and_our_rows_and_the_longest_search_last():
     jobs = plan(torchvision_models={"resnet50", "resnet18", "resnet101"},
                 flax_models={"resnet50", "resnet18", "resnet101"})
     ids = [j.id for j in jobs]
-    assert ids[:6] == ["ours/resnet50@224", "torchvision/resnet50@224", "flax/resnet50@224",
-                       "fused-conv/b256", "bn-relu/b256", "stem-variants/resnet50@224"]
-    assert ids[6:10] == ["ours/resnet18@224", "ours/resnet101@224", "ours/resnetrs50@160", "profile/resnet50@224"]
+    assert ids[:7] == ["torchvision/resnet50@224", "flax/resnet50@224", "candidates/resnet50@224",
+                       "ours/resnet50@224", "ours/resnet18@224", "ours/resnet101@224", "ours/resnetrs50@160"]
+    assert ids[7:11] == ["fused-conv/b256", "bn-relu/b256", "stem-variants/resnet50@224", "profile/resnet50@224"]
     assert ids[-1] == "max-batch/resnet50@224"
     assert len(set(ids)) == len(ids)
+    # the first call's budget (570 s less the reserve, the device probe's 10 s included) holds
+    # every row of the README's table with the choice made in the same call
+    assert 10 + sum(j.estimate_s for j in jobs[:7]) <= 570 - db.RESERVE_S
+    # every resnet-jax command runs with the choice (auto: the candidates job's), the trainer's too
+    cli = [j for j in jobs if "resnet_jax.cli" in " ".join(j.argv) or "candidates.py apply" in " ".join(j.argv)]
+    assert {j.id.split("/")[0] for j in cli} >= {"ours", "profile", "trainer", "dispatch-4", "xla-1", "max-batch"}
+    assert all("resnet_jax.cli" not in " ".join(j.argv) for j in cli)
+    assert all("candidates.py apply --choice auto --" in " ".join(j.argv) for j in cli)
+    # a choice given: every command runs with it, and no candidates job
+    fixed = plan(choice="fused-conv+planes-pool")
+    assert "candidates/resnet50@224" not in [j.id for j in fixed]
+    assert "--choice fused-conv+planes-pool --" in " ".join(next(j for j in fixed if j.id.startswith("ours/")).argv)
     # the candidates' jobs, whose estimates are guesses, stop at a limit above their estimate
     limited = {j.id: (j.estimate_s, j.limit_s) for j in jobs if j.limit_s}
-    assert set(limited) == {"stem-variants/resnet50@224", "fused-conv/b256", "bn-relu/b256"}
+    assert set(limited) == {"candidates/resnet50@224", "stem-variants/resnet50@224", "fused-conv/b256",
+                            "bn-relu/b256"}
     assert all(estimate < limit for estimate, limit in limited.values())
     # ResNet-RS is timed with its recipe's step (EMA, label smoothing, dropout), as it trains
     rs = next(j for j in jobs if j.id == "ours/resnetrs50@160")
@@ -81,7 +94,7 @@ def test_the_headline_row_comes_first_and_the_longest_search_last():
     assert not [i for i in ids if i.startswith(("torchvision", "flax")) and "resnetrs" in i]
     assert not [j for j in plan() if j.id.startswith(("torchvision", "flax"))]
     # a bare kind selects all its jobs; a pattern a subset; an unknown id is an error, not an empty run
-    assert [j.id for j in select(jobs, only="ours")] == ids[0:1] + ids[6:9]
+    assert [j.id for j in select(jobs, only="ours")] == ids[3:7]
     assert [j.id for j in select(jobs, only="*/resnet18@224", skip="flax")] == [
         "ours/resnet18@224", "torchvision/resnet18@224"]
     with pytest.raises(SystemExit, match="matches no job"):
@@ -98,8 +111,8 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     run = subprocess.run(  # from another directory: the runner finds the repository itself
         [sys.executable, str(script), "--out", str(out), "--models", "resnet18:32",
          "--batch-size", "8", "--steps", "5", "--xla-variants=--xla_gpu_enable_command_buffer=",
-         "--dispatch-variants", "2", "--budget-s", "1200"],
-        capture_output=True, text=True, timeout=1500, cwd=tmp_path,
+         "--dispatch-variants", "2", "--budget-s", "1500"],
+        capture_output=True, text=True, timeout=1800, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parent.parent),
                                                                        os.environ.get("PYTHONPATH")]))})
     assert (out / "jobs.jsonl").exists(), run.stderr[-3000:]
@@ -108,7 +121,8 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     # the batch search needs a device memory limit: on a CPU it is refused at once, and owed
     assert statuses.pop("max-batch/resnet18@32") == "failed"
     assert set(statuses.values()) == {"done"}, (statuses, run.stdout[-3000:])
-    assert set(statuses) == {"device/-", "ours/resnet18@32", "flax/resnet18@32", "stem-variants/resnet18@32",
+    assert set(statuses) == {"device/-", "ours/resnet18@32", "flax/resnet18@32", "candidates/resnet18@32",
+                             "stem-variants/resnet18@32",
                              "fused-conv/b8", "bn-relu/b8", "profile/resnet18@32",
                              "trainer/resnet18@32", "dispatch-2/resnet18@32", "xla-1/resnet18@32",
                              "compile-report/resnet18@32"}
@@ -118,7 +132,7 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
             "compile_report.tar.gz"} <= set(files)
 
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    ours = next(r for r in rows if r["job"] == "ours/resnet18@32")
+    ours = next(r for r in rows if r["job"] == "ours/resnet18@32" and "images_per_second" in r)
     flax = next(r for r in rows if r["job"] == "flax/resnet18@32")
     assert ours["batch_size"] == flax["batch_size"] == 8
     # the trainer job brings its bare step and the training loop's own log windows
@@ -127,7 +141,17 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     text = (out / "summary.txt").read_text()
     row = next(line for line in text.splitlines() if line.startswith("resnet18"))
     assert f"{ours['images_per_second'] / flax['images_per_s']:.2f}" in row.split()
-    assert "owed (1): bash benchmarks/device_benchmark.sh --only max-batch/resnet18@32" in text
+    # the candidates job's choice (on a CPU, whichever the noise favours): every resnet-jax job
+    # after it ran with it, and the next call is told to
+    (choice,) = [r["candidates"] for r in rows if r["job"].startswith("candidates/") and r.get("final")]
+    ran_with = {r["job"]: r["candidates"] for r in rows if r.get("part") == "candidates"}
+    assert set(ran_with) >= {"ours/resnet18@32", "trainer/resnet18@32", "dispatch-2/resnet18@32",
+                             "xla-1/resnet18@32", "max-batch/resnet18@32"}
+    assert set(ran_with.values()) == {choice}
+    assert f"candidates chosen: {choice} (" in text
+    # the model's step and six candidates (fused-bn3 with fused-conv where that was not kept)
+    assert sum(line.startswith("resnet18@32 step + ") for line in text.splitlines()) == 7
+    assert f"owed (1): bash benchmarks/device_benchmark.sh --candidates {choice} --only max-batch/resnet18@32" in text
     # the stem candidates: one summary line each, the current kernels at 1.00x; then the whole
     # step six ways: the model's own first, with the candidate pool, each GPU choice undone,
     # then all three undone
@@ -202,3 +226,51 @@ def test_the_summary_names_each_fused_conv_timing():
     assert "fused conv forward kernel 128x128x64x8x2 on (802816, 64, 256): 0.500 ms, 2100 GB/s, 53 TFLOP/s" in text
     assert "resnet50 step, BatchNorm fused-all, pool planes: 7000 img/s (1.080x the model's own" in text
     assert "fused conv tail_block fused (256, 7, 7, 512) failed: TritonError" in text
+
+
+def test_the_summary_says_what_was_chosen_what_each_row_ran_with_and_passes_the_choice_on():
+    """The candidates job's rows (kept, not kept, tried with what it builds on), the choice,
+    the line each resnet-jax job printed first, and an owed line that carries the choice (and
+    not the candidates job, which a call with a choice does not run)."""
+    step = {"job": "candidates/resnet50@224", "part": "train_step", "peak_memory_gib": 9.5, "vs_kept": 1.0}
+    rows = [
+        {**step, "candidates": "none", "trying": "none", "images_per_second": 6490.0, "vs_model": 1.0,
+         "max_loss_diff_vs_model": 0.0, "kept": True},
+        {"job": "candidates/resnet50@224", "part": "choice", "candidates": "none", "vs_model": 1.0, "final": False},
+        {**step, "candidates": "fused-conv", "trying": "fused-conv", "images_per_second": 6500.0, "vs_model": 1.0015,
+         "vs_kept": 1.0015, "max_loss_diff_vs_model": 0.004, "kept": False, "why": "+0.15% on what was kept, under the 0.5% asked"},
+        {**step, "candidates": "fused-conv+fused-bn3", "trying": "fused-bn3", "with": "fused-conv",
+         "images_per_second": 6800.0, "vs_model": 1.0478, "vs_kept": 1.0478, "max_loss_diff_vs_model": 0.006, "kept": True},
+        {**step, "candidates": "fused-conv+fused-bn3+fused-conv1", "trying": "fused-conv1", "kept": False,
+         "error": "TritonError: out of shared memory"},
+        {"job": "candidates/resnet50@224", "part": "choice", "candidates": "fused-conv+fused-bn3", "vs_model": 1.0478,
+         "images_per_second": 6800.0, "final": True},
+        {"job": "ours/resnet50@224", "part": "candidates", "candidates": "fused-conv+fused-bn3",
+         "source": "candidates/resnet50@224's final choice (1.048x the model's step there)"},
+        {"job": "ours/resnet50@224", "model": "resnet50", "image_size": 224, "batch_size": 256,
+         "images_per_second": 6790.0, "images_per_second_min": 6700.0, "images_per_second_max": 6800.0, "mfu": 0.5,
+         "peak_memory_gib": 9.4, "compile_seconds": 24.0},
+    ]
+    outcomes = [db.Outcome("candidates/resnet50@224", "killed", 230.0, 160.0, "ran past its limit of 230 s"),
+                db.Outcome("ours/resnet50@224", "done", 44.0, 45.0),
+                db.Outcome("ours/resnet18@224", "skipped", 0.0, 25.0)]
+    text = summary(rows, outcomes)
+    assert ("candidates on: fused-conv+fused-bn3 in ours/resnet50@224 (candidates/resnet50@224's final choice "
+            "(1.048x the model's step there))") in text
+    assert "resnet50@224 step + fused-conv: 6500 img/s (1.002x the model's, 1.002x what was kept; peak 9.5 GiB" in text
+    assert "not kept, +0.15% on what was kept, under the 0.5% asked" in text
+    assert "resnet50@224 step + fused-bn3 with fused-conv: 6800 img/s (1.048x the model's" in text
+    assert "candidate fused-conv1 not run: TritonError: out of shared memory" in text
+    assert "candidates chosen: fused-conv+fused-bn3 (1.048x the model's step)" in text
+    # the table holds the benchmark row alone, not the line apply printed before it
+    assert text.splitlines()[0].startswith("model") and text.splitlines()[1].startswith("resnet50      224")
+    assert not text.splitlines()[2].startswith("resnet50 ")
+    assert text.splitlines()[-1] == ("owed (1): bash benchmarks/device_benchmark.sh --candidates fused-conv+fused-bn3 "
+                                     "--only ours/resnet18@224")
+    # no choice made and none given: the owed line runs the candidates job again
+    no_choice = summary([r for r in rows if r["job"] != "candidates/resnet50@224"], outcomes)
+    assert no_choice.splitlines()[-1] == ("owed (2): bash benchmarks/device_benchmark.sh "
+                                          "--only candidates/resnet50@224,ours/resnet18@224")
+    # a choice given to the call is passed on
+    given = summary([], [db.Outcome("ours/resnet18@224", "skipped", 0.0, 25.0)], choice="planes-pool")
+    assert given.splitlines()[-1] == "owed (1): bash benchmarks/device_benchmark.sh --candidates planes-pool --only ours/resnet18@224"

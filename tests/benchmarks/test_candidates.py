@@ -1,0 +1,234 @@
+"""benchmarks/candidates.py: the device's greedy choice among the changes built but off by
+default, and the resnet-jax commands run with it.
+
+The choice's logic is checked with a stand-in ``measure`` whose figures are given, so each
+rule (the gain asked for, the loss tolerance, NaN, a failing candidate, one that builds on
+another) is decided by numbers the test chose. That each candidate computes the model's
+function is the job of tests/models/test_pallas_fused_conv.py and test_modules.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import candidates as cand
+from resnet_jax.models import blocks, layers, pallas_batch_norm, pallas_fused_conv
+
+
+def _flags() -> tuple:
+    return (blocks.FUSE_BN2_CONV3, blocks.FUSE_BN3, blocks.FUSE_CONV1_BN1, layers.max_pool_3x3_s2,
+            pallas_batch_norm.MIN_PROGRAMS, pallas_fused_conv.INPUT_GRAD_SUMS)
+
+
+def test_a_choice_spec_names_known_candidates_once_each_with_what_they_build_on():
+    assert cand.parse_choice("none") == cand.parse_choice("") == ()
+    # written in any order, kept in the order they are tried; spec_of writes it back
+    choice = cand.parse_choice("planes-pool+fused-bn3+fused-conv")
+    assert [c.name for c in choice] == ["fused-conv", "fused-bn3", "planes-pool"]
+    assert cand.spec_of(choice) == "fused-conv+fused-bn3+planes-pool" and cand.spec_of(()) == "none"
+    with pytest.raises(ValueError, match="unknown candidate.*'fused-conv3'.*known: fused-conv, "):
+        cand.parse_choice("fused-conv3")
+    with pytest.raises(ValueError, match="twice"):
+        cand.parse_choice("planes-pool+planes-pool")
+    with pytest.raises(ValueError, match="'fused-bn3' builds on 'fused-conv'"):
+        cand.parse_choice("fused-bn3")
+    with pytest.raises(ValueError, match="'grad-sums' builds on 'fused-bn3'"):
+        cand.parse_choice("fused-conv+grad-sums")
+    assert [c.name for c in cand.with_requirements(cand.BY_NAME["grad-sums"])] == [
+        "fused-conv", "fused-bn3", "grad-sums"]
+
+
+def test_applied_switches_each_candidate_on_and_restores_the_model_even_after_an_error():
+    before = _flags()
+    assert before == (False, False, False, layers.max_pool_3x3_s2, 0, False)  # the defaults this script exists to change
+    with cand.applied(cand.parse_choice("+".join(cand.BY_NAME))):
+        assert _flags() == (True, True, True, layers.max_pool_planes, 528, True)
+    assert _flags() == before
+    with pytest.raises(RuntimeError, match="compile failed"), cand.applied(cand.parse_choice("planes-pool")):
+        assert layers.max_pool_3x3_s2 is layers.max_pool_planes and not blocks.FUSE_BN2_CONV3
+        raise RuntimeError("compile failed")
+    assert _flags() == before
+
+
+def _measure(figures: dict[str, tuple[float, list[float]] | Exception], seen: list) -> callable:
+    """measure(choice): the images/s and losses given for the choice's last candidate ("none": the model)."""
+
+    def measure(choice):
+        seen.append(cand.spec_of(choice))
+        result = figures[choice[-1].name if choice else "none"]
+        if isinstance(result, Exception):
+            raise result
+        images_per_second, losses = result
+        return {"images_per_second": images_per_second, "losses": losses, "peak_memory_gib": 9.0,
+                "compiled_memory_gib": 9.5, "compile_seconds": 20.0}
+
+    return measure
+
+
+def test_the_greedy_choice_keeps_each_candidate_that_gains_enough_on_what_was_kept():
+    """Model 1000 img/s. fused-conv 1010 (+1.0%: kept); fused-bn3 1014 (+0.4% on 1010: not
+    kept, though faster than the model); grad-sums, with fused-bn3, 1012 (not kept);
+    fused-conv1 1050 with a loss 0.04 off (within 0.05: kept); planes-pool 1100 but a loss 0.06
+    off (not kept); min-programs NaN losses (not kept)."""
+    base = [6.9, 6.8, 6.7]
+    seen, rows = [], []
+    kept = cand.select(_measure({
+        "none": (1000.0, base),
+        "fused-conv": (1010.0, [6.9, 6.8, 6.7]),
+        "fused-bn3": (1014.0, base),
+        "grad-sums": (1012.0, base),
+        "fused-conv1": (1050.0, [6.9, 6.84, 6.7]),
+        "planes-pool": (1100.0, [6.9, 6.8, 6.76]),
+        "min-programs": (2000.0, [6.9, math.nan, 6.7]),
+    }, seen), emit=rows.append)
+    assert cand.spec_of(kept) == "fused-conv+fused-conv1"
+    # each candidate is measured on top of what was kept before it
+    assert seen == ["none", "fused-conv", "fused-conv+fused-bn3", "fused-conv+fused-bn3+grad-sums",
+                    "fused-conv+fused-conv1", "fused-conv+fused-conv1+planes-pool",
+                    "fused-conv+fused-conv1+min-programs"]
+    steps = [r for r in rows if r["part"] == "train_step"]
+    assert [r["kept"] for r in steps] == [True, True, False, False, True, False, False]
+    assert [r["vs_model"] for r in steps] == [1.0, 1.01, 1.014, 1.012, 1.05, 1.1, 2.0]
+    assert steps[2]["vs_kept"] == pytest.approx(1014 / 1010, abs=1e-4) and "under the 0.5% asked" in steps[2]["why"]
+    assert steps[3]["with"] == "fused-bn3"  # what it builds on, not kept, tried with it
+    assert steps[4]["max_loss_diff_vs_model"] == pytest.approx(0.04)
+    assert "loss differs from the model's by 0.06 > 0.05" in steps[5]["why"]
+    assert "by nan" in steps[6]["why"]
+    # a choice after every run, the last one final: a job killed part-way leaves whole measurements
+    choices = [r for r in rows if r["part"] == "choice"]
+    assert [c["candidates"] for c in choices] == ["none", "fused-conv", "fused-conv", "fused-conv",
+                                                  "fused-conv+fused-conv1", "fused-conv+fused-conv1",
+                                                  "fused-conv+fused-conv1", "fused-conv+fused-conv1"]
+    assert [c["final"] for c in choices] == [False] * 7 + [True]
+    assert choices[-1]["vs_model"] == 1.05 and choices[-1]["images_per_second"] == 1050.0
+    json.dumps(rows)  # every row is a JSON line
+
+
+def test_a_candidate_that_builds_on_one_not_kept_is_tried_with_it_and_may_bring_it_in():
+    """fused-conv alone +0.2% (not kept); fused-bn3 with it +4%: both kept. Then grad-sums
+    and fused-conv1 on top of both."""
+    seen, rows = [], []
+    kept = cand.select(_measure({
+        "none": (1000.0, [2.0]), "fused-conv": (1002.0, [2.0]), "fused-bn3": (1040.0, [2.0]),
+        "grad-sums": (1041.0, [2.0]), "fused-conv1": (1041.0, [2.0]), "planes-pool": (1000.0, [2.0]),
+        "min-programs": (1000.0, [2.0]),
+    }, seen), emit=rows.append)
+    assert cand.spec_of(kept) == "fused-conv+fused-bn3"
+    assert seen[:5] == ["none", "fused-conv", "fused-conv+fused-bn3", "fused-conv+fused-bn3+grad-sums",
+                        "fused-conv+fused-bn3+fused-conv1"]
+    bundled = next(r for r in rows if r.get("trying") == "fused-bn3")
+    assert bundled["with"] == "fused-conv" and bundled["kept"] and bundled["vs_kept"] == 1.04
+
+
+def test_a_candidate_that_fails_is_a_row_one_built_on_it_is_not_run_and_the_models_failure_is_raised():
+    seen, rows = [], []
+    kept = cand.select(_measure({
+        "none": (1000.0, [2.0]),
+        "fused-conv": RuntimeError("Triton: out of shared memory"),
+        "fused-conv1": (990.0, [2.0]),
+        "planes-pool": (1030.0, [2.0]),
+        "min-programs": (1031.0, [2.0]),
+    }, seen), emit=rows.append)
+    assert cand.spec_of(kept) == "planes-pool"
+    assert not [s for s in seen if "fused-conv+" in s or "grad-sums" in s]
+    by = {r["trying"]: r for r in rows if r["part"] == "train_step"}
+    assert "out of shared memory" in by["fused-conv"]["error"] and not by["fused-conv"]["kept"]
+    assert by["fused-bn3"]["why"] == "builds on fused-conv, which failed"
+    assert by["grad-sums"]["why"] == "builds on fused-conv, fused-bn3, which failed"
+    assert "-1.00% on what was kept" in by["fused-conv1"]["why"]
+    assert rows[-1] == {"part": "choice", "candidates": "planes-pool", "images_per_second": 1030.0,
+                        "vs_model": 1.03, "final": True}
+
+    with pytest.raises(RuntimeError, match="no device"):
+        cand.select(_measure({"none": RuntimeError("no device")}, []), emit=rows.append)
+
+
+def test_apply_reads_the_last_choice_of_the_call_and_runs_the_command_with_it(tmp_path, monkeypatch, capsys):
+    """The device runner's results.jsonl: the last choice row wins (a partial one too); no
+    file or no choice there: the model as it is. The resnet-jax command runs with the
+    candidates on and the model is restored after it."""
+    seen = []
+
+    def fake_cli_main(argv):
+        seen.append((argv, _flags()))
+        return 0
+
+    from resnet_jax import cli
+
+    monkeypatch.setattr(cli, "main", fake_cli_main)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    before = _flags()
+    args = ["--", "benchmark", "--json", "--model", "resnet50"]
+    assert cand.main(["apply", *args]) == 0  # no results.jsonl yet
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in [
+        {"job": "candidates/resnet50@224", "part": "choice", "candidates": "fused-conv", "vs_model": 1.02,
+         "final": False},
+        {"job": "candidates/resnet50@224", "part": "train_step", "candidates": "fused-conv+fused-bn3"},
+        {"job": "candidates/resnet50@224", "part": "choice", "candidates": "fused-conv+fused-bn3", "vs_model": 1.04,
+         "final": False},
+    ]) + "\n{not json\n")
+    assert cand.main(["apply", "--choice", "auto", *args]) == 0
+    assert cand.main(["apply", "--choice", "planes-pool", *args]) == 0
+    assert [argv for argv, _ in seen] == [args[1:]] * 3
+    assert [flags[:3] for _, flags in seen] == [(False, False, False), (True, True, False), (False, False, False)]
+    assert seen[2][1][3] is layers.max_pool_planes
+    assert _flags() == before
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["candidates"] for p in printed] == ["none", "fused-conv+fused-bn3", "planes-pool"]
+    assert "no choice in" in printed[0]["source"] and "the model as it is" in printed[0]["source"]
+    assert printed[1]["source"] == "candidates/resnet50@224's partial choice (1.040x the model's step there)"
+
+    with pytest.raises(SystemExit):
+        cand.main(["apply", "--choice", "fused-bn3", *args])
+    assert "'fused-bn3' builds on 'fused-conv'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cand.main(["apply", "--choice", "none"])
+    assert "give the resnet-jax command after --" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_select_on_a_small_bottleneck_network_runs_every_candidate_and_ends_with_the_choice(capsys):
+    """The device job's own path on CPU (ResNet-26 at 32px, batch 8 over the 8 test devices, float32): the model's step and each
+    candidate's, every loss within float32 rounding of the model's, and a final choice."""
+    assert cand.main(["select", "--model", "resnet26", "--batch-size", "8", "--image-size", "32", "--dtype",
+                      "float32", "--steps", "2", "--min-gain", "-1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    steps = [r for r in rows if r["part"] == "train_step"]
+    # --min-gain -1 keeps every candidate that runs with the model's losses: all five, each on top of the others
+    assert [r["candidates"] for r in steps][-1] == "+".join(cand.BY_NAME)
+    assert all(r["kept"] and r["max_loss_diff_vs_model"] < 1e-4 for r in steps), steps
+    assert rows[-1]["final"] and rows[-1]["candidates"] == "+".join(cand.BY_NAME)
+
+
+def test_the_compile_report_compiles_the_step_with_a_choice_given_or_the_calls_own(tmp_path, monkeypatch, capsys):
+    """``gpu_compile_report --candidates`` (compiled for the H100 without one): with changes 9,
+    11 and 12 the ResNet-26 step has their kernels and moves fewer bytes than the model's;
+    ``auto`` reads the device job's choice from $OUT/results.jsonl; a bad spec is refused."""
+    from tests.conftest import require_cuda_plugin
+
+    require_cuda_plugin()
+    from benchmarks.gpu_compile_report import main
+
+    args = ["--model", "resnet26", "--batch-size", "8", "--image-size", "64", "--json"]
+    hlo = tmp_path / "step.hlo.txt"
+    assert main([*args, "--dump-hlo", str(hlo)]) == 0
+    model = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert model["candidates"] == "none" and "affine_grad_matmul" not in hlo.read_text()
+    (tmp_path / "results.jsonl").write_text(json.dumps(
+        {"job": "candidates/resnet50@224", "part": "choice", "candidates": "fused-conv+fused-bn3+grad-sums",
+         "final": True}) + "\n")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert main([*args, "--candidates", "auto", "--dump-hlo", str(hlo)]) == 0
+    fused = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fused["candidates"] == "fused-conv+fused-bn3+grad-sums"
+    text = hlo.read_text()
+    assert "bn_relu_matmul_moments" in text and "affine_grad_matmul_relu_grad_sums" in text
+    assert fused["traffic_gib"] < model["traffic_gib"]
+    assert _flags()[:3] == (False, False, False)  # the model restored
+    with pytest.raises(SystemExit):
+        main([*args, "--candidates", "grad-sums"])
+    assert "'grad-sums' builds on 'fused-bn3'" in capsys.readouterr().err
