@@ -204,7 +204,8 @@ class BatchNorm(nn.Module):
         output is then that BatchNorm's, in ``dtype``. In training it is computed with this one
         as one function (:func:`batch_norm_relu_conv1x1_train`'s ``next_norm``: on an NVIDIA GPU
         its backward pass never stores z's gradient); in evaluation the layers run one after
-        another. ``next_norm``'s parameters and running statistics are its own as usual. ``computed_by``: how such a ``next_norm`` is called,
+        another. ``next_norm``'s parameters and running statistics are its own as usual.
+        ``computed_by``: how such a ``next_norm`` is called,
         ``(features, fn)``; x is then ignored (pass None) and ``fn(scale, bias, epsilon)``
         returns this BatchNorm's output and its float32 (C,) whole-batch mean and biased variance.
         """

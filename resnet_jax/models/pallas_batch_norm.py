@@ -70,10 +70,7 @@ def _sums_kernel(x_ref, dy_ref, mean_ref, a_ref, b_ref, out_ref, *, rows: int, s
 
     def body(i: int, acc: tuple[Array, Array]) -> tuple[Array, Array]:
         sum_g, sum_gc = acc
-        x = x_ref[pl.ds(i * sub, sub), :].astype(jnp.float32)
-        dy = dy_ref[pl.ds(i * sub, sub), :].astype(jnp.float32)
-        centred = x - mean
-        g = jnp.where(centred * a + b > 0, dy, 0.0)
+        g, centred = relu_grad(x_ref[pl.ds(i * sub, sub), :], dy_ref[pl.ds(i * sub, sub), :], mean, a, b)
         return sum_g + g, sum_gc + g * centred
 
     _accumulate(body, x_ref, out_ref, rows, sub)
@@ -162,8 +159,7 @@ def relu_grad_sums(
                        sub_rows=sub_rows, block_channels=block_channels, num_warps=num_warps, num_stages=num_stages,
                        interpret=interpret)
     if sums is None:
-        centred = x.astype(jnp.float32) - mean
-        g = jnp.where(centred * a + b > 0, dy.astype(jnp.float32), 0.0)
+        g, centred = relu_grad(x, dy, mean, a, b)
         return jnp.sum(g, axis=0), jnp.sum(g * centred, axis=0)
     return sums[0], sums[1]
 
@@ -281,6 +277,14 @@ def relu_bn(x: Array, mean: Array, a: Array, b: Array) -> Array:
     ``b = bias``: the BatchNorm + ReLU that :func:`bn_relu_apply` returns and the fused
     convolution's kernels (``pallas_fused_conv``) apply to their input."""
     return jnp.maximum((x.astype(jnp.float32) - mean) * a + b, 0.0)
+
+
+def relu_grad(x: Array, dy: Array, mean: Array, a: Array, b: Array) -> tuple[Array, Array]:
+    """``(g, x - mean)`` in float32, g = dy where :func:`relu_bn`'s ReLU passes
+    (``(x - mean) * a + b > 0``), else 0: the terms :func:`relu_grad_sums` adds up, for the
+    kernels and XLA code that sum them."""
+    centred = x.astype(jnp.float32) - mean
+    return jnp.where(centred * a + b > 0, dy.astype(jnp.float32), 0.0), centred
 
 
 def _bn_relu_tangent(epsilon: float, dtype: Dtype, present: tuple[bool, ...], res: tuple, lin: tuple) -> Array:

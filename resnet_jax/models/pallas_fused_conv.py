@@ -55,6 +55,7 @@ from resnet_jax.models.pallas_batch_norm import (
     _largest_power_of_two_divisor,
     present_tangents,
     relu_bn,
+    relu_grad,
     row_sharded_op,
 )
 
@@ -158,8 +159,7 @@ def _input_grad_kernel(g_ref, z_ref, scale_g_ref, scale_z_ref, shift_ref, wt_ref
     dy_ref[...] = dy
     if bn_refs is not None:
         x_ref, mean_ref, a_ref, b_ref = bn_refs
-        centred = x_ref[...].astype(jnp.float32) - mean_ref[...]
-        g2 = jnp.where(centred * a_ref[...] + b_ref[...] > 0, dy.astype(jnp.float32), 0.0)
+        g2, centred = relu_grad(x_ref[...], dy, mean_ref[...], a_ref[...], b_ref[...])
         sums_ref[0, :] = jnp.sum(g2, axis=0)
         sums_ref[1, :] = jnp.sum(g2 * centred, axis=0)
 
@@ -357,8 +357,7 @@ def _input_grad_xla(g: Array, z: Array, scale_g: Array, scale_z: Array, shift: A
     if relu_bn_input is None:
         return dy
     x, mean, a, b = relu_bn_input
-    centred = x.astype(jnp.float32) - mean
-    g2 = jnp.where(centred * a + b > 0, dy.astype(jnp.float32), 0.0)
+    g2, centred = relu_grad(x, dy, mean, a, b)
     return dy, jnp.stack([jnp.sum(g2, axis=0), jnp.sum(g2 * centred, axis=0)])
 
 
@@ -638,20 +637,20 @@ def _bn_relu_conv1x1_bn_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, i
         scale_z = (2 * dvar3 - a3 * inv3**2 * sum_gc) / rows
         shift = (dmean3 - a3 * sum_g) / rows - scale_z * mean3
         affine = (g, z, a3, scale_z, shift)
+        # bn2 + ReLU, the GEMMs' input: (x, mean, a, b)
+        bn_input = (x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
         out = []
-        if n_bn and INPUT_GRAD_SUMS and any(bn_present[1:]):
-            # bn2's two backward sums in the input gradient's epilogue (change 12): x read there
-            # once instead of x and dy again by relu_grad_sums
-            bn_input = (x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
-            dy, sums2 = _sharded_input_grad(jnp.dtype(dtype), interpret, sums=True)(*affine, w, *bn_input)
+        if n_bn:
+            sums2 = None
+            if INPUT_GRAD_SUMS and any(bn_present[1:]):
+                # bn2's two backward sums in the input gradient's epilogue (change 12): x read
+                # there once instead of x and dy again by relu_grad_sums
+                dy, sums2 = _sharded_input_grad(jnp.dtype(dtype), interpret, sums=True)(*affine, w, *bn_input)
+            else:
+                dy = _sharded_input_grad(jnp.dtype(dtype), interpret)(*affine, w)
             out.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res[:5], dy.reshape(x.shape), sums2))
-        elif n_bn:
-            dy = _sharded_input_grad(jnp.dtype(dtype), interpret)(*affine, w).reshape(x.shape)
-            out.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res[:5], dy))
         if kernel_present:
-            a = jax.lax.rsqrt(var + epsilon) * scale
-            dw = _sharded_weight_grad(interpret, affine=True)(x.reshape(-1, k), mean, a, bias.astype(jnp.float32),
-                                                               *affine)
+            dw = _sharded_weight_grad(interpret, affine=True)(*bn_input, *affine)
             out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
         for ct, p in zip((sum_gc * inv3, sum_g), next_present):
             if p:
