@@ -1,4 +1,4 @@
-"""The candidate changes that are built but off by default (docs/performance.md, changes 7 to 12):
+"""The candidate changes that are built but off by default (docs/performance.md, changes 7 to 13):
 chosen on the device by timing the whole train step, then applied to any ``resnet-jax`` command.
 
 A drawn task has 15 minutes of device time, and a warm machine goes back 30 s after a call, so
@@ -12,7 +12,7 @@ makes the step at least ``--min-gain`` faster than the best so far (default 0.5%
 the spread of repeated runs of one step on the H100) with every loss within ``--loss-tolerance``
 of the model's (default 0.05, :data:`LOSS_TOLERANCE`). A candidate that builds on one not kept
 (change 11 on change 9) is tried together with it, since it may pay for it. A greedy choice:
-seven compiles instead of the 32 combinations. It prints one
+eight compiles instead of the 48 combinations. It prints one
 JSON row per run and, after each, the choice so far::
 
     {"part": "choice", "candidates": "fused-conv+fused-bn3", "images_per_second": ..., "vs_model": ..., "final": false}
@@ -79,6 +79,9 @@ CANDIDATES = (
               requires="fused-bn3"),
     Candidate("fused-conv1", 10, "conv1 sums bn1's statistics as it stores its output (blocks.FUSE_CONV1_BN1)",
               ((blocks, "FUSE_CONV1_BN1", True),)),
+    Candidate("fused-shortcut", 13, "a stride-1 projection shortcut's conv and BatchNorm as one op, the BatchNorm's "
+                                    "gradient in the conv's backward GEMMs (layers.FUSE_SHORTCUT)",
+              ((layers, "FUSE_SHORTCUT", True),)),
     Candidate("planes-pool", 7, "the stem pool's reverse pass one parity plane at a time (layers.max_pool_planes)",
               ((layers, "max_pool_3x3_s2", layers.max_pool_planes),)),
     Candidate("min-programs", 8, "the Pallas BatchNorm kernels run >= 4 instances per SM on small activations "

@@ -17,9 +17,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from resnet_jax.models.layers import Conv1x1Kernel, Shortcut, SqueezeExcite
+from resnet_jax.models.layers import Conv1x1Kernel, Shortcut, SqueezeExcite, conv_param_dtype
 
 Array = jax.Array
 Dtype = Any
@@ -80,10 +79,6 @@ class _Block(nn.Module):
     def residual(self, x: Array, train: bool) -> Array:
         raise NotImplementedError
 
-    def _param_dtype(self) -> Dtype:
-        """The dtype ``conv`` keeps its kernels in (for a kernel declared outside ``nn.Conv``)."""
-        return getattr(self.conv, "keywords", {}).get("param_dtype", jnp.float32)
-
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         out_features = self.planes * self.expansion
@@ -127,14 +122,14 @@ class Bottleneck(_Block):
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         s1, s3 = (self.strides, 1) if self.stride_on_1x1 else (1, self.strides)
         if FUSE_CONV1_BN1 and train and s1 == 1:
-            kernel = Conv1x1Kernel(width, self._param_dtype(), name="conv1")(x.shape[-1])
+            kernel = Conv1x1Kernel(width, conv_param_dtype(self.conv), name="conv1")(x.shape[-1])
             y = self.norm(name="bn1", activation=self.act)(x, train, input_conv1x1_kernel=kernel)
         else:
             y = self.conv(width, 1, s1, name="conv1")(x)
             y = self.norm(name="bn1", activation=self.act)(y, train)
         y = self.conv(width, 3, s3, groups=self.groups, name="conv2")(y)
         if FUSE_BN2_CONV3 and train:
-            kernel = Conv1x1Kernel(self.planes * self.expansion, self._param_dtype(), name="conv3")(width)
+            kernel = Conv1x1Kernel(self.planes * self.expansion, conv_param_dtype(self.conv), name="conv3")(width)
             if FUSE_BN3:
                 bn3 = self.norm(name="bn3", zero_init_scale=self.zero_init_last)
                 return self.norm(name="bn2", activation=self.act)(y, train, conv1x1_kernel=kernel, next_norm=bn3)

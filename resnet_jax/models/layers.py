@@ -63,6 +63,14 @@ def relu(x: Array) -> Array:
 # The ReLUs (same values and derivatives): a max pool commutes with them (see Stem).
 RELUS = (relu, relu_from_output, jax.nn.relu)
 
+# A candidate, off until the device times it (docs/performance.md, change 13): in training, a
+# stride-1 projection shortcut (ResNet-50's first stage; every stage of ResNet-D and ResNet-RS,
+# after the average pool) as one op, ``BatchNorm(..., input_conv1x1_kernel=...)`` without an
+# activation: on an NVIDIA GPU its convolution sums the BatchNorm's statistics as it stores its
+# output, and its backward GEMMs compute the BatchNorm's gradient as they load the output's.
+# The parameters are the same either way; benchmarks patch this to time it.
+FUSE_SHORTCUT = False
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": relu,
     "swish": nn.swish,
@@ -128,6 +136,12 @@ class Conv1x1Kernel(nn.Module):
     @nn.compact
     def __call__(self, in_features: int) -> Array:
         return self.param("kernel", conv_kernel_init, (1, 1, in_features, self.features), self.param_dtype)
+
+
+def conv_param_dtype(conv_factory: Callable[..., nn.Module]) -> Dtype:
+    """The dtype a :func:`conv` factory (a ``functools.partial``) keeps its kernels in, for a
+    kernel declared outside ``nn.Conv`` (:class:`Conv1x1Kernel`)."""
+    return getattr(conv_factory, "keywords", {}).get("param_dtype", jnp.float32)
 
 
 def conv1x1(x: Array, kernel: Array, dtype: Dtype) -> Array:
@@ -198,8 +212,10 @@ class BatchNorm(nn.Module):
         (:class:`Conv1x1Kernel`) whose output this BatchNorm normalises; x is then that
         convolution's input, (N, H, W, C_in). In training with whole-batch statistics the
         convolution returns them too (:func:`conv1x1_train_statistics`: on an NVIDIA GPU one
-        Pallas kernel that sums them as it stores its output); otherwise it is
-        :func:`conv1x1`, then the BatchNorm as usual.
+        Pallas kernel that sums them as it stores its output), and without an activation the
+        convolution and the BatchNorm are one op (:func:`conv1x1_batch_norm_train`: on an
+        NVIDIA GPU the BatchNorm's gradient is computed inside the convolution's backward
+        GEMMs); otherwise it is :func:`conv1x1`, then the BatchNorm as usual.
         ``next_norm`` (with ``conv1x1_kernel``): the BatchNorm module that normalises z; the
         output is then that BatchNorm's, in ``dtype``. In training it is computed with this one
         as one function (:func:`batch_norm_relu_conv1x1_train`'s ``next_norm``: on an NVIDIA GPU
@@ -222,6 +238,12 @@ class BatchNorm(nn.Module):
                 raise ValueError("BatchNorm: input_conv1x1_kernel takes its statistics from the convolution "
                                  "and cannot be combined with statistics= or conv1x1_kernel=")
             if train and (self.group_size or x.shape[0]) == x.shape[0]:
+                if self.activation is None:
+                    scale, bias, ra_mean, ra_var = self._parameters(input_conv1x1_kernel.shape[-1])
+                    y, mean, var = conv1x1_batch_norm_train(x, input_conv1x1_kernel, scale, bias, self.epsilon,
+                                                            self.dtype)
+                    self._update_running_statistics(ra_mean, ra_var, mean[None], var[None])
+                    return y
                 x, statistics = conv1x1_train_statistics(x, input_conv1x1_kernel, self.dtype)
             else:
                 x = conv1x1(x, input_conv1x1_kernel, self.dtype)
@@ -385,6 +407,34 @@ def conv1x1_train_statistics(x: Array, kernel: Array, dtype: Dtype) -> tuple[Arr
     return jax.lax.platform_dependent(
         x, kernel, cuda=functools.partial(pallas_conv1x1_statistics, dtype=dtype),
         default=functools.partial(conv1x1_statistics_layers, dtype=dtype))
+
+
+def conv1x1_batch_norm_train(x: Array, kernel: Array, scale: Array, bias: Array, epsilon: float,
+                             dtype: Dtype) -> tuple[Array, Array, Array]:
+    """``BatchNorm(conv1x1(x, kernel))`` in training, whole-batch statistics, no activation: x
+    (N, H, W, C_in), kernel (1, 1, C_in, C). Returns the output in ``dtype`` and the float32
+    (C,) batch mean and biased variance of the convolution's output. Compiled for an NVIDIA GPU
+    this is ``pallas_fused_conv.conv1x1_bn`` (one op: the statistics summed as the convolution
+    stores its output, the BatchNorm's gradient computed in its backward GEMMs; change 13).
+    Elsewhere, :func:`conv1x1_statistics_layers` and then :func:`batch_norm_apply`."""
+
+    def layers(x: Array, kernel: Array, scale: Array, bias: Array) -> tuple[Array, Array, Array]:
+        z, (mean, var) = conv1x1_statistics_layers(x, kernel, dtype=dtype)
+        return batch_norm_apply(z, mean, var, scale, bias, epsilon, dtype), mean, var
+
+    return jax.lax.platform_dependent(
+        x, kernel, scale, bias, cuda=functools.partial(pallas_conv1x1_batch_norm, epsilon=epsilon, dtype=dtype),
+        default=layers)
+
+
+def pallas_conv1x1_batch_norm(x: Array, kernel: Array, scale: Array, bias: Array, *, epsilon: float, dtype: Dtype,
+                              interpret: bool = False) -> tuple[Array, Array, Array]:
+    """:func:`conv1x1_batch_norm_train` for a GPU (or, ``interpret``, under the Pallas
+    interpreter): ``pallas_fused_conv.conv1x1_bn``."""
+    from resnet_jax.models import pallas_fused_conv
+
+    return pallas_fused_conv.conv1x1_bn(x, kernel, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon,
+                                        dtype, interpret)
 
 
 def conv1x1_statistics_layers(x: Array, kernel: Array, *, dtype: Dtype) -> tuple[Array, tuple[Array, Array]]:
@@ -802,14 +852,17 @@ class Shortcut(nn.Module):
             extra = self.features - x.shape[-1]
             return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
         if self.kind == "avg_down":
-            x = avg_pool_ceil(x, self.strides)
-            x = self.conv(self.features, kernel_size=1, strides=1, name="conv")(x)
+            x, strides = avg_pool_ceil(x, self.strides), 1
         elif self.kind == "projection":
-            x = self.conv(self.features, kernel_size=1, strides=self.strides, name="conv")(x)
+            strides = self.strides
         else:
             raise ValueError(
                 f"unknown shortcut {self.kind!r}; choose projection, avg_down or zero_pad"
             )
+        if FUSE_SHORTCUT and train and strides == 1:
+            kernel = Conv1x1Kernel(self.features, conv_param_dtype(self.conv), name="conv")(x.shape[-1])
+            return self.norm(name="bn")(x, train, input_conv1x1_kernel=kernel)
+        x = self.conv(self.features, kernel_size=1, strides=strides, name="conv")(x)
         return self.norm(name="bn")(x, train)
 
 

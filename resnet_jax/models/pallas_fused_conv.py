@@ -109,15 +109,17 @@ def affine_grad(g: Array, z: Array, scale_g: Array, scale_z: Array, shift: Array
     return g.astype(jnp.float32) * scale_g + z.astype(jnp.float32) * scale_z + shift
 
 
-def _wgrad_kernel(x_ref, mean_ref, a_ref, b_ref, *refs, rows: int, sub: int) -> None:
-    """Instance (n, k, s): ``dw = relu_bn(x)^T @ dz`` over rows ``[s * rows, (s + 1) * rows)``,
-    ``sub`` rows at a time, for one (input, output) channel block, in float32. The refs hold all
-    rows of their channel block; after b come ``dz, dw`` or ``g, z, scale_g, scale_z, shift, dw``
-    (dz is then :func:`affine_grad` of them, rounded to g's dtype as a stored dz would be)."""
+def _wgrad_kernel(x_ref, *refs, rows: int, sub: int, prologue: bool) -> None:
+    """Instance (n, k, s): ``dw = relu_bn(x)^T @ dz`` (``prologue``; else ``x^T @ dz``) over rows
+    ``[s * rows, (s + 1) * rows)``, ``sub`` rows at a time, for one (input, output) channel
+    block, in float32. The refs hold all rows of their channel block; after x come ``mean, a,
+    b`` (``prologue``), then ``dz, dw`` or ``g, z, scale_g, scale_z, shift, dw`` (dz is then
+    :func:`affine_grad` of them, rounded to g's dtype as a stored dz would be)."""
+    if prologue:
+        mean_ref, a_ref, b_ref, *refs = refs
     *dz_refs, dw_ref = refs
     start = pl.program_id(2) * rows
     block_k, block_n = dw_ref.shape
-    mean, a, b = mean_ref[...], a_ref[...], b_ref[...]
     compute_dtype = dz_refs[0].dtype
 
     def dz_rows(rs: Any) -> Array:
@@ -128,7 +130,10 @@ def _wgrad_kernel(x_ref, mean_ref, a_ref, b_ref, *refs, rows: int, sub: int) -> 
 
     def body(i: int, acc: Array) -> Array:
         rs = pl.ds(start + i * sub, sub)
-        y = relu_bn(x_ref[rs, :], mean, a, b).astype(compute_dtype)
+        y = x_ref[rs, :]
+        if prologue:
+            y = relu_bn(y, mean_ref[...], a_ref[...], b_ref[...])
+        y = y.astype(compute_dtype)
         return acc + jax.lax.dot_general(y, dz_rows(rs), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
     dw_ref[...] = jax.lax.fori_loop(0, rows // sub, body, jnp.zeros((block_k, block_n), jnp.float32))
@@ -164,6 +169,14 @@ def _input_grad_kernel(g_ref, z_ref, scale_g_ref, scale_z_ref, shift_ref, wt_ref
         sums_ref[1, :] = jnp.sum(g2 * centred, axis=0)
 
 
+def _prologue_given(mean: Array | None, a: Array | None, b: Array | None, caller: str) -> bool:
+    """Whether a kernel applies a BatchNorm + ReLU to its input (``mean``, ``a``, ``b`` given)."""
+    prologue = mean is not None
+    if prologue != (a is not None) or prologue != (b is not None):
+        raise ValueError(f"{caller}: give mean, a and b together (the BatchNorm before the product), or none")
+    return prologue
+
+
 def _fits(*sizes: int) -> bool:
     """Triton's dot needs power-of-two blocks of at least 16 along each dimension."""
     return all(s >= 16 for s in sizes)
@@ -193,9 +206,7 @@ def matmul_moments(
     None are the module's (``BLOCK_M`` etc.) at trace time. A GPU only, unless ``interpret``."""
     m, k = x.shape
     n = w.shape[1]
-    prologue = mean is not None
-    if prologue != (a is not None) or prologue != (b is not None):
-        raise ValueError("matmul_moments: give mean, a and b together (the BatchNorm before the product), or none")
+    prologue = _prologue_given(mean, a, b, "matmul_moments")
     if (blocks := _gemm_blocks(m, n, k, block_m or BLOCK_M, block_n or BLOCK_N, block_k or BLOCK_K)) is None:
         return None
     bm, bn, bk = blocks
@@ -234,12 +245,13 @@ def _row_splits(m: int, sub: int, programs_per_split: int, target: int, most: in
 
 
 def weight_grad(
-    x: Array, mean: Array, a: Array, b: Array, dz: Array | tuple[Array, ...], *, interpret: bool = False,
-    block_k: int | None = None, block_n: int | None = None, sub_rows: int | None = None,
+    x: Array, mean: Array | None, a: Array | None, b: Array | None, dz: Array | tuple[Array, ...], *,
+    interpret: bool = False, block_k: int | None = None, block_n: int | None = None, sub_rows: int | None = None,
     num_warps: int | None = None, programs: int | None = None,
 ) -> Array | None:
     """``relu((x - mean) * a + b)^T @ dz``, float32 (K, N), for x (M, K) and dz (M, N) in the
-    compute dtype, in one Pallas (Triton) kernel that recomputes the ReLU'd BatchNorm from x.
+    compute dtype, in one Pallas (Triton) kernel that recomputes the ReLU'd BatchNorm from x
+    (``mean``, ``a``, ``b`` float32 (K,); all three None for ``x^T @ dz``).
     ``dz`` may instead be ``(g, z, scale_g, scale_z, shift)``, g and z (M, N) and the others
     float32 (N,): dz is then :func:`affine_grad` of them, computed as they are loaded.
     The rows are split into ranges so that the kernel runs about ``programs`` instances, as
@@ -247,6 +259,7 @@ def weight_grad(
     bytes the kernel reads. Returns None where the blocks would be
     smaller than 16 (the caller then uses XLA). A GPU only, unless ``interpret``."""
     m, k = x.shape
+    prologue = _prologue_given(mean, a, b, "weight_grad")
     dz_args = tuple(dz) if isinstance(dz, tuple) else (dz,)
     rows_in = dz_args[:2] if len(dz_args) > 1 else dz_args
     n = rows_in[0].shape[1]
@@ -267,17 +280,18 @@ def weight_grad(
     out_vector = pl.BlockSpec((1, bn), lambda j, i, s: (0, j))
     dz_specs = [rows_spec] * len(rows_in) + [out_vector] * (len(dz_args) - len(rows_in))
     dz_vectors = [v.reshape(1, n) for v in dz_args[len(rows_in):]]
+    vectors = [v.reshape(1, k) for v in (mean, a, b)] if prologue else []
     partial = pl.pallas_call(
-        functools.partial(_wgrad_kernel, rows=m // splits, sub=sub),
+        functools.partial(_wgrad_kernel, rows=m // splits, sub=sub, prologue=prologue),
         grid=grid,
-        in_specs=[pl.BlockSpec((m, bk), lambda j, i, s: (0, i)), vector, vector, vector, *dz_specs],
+        in_specs=[pl.BlockSpec((m, bk), lambda j, i, s: (0, i)), *[vector] * len(vectors), *dz_specs],
         out_specs=pl.BlockSpec((None, bk, bn), lambda j, i, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((splits, k, n), jnp.float32),
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps or WGRAD_NUM_WARPS,
                                                                      num_stages=2),
-        name="bn_relu_matmul_weight_grad" if len(dz_args) == 1 else "bn_relu_matmul_weight_grad_affine",
-    )(x, mean.reshape(1, k), a.reshape(1, k), b.reshape(1, k), *rows_in, *dz_vectors)
+        name=("bn_relu_" if prologue else "") + "matmul_weight_grad" + ("_affine" if len(dz_args) > 1 else ""),
+    )(x, *vectors, *rows_in, *dz_vectors)
     return jnp.sum(partial, axis=0)
 
 
@@ -342,10 +356,11 @@ def _matmul_moments_xla(x: Array, mean: Array | None, a: Array | None, b: Array 
     return z, jnp.stack([jnp.sum(zf, axis=0), jnp.sum(zf * zf, axis=0)])
 
 
-def _weight_grad_xla(x: Array, mean: Array, a: Array, b: Array, dz: Array | tuple[Array, ...]) -> Array:
+def _weight_grad_xla(x: Array, mean: Array | None, a: Array | None, b: Array | None,
+                     dz: Array | tuple[Array, ...]) -> Array:
     if isinstance(dz, tuple):
         dz = affine_grad(*dz).astype(dz[0].dtype)
-    y = relu_bn(x, mean, a, b).astype(dz.dtype)
+    y = (x if mean is None else relu_bn(x, mean, a, b)).astype(dz.dtype)
     return jax.lax.dot_general(y, dz, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
@@ -380,16 +395,20 @@ def _sharded_forward(out_dtype: Dtype, interpret: bool, prologue: bool = True) -
 
 
 @functools.cache
-def _sharded_weight_grad(interpret: bool, affine: bool = False) -> Callable:
+def _sharded_weight_grad(interpret: bool, affine: bool = False, prologue: bool = True) -> Callable:
     """:func:`weight_grad` (or XLA's) as a :func:`row_sharded_op`: x's and dz's rows split over
-    the devices, each device's (K, N) sum added across them. ``affine``: the op takes
-    ``(x, mean, a, b, g, z, scale_g, scale_z, shift)``, dz being :func:`affine_grad` of the last five."""
+    the devices, each device's (K, N) sum added across them. The op takes ``(x, mean, a, b, dz)``,
+    without ``mean, a, b`` where not ``prologue``; ``affine``: ``g, z, scale_g, scale_z, shift``
+    in place of dz, dz being :func:`affine_grad` of them."""
     fn = functools.partial(_kernel_or_xla, functools.partial(weight_grad, interpret=interpret), _weight_grad_xla)
-    if not affine:
-        return row_sharded_op(fn, (True, False, False, False, True), (False,), "m k, k, k, k, m n -> k n", ("m",))
-    return row_sharded_op(lambda x, mean, a, b, *dz: fn(x, mean, a, b, tuple(dz)),
-                          (True, False, False, False, True, True, False, False, False), (False,),
-                          "m k, k, k, k, m n, m n, n, n, n -> k n", ("m",))
+    bn_rows, bn_spec = ((False,) * 3, "k, k, k, ") if prologue else ((), "")
+    dz_rows, dz_spec = ((True, True, False, False, False), "m n, m n, n, n, n") if affine else ((True,), "m n")
+
+    def call(x: Array, *args: Array) -> Array:
+        bn, dz = (args[:3], args[3:]) if prologue else ((None,) * 3, args)
+        return fn(x, *bn, tuple(dz) if affine else dz[0])
+
+    return row_sharded_op(call, (True, *bn_rows, *dz_rows), (False,), f"m k, {bn_spec}{dz_spec} -> k n", ("m",))
 
 
 @functools.cache
@@ -580,6 +599,42 @@ def _bn3_from_sums(z: Array, sums: Array, next_scale: Array, next_bias: Array, n
     return u, mean3, var3, inv3
 
 
+def _bn_after_tangent(tz: Array, z: Array, mean3: Array, inv3: Array, next_scale: Array,
+                      next_present: tuple[bool, bool], next_tangents: tuple) -> tuple[Array, Array, Array]:
+    """The tangents of the BatchNorm after the GEMM (u, z's mean and biased variance), float32,
+    from z's float32 tangent tz (M, N) and those of its scale and bias where ``next_present``."""
+    centred = z.astype(jnp.float32) - mean3
+    tmean3 = jnp.mean(tz, axis=0)
+    tvar3 = jnp.mean(2 * centred * tz, axis=0)
+    tu = ((tz - tmean3) * inv3 - centred * (0.5 * inv3**3 * tvar3)) * next_scale
+    it = iter(next_tangents)
+    tscale3, tbias3 = (next(it) if p else None for p in next_present)
+    if tscale3 is not None:
+        tu = tu + centred * inv3 * tscale3
+    if tbias3 is not None:
+        tu = tu + tbias3
+    return tu, tmean3, tvar3
+
+
+def _bn_after_transpose(cts: tuple[Array, Array, Array], z: Array, mean3: Array, inv3: Array,
+                        next_scale: Array) -> tuple[tuple[Array, ...], tuple[Array, Array]]:
+    """The reverse pass of the BatchNorm after the GEMM, from the cotangents of (u, z's mean, z's
+    biased variance): ``(g, z, scale_g, scale_z, shift)``, whose :func:`affine_grad` is z's
+    gradient (for the GEMM kernels to compute as they load g and z), and the cotangents of the
+    BatchNorm's scale and bias. g's two sums are plain reductions, which XLA fuses into the
+    kernel that makes g."""
+    du, dmean3, dvar3 = cts
+    rows = z.shape[0]
+    g = du.reshape(z.shape)
+    gf, centred = g.astype(jnp.float32), z.astype(jnp.float32) - mean3
+    sum_g, sum_gc = jnp.sum(gf, axis=0), jnp.sum(gf * centred, axis=0)
+    a3 = inv3 * next_scale
+    # dz = a3 g - a3 mean(g) - a3 inv3^2 (z - mean3) mean(g (z - mean3)) + dmean3 / M + 2 dvar3 (z - mean3) / M
+    scale_z = (2 * dvar3 - a3 * inv3**2 * sum_gc) / rows
+    shift = (dmean3 - a3 * sum_g) / rows - scale_z * mean3
+    return (g, z, a3, scale_z, shift), (sum_gc * inv3, sum_g)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9, 10, 11))
 def _bn_relu_conv1x1_bn(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
                         next_scale: Array, next_bias: Array, epsilon: float, next_epsilon: float, dtype: Dtype,
@@ -599,7 +654,7 @@ def _bn_relu_conv1x1_bn_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, i
     u, mean3, var3, inv3 = _bn3_from_sums(z, sums, next_scale, next_bias, next_epsilon, dtype)
     present, linear = present_tangents(tangents)
     bn_present, kernel_present, next_present = present[:5], present[5], present[6:]
-    n_bn, rows = sum(bn_present), z.shape[0]
+    n_bn = sum(bn_present)
     res = (x, mean, var, scale, bias, kernel, next_scale, z, mean3, inv3)
 
     def tangent(res: tuple, lin: tuple) -> tuple[Array, Array, Array]:
@@ -612,31 +667,14 @@ def _bn_relu_conv1x1_bn_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, i
         if kernel_present:
             y = relu_bn(x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias).astype(dtype)
             tz = tz + jnp.dot(y, lin[n_bn].reshape(w.shape).astype(dtype), preferred_element_type=jnp.float32)
-        centred = z.astype(jnp.float32) - mean3
-        tmean3 = jnp.mean(tz, axis=0)
-        tvar3 = jnp.mean(2 * centred * tz, axis=0)
-        tu = ((tz - tmean3) * inv3 - centred * (0.5 * inv3**3 * tvar3)) * next_scale
-        it = iter(lin[n_bn + kernel_present:])
-        tscale3, tbias3 = (next(it) if p else None for p in next_present)
-        if tscale3 is not None:
-            tu = tu + centred * inv3 * tscale3
-        if tbias3 is not None:
-            tu = tu + tbias3
+        tu, tmean3, tvar3 = _bn_after_tangent(tz, z, mean3, inv3, next_scale, next_present,
+                                              lin[n_bn + kernel_present:])
         return tu.astype(dtype).reshape(*x.shape[:-1], -1), tmean3, tvar3
 
     def transpose(res: tuple, cts: tuple) -> tuple:
         x, mean, var, scale, bias, kernel, next_scale, z, mean3, inv3 = res
-        du, dmean3, dvar3 = cts
         w = kernel.reshape(k, -1).astype(dtype)
-        g = du.reshape(z.shape)
-        gf, centred = g.astype(jnp.float32), z.astype(jnp.float32) - mean3
-        # u's two sums: plain reductions, which XLA fuses into the kernel that makes g
-        sum_g, sum_gc = jnp.sum(gf, axis=0), jnp.sum(gf * centred, axis=0)
-        a3 = inv3 * next_scale
-        # dz = a3 g - a3 mean(g) - a3 inv3^2 (z - mean3) mean(g (z - mean3)) + dmean3 / M + 2 dvar3 (z - mean3) / M
-        scale_z = (2 * dvar3 - a3 * inv3**2 * sum_gc) / rows
-        shift = (dmean3 - a3 * sum_g) / rows - scale_z * mean3
-        affine = (g, z, a3, scale_z, shift)
+        affine, next_cts = _bn_after_transpose(cts, z, mean3, inv3, next_scale)
         # bn2 + ReLU, the GEMMs' input: (x, mean, a, b)
         bn_input = (x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
         out = []
@@ -652,9 +690,7 @@ def _bn_relu_conv1x1_bn_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, i
         if kernel_present:
             dw = _sharded_weight_grad(interpret, affine=True)(*bn_input, *affine)
             out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
-        for ct, p in zip((sum_gc * inv3, sum_g), next_present):
-            if p:
-                out.append(ct)
+        out.extend(ct for ct, p in zip(next_cts, next_present) if p)
         return tuple(out)
 
     outs = jax.custom_derivatives.linear_call(tangent, transpose, res, linear)
@@ -662,3 +698,78 @@ def _bn_relu_conv1x1_bn_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, i
 
 
 _bn_relu_conv1x1_bn.defjvp(_bn_relu_conv1x1_bn_jvp, symbolic_zeros=True)
+
+
+# ---------------------------------------------------------------- a 1x1 convolution and its BatchNorm whole
+def conv1x1_bn(x: Array, kernel: Array, scale: Array, bias: Array, epsilon: float, dtype: Dtype,
+               interpret: bool = False) -> tuple[Array, Array, Array]:
+    """``u = BatchNorm(conv1x1(x, kernel))`` in training (whole-batch statistics, no activation), as
+    one differentiable op: a ResNet's stride-1 projection shortcut (ResNet-50's first stage;
+    every stage's in ResNet-D and ResNet-RS, after the average pool), ``layers.FUSE_SHORTCUT``.
+
+    x is (..., K) NHWC, ``kernel`` (K, N) or (1, 1, K, N), both cast to ``dtype`` like flax's
+    ``Conv``; ``scale`` and ``bias`` the BatchNorm's float32 (N,). Returns u (..., N) in
+    ``dtype`` and z's float32 (N,) mean and biased variance (for the running statistics; they
+    carry their derivative too).
+
+    Forward: :func:`matmul_moments` without a prologue (z and its sums in one kernel, as
+    :func:`conv1x1_moments`), then u in XLA, fused with what follows (the residual add and
+    ReLU). Reverse: as :func:`bn_relu_conv1x1_bn`'s, the BatchNorm's gradient is computed by
+    the input- and weight-gradient GEMMs (:func:`input_grad`, :func:`weight_grad`) as they load
+    u's gradient and z, never stored (docs/performance.md, change 13); g's two sums are plain
+    reductions that XLA fuses into the kernel that makes g (in a block, the residual ReLU's
+    mask). First-order forward and reverse mode work; second-order derivatives do not
+    (``linear_call``). Shapes the kernels do not take run in XLA."""
+    return _conv1x1_bn(x, kernel, scale, bias, epsilon, dtype, interpret)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _conv1x1_bn(x: Array, kernel: Array, scale: Array, bias: Array, epsilon: float, dtype: Dtype,
+                interpret: bool = False) -> tuple[Array, Array, Array]:
+    k = x.shape[-1]
+    w = kernel.reshape(k, -1).astype(dtype)
+    z, sums = _sharded_forward(jnp.dtype(dtype), interpret, prologue=False)(x.reshape(-1, k).astype(dtype), w)
+    u, mean, var, _ = _bn3_from_sums(z, sums, scale, bias, epsilon, dtype)
+    return u.reshape(*x.shape[:-1], -1), mean, var
+
+
+def _conv1x1_bn_jvp(epsilon: float, dtype: Dtype, interpret: bool, primals: tuple, tangents: tuple) -> tuple:
+    x, kernel, scale, bias = primals
+    k = x.shape[-1]
+    xs = x.reshape(-1, k).astype(dtype)
+    w = kernel.reshape(k, -1).astype(dtype)
+    z, sums = _sharded_forward(jnp.dtype(dtype), interpret, prologue=False)(xs, w)
+    u, mean, var, inv = _bn3_from_sums(z, sums, scale, bias, epsilon, dtype)
+    present, linear = present_tangents(tangents)
+    (x_present, kernel_present), bn_present = present[:2], present[2:]
+    res = (xs, w, scale, z, mean, inv)
+
+    def tangent(res: tuple, lin: tuple) -> tuple[Array, Array, Array]:
+        xs, w, scale, z, mean, inv = res
+        it = iter(lin)
+        tz = jnp.zeros(z.shape, jnp.float32)
+        if x_present:
+            tz = tz + jnp.dot(next(it).reshape(xs.shape).astype(dtype), w, preferred_element_type=jnp.float32)
+        if kernel_present:
+            tz = tz + jnp.dot(xs, next(it).reshape(w.shape).astype(dtype), preferred_element_type=jnp.float32)
+        tu, tmean, tvar = _bn_after_tangent(tz, z, mean, inv, scale, bn_present, tuple(it))
+        return tu.astype(dtype).reshape(*x.shape[:-1], -1), tmean, tvar
+
+    def transpose(res: tuple, cts: tuple) -> tuple:
+        xs, w, scale, z, mean, inv = res
+        affine, bn_cts = _bn_after_transpose(cts, z, mean, inv, scale)
+        out = []
+        if x_present:
+            dx = _sharded_input_grad(jnp.dtype(dtype), interpret)(*affine, w)
+            out.append(dx.reshape(x.shape).astype(x.dtype))
+        if kernel_present:
+            dw = _sharded_weight_grad(interpret, affine=True, prologue=False)(xs, *affine)
+            out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
+        out.extend(ct for ct, p in zip(bn_cts, bn_present) if p)
+        return tuple(out)
+
+    outs = jax.custom_derivatives.linear_call(tangent, transpose, res, linear)
+    return (u.reshape(*x.shape[:-1], -1), mean, var), outs
+
+
+_conv1x1_bn.defjvp(_conv1x1_bn_jvp, symbolic_zeros=True)

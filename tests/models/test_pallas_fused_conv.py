@@ -13,7 +13,8 @@ import pytest
 
 from resnet_jax.models import pallas_batch_norm, pallas_fused_conv
 from resnet_jax.models.pallas_fused_conv import (
-    affine_grad, bn_relu_conv1x1, bn_relu_conv1x1_bn, conv1x1_moments, input_grad, matmul_moments, weight_grad)
+    affine_grad, bn_relu_conv1x1, bn_relu_conv1x1_bn, conv1x1_bn, conv1x1_moments, input_grad, matmul_moments,
+    weight_grad)
 from tests.conftest import require_cuda_plugin
 
 EPS = 1e-5
@@ -148,6 +149,18 @@ def test_the_weight_gradient_kernel_takes_dz_as_an_affine_map_of_g_and_z(small_b
     np.testing.assert_allclose(_f64(affine_grad(*affine)),
                                _f64(affine[0]) * _f64(affine[2]) + _f64(affine[1]) * _f64(affine[3]) + _f64(affine[4]),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_without_a_prologue_the_weight_gradient_kernel_is_the_plain_product_of_x_and_dz(small_blocks):
+    x, _, _, _, _, _ = _operands(384, 32, 64, seed=18)
+    affine = _affine_operands(384, 64, seed=19)
+    dw = weight_grad(x, None, None, None, affine, interpret=True)
+    want = _f64(x).T @ _affine_rounded(*affine)
+    np.testing.assert_allclose(_f64(dw), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(pallas_fused_conv._weight_grad_xla(x, None, None, None, affine), dw, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match="mean, a and b together"):
+        weight_grad(x, jnp.zeros(32), None, None, affine, interpret=True)
 
 
 def _reference(x, scale, bias, kernel, dtype):
@@ -348,6 +361,84 @@ def test_in_bf16_the_block_stays_within_rounding_of_the_textbook_one(small_block
     np.testing.assert_allclose(sums, sums_ref, rtol=0.02, atol=0.02 * float(jnp.max(jnp.abs(sums_ref))))
 
 
+def _reference_conv_bn(x, kernel, scale, bias, dtype):
+    """The textbook projection shortcut: a 1x1 convolution in ``dtype``, then a whole-batch
+    BatchNorm (biased variance) of its output in float32; u and z's mean and variance stacked."""
+    z, _ = _conv_reference(x, kernel, dtype)
+    zf = z.astype(jnp.float32)
+    axes = tuple(range(z.ndim - 1))
+    mean, var = jnp.mean(zf, axes), jnp.var(zf, axes)
+    return ((zf - mean) / jnp.sqrt(var + EPS) * scale + bias).astype(dtype), jnp.stack([mean, var])
+
+
+def _fused_conv_bn(x, kernel, scale, bias, dtype, interpret=True):
+    u, mean, var = conv1x1_bn(x, kernel, scale, bias, EPS, dtype, interpret)
+    return u, jnp.stack([mean, var])
+
+
+def _conv_bn_operands(shape, n, seed):
+    x, _, _, kernel, ct_u, ct_stats = _block_operands(shape, n, seed=seed)
+    keys = jax.random.split(jax.random.key(seed + 200), 2)
+    return (x, kernel, 1 + 0.2 * jax.random.normal(keys[0], (n,)), 0.2 * jax.random.normal(keys[1], (n,))), \
+        ct_u, ct_stats
+
+
+@pytest.mark.parametrize("shape,n", [((2, 8, 8, 32), 64), ((1, 4, 4, 24), 32)])  # the second: XLA's fallback
+def test_the_convolution_with_its_batch_norm_equals_the_textbook_shortcut_in_both_modes(small_blocks, shape, n):
+    """Change 13's op: u, z's statistics and the gradients of x, the kernel, the scale and the
+    bias, through u and through the statistics, and forward mode with every subset of tangents
+    the model meets, against the convolution and BatchNorm in plain JAX (float32)."""
+    args, ct_u, ct_stats = _conv_bn_operands(shape, n, seed=21)
+
+    def loss(fn, *params):
+        u, stats = fn(*params, jnp.float32)
+        return jnp.sum(u * ct_u) + jnp.sum(stats * ct_stats)
+
+    argnums = tuple(range(len(args)))
+    got_value, got = jax.value_and_grad(functools.partial(loss, _fused_conv_bn), argnums=argnums)(*args)
+    want_value, want = jax.value_and_grad(functools.partial(loss, _reference_conv_bn), argnums=argnums)(*args)
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
+    for name, g, w in zip(("x", "kernel", "scale", "bias"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
+    # u alone (the statistics' cotangents absent), the kernel's gradient alone
+    got = jax.grad(lambda k: jnp.sum(_fused_conv_bn(args[0], k, *args[2:], jnp.float32)[0] * ct_u))(args[1])
+    want = jax.grad(lambda k: jnp.sum(_reference_conv_bn(args[0], k, *args[2:], jnp.float32)[0] * ct_u))(args[1])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+    tangents = tuple(jax.random.normal(jax.random.key(40 + i), v.shape) for i, v in enumerate(args))
+    for present in ((0, 1, 2, 3), (0,), (1,), (2, 3)):
+        def at(fn, *moving, present=present):
+            full = list(args)
+            for i, v in zip(present, moving):
+                full[i] = v
+            return fn(*full, jnp.float32)
+
+        got = jax.jvp(functools.partial(at, _fused_conv_bn), tuple(args[i] for i in present),
+                      tuple(tangents[i] for i in present))
+        want = jax.jvp(functools.partial(at, _reference_conv_bn), tuple(args[i] for i in present),
+                       tuple(tangents[i] for i in present))
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=str(present))
+
+
+def test_in_bf16_the_convolution_with_its_batch_norm_stays_within_rounding_of_the_textbook_one(small_blocks):
+    (x, kernel, scale, bias), ct_u, _ = _conv_bn_operands((2, 8, 8, 32), 64, seed=22)
+    x = x.astype(jnp.bfloat16)
+    u, stats = _fused_conv_bn(x, kernel, scale, bias, jnp.bfloat16)
+    u_ref, stats_ref = _reference_conv_bn(x, kernel, scale, bias, jnp.bfloat16)
+    assert u.dtype == jnp.bfloat16 and stats.dtype == jnp.float32
+    # one bf16 rounding of z apart (2^-8 relative), normalised: a few bf16 steps of u
+    np.testing.assert_allclose(_f64(u), _f64(u_ref), rtol=0.02, atol=0.02)
+    np.testing.assert_allclose(stats, stats_ref, rtol=0.01, atol=0.01 * float(jnp.max(jnp.abs(stats_ref))))
+    dx, dk = jax.grad(lambda x, k: jnp.sum(_fused_conv_bn(x, k, scale, bias, jnp.bfloat16)[0].astype(jnp.float32)
+                                           * ct_u), argnums=(0, 1))(x, kernel)
+    dx_ref, dk_ref = jax.grad(lambda x, k: jnp.sum(_reference_conv_bn(x, k, scale, bias, jnp.bfloat16)[0].astype(
+        jnp.float32) * ct_u), argnums=(0, 1))(x, kernel)
+    assert dx.dtype == jnp.bfloat16
+    for g, w in ((dx, dx_ref), (dk, dk_ref)):
+        top = float(jnp.max(jnp.abs(w.astype(jnp.float32))))
+        assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))) < 0.03 * top
+
+
 def test_shapes_the_kernels_do_not_take_run_in_xla():
     # 24 input channels: not a power of two, so the forward kernel declines and XLA computes it
     x, mean, a, b, w, dz = _operands(64, 24, 32)
@@ -506,25 +597,65 @@ def test_compiled_for_an_h100_the_convolution_sums_the_statistics_and_its_backwa
     assert _traffic(fused_hlo) < _traffic(model_hlo) - 0.8 * z_bytes
 
 
-def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32):
+def test_compiled_for_an_h100_the_shortcut_is_three_gemms_of_ours_and_its_batch_norm_gradient_is_never_stored():
+    """A stride-1 projection shortcut added to a residual branch and ReLU'd (ResNet-50's first
+    block): as the model runs it on a GPU (cuDNN's convolution, the statistics kernel, XLA's
+    BatchNorm) and as change 13's op. The op's forward GEMM sums the statistics as it stores z,
+    and its two backward GEMMs compute the BatchNorm's input gradient as they load g and z; no
+    cuDNN call is left. What goes: the statistics' read of z (1 unit of z), XLA's pass that
+    wrote dz and the GEMMs' reads of it (3 units), for g and z read by both GEMMs instead
+    (2 more): 2 units by that count, measured 3.5 here, where XLA also folds g's sums into the
+    pass that makes g. (In the whole ResNet-50 step it keeps them apart: 1.8 units.)"""
+    require_cuda_plugin()
+    shape, n, dtype = (32, 56, 56, 64), 256, jnp.bfloat16
+
+    def model_block(x, kernel, scale, bias, residual):
+        z = jax.lax.conv_general_dilated(x, kernel.astype(dtype), (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        mean, mean_sq = pallas_batch_norm.batch_moments(z.astype(jnp.float32).reshape(-1, n), dtype)
+        u = ((z.astype(jnp.float32) - mean) * jax.lax.rsqrt(mean_sq - mean * mean + EPS) * scale + bias).astype(dtype)
+        return (jax.nn.relu(u + residual),)
+
+    def fused_block(x, kernel, scale, bias, residual):
+        u, _, _ = conv1x1_bn(x, kernel, scale, bias, EPS, dtype)
+        return (jax.nn.relu(u + residual),)
+
+    shapes = [(shape, dtype), ((1, 1, shape[-1], n), jnp.float32), ((n,), jnp.float32), ((n,), jnp.float32),
+              ((*shape[:-1], n), dtype)]
+    ct_shapes = [((*shape[:-1], n), dtype)]
+    model_hlo, fused_hlo = (_compiled_for_an_h100(b, shapes, ct_shapes) for b in (model_block, fused_block))
+    for kernel in ("matmul_moments", "affine_grad_matmul", "matmul_weight_grad_affine"):
+        assert kernel in fused_hlo, kernel
+    assert "bn_relu_" not in fused_hlo  # no BatchNorm + ReLU prologue: x is the convolution's input as it is
+    assert len(_cudnn_calls(model_hlo, backward=False)) == 1 and len(_cudnn_calls(model_hlo, backward=True)) == 2
+    assert _cudnn_calls(fused_hlo, backward=False) == _cudnn_calls(fused_hlo, backward=True) == []
+    z_bytes = 32 * 56 * 56 * n * 2
+    assert _traffic(fused_hlo) < _traffic(model_hlo) - 3 * z_bytes
+
+
+def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet50"):
     """Loss, gradients and new batch statistics of one training step of a narrow ResNet-50
     (16 channels: the narrowest the kernels take), with the fused paths ``fused`` (a subset of
     ``conv3``: bn2 + ReLU + conv3, ``blocks.FUSE_BN2_CONV3``; ``conv1``: conv1 with bn1's
     statistics, ``blocks.FUSE_CONV1_BN1``; ``bn3``: with ``conv3``, bn3 in the same op,
-    ``blocks.FUSE_BN3``), and the CPU's layers (``default``) or the GPU kernels under the
-    interpreter (``cuda``)."""
-    from resnet_jax.models import blocks, create_model
+    ``blocks.FUSE_BN3``; ``shortcut``: the stride-1 projection shortcut as one op,
+    ``layers.FUSE_SHORTCUT``), and the CPU's layers (``default``) or the GPU kernels under the
+    interpreter (``cuda``). ``model``: ResNet-50 (a stride-1 projection in its first stage only)
+    or ResNet-50-D (every stage's projection after an average pool, stride 1)."""
+    from resnet_jax.models import blocks, create_model, layers
     from tests.conftest import use_cuda_kernels
 
     with monkeypatch.context() as patch:
         if kernels == "cuda":
             use_cuda_kernels(patch, fused_conv="conv3" in fused, fused_conv1="conv1" in fused,
-                             fused_bn3="bn3" in fused, input_grad_sums="sums" in fused)
+                             fused_bn3="bn3" in fused, input_grad_sums="sums" in fused,
+                             fused_shortcut="shortcut" in fused)
         else:
             patch.setattr(blocks, "FUSE_BN2_CONV3", "conv3" in fused)
             patch.setattr(blocks, "FUSE_CONV1_BN1", "conv1" in fused)
             patch.setattr(blocks, "FUSE_BN3", "bn3" in fused)
-        model = create_model("resnet50", widths=(16, 16, 16, 16), stem_width=16, num_classes=5, dtype=dtype)
+            patch.setattr(layers, "FUSE_SHORTCUT", "shortcut" in fused)
+        model = create_model(model_name, widths=(16, 16, 16, 16), stem_width=16, num_classes=5, dtype=dtype)
         x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
         labels = jnp.arange(4) % 5
         variables = model.init(jax.random.key(1), x, train=True)
@@ -540,17 +671,19 @@ def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernels,fused", [
-    (kernels, fused) for fused in [("conv3",), ("conv1",), ("conv3", "bn3"), ("conv3", "bn3", "sums")]
-    for kernels in ("default", "cuda") if kernels == "cuda" or "sums" not in fused  # change 12: GPU kernels only
+@pytest.mark.parametrize("kernels,fused,model_name", [
+    *((kernels, fused, "resnet50") for fused in [("conv3",), ("conv1",), ("conv3", "bn3"), ("conv3", "bn3", "sums"),
+                                                 ("shortcut",)]
+      for kernels in ("default", "cuda") if kernels == "cuda" or "sums" not in fused),  # change 12: GPU kernels only
+    ("cuda", ("shortcut",), "resnet50d"),
 ], ids=lambda v: v if isinstance(v, str) else "+".join(v))
-def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fused):
+def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fused, model_name):
     """Each candidate changes no parameter (names, shapes, initial values) and no number: with it,
     a training step's loss, every gradient and the new running statistics equal the model's
     without it, in float32, on the CPU's layers and with the GPU kernels under the interpreter
     (``sums``, change 12, exists in the GPU kernels only)."""
-    plain = _bottleneck_net_step(monkeypatch, (), kernels)
-    fused = _bottleneck_net_step(monkeypatch, fused, kernels)
+    plain = _bottleneck_net_step(monkeypatch, (), kernels, model_name=model_name)
+    fused = _bottleneck_net_step(monkeypatch, fused, kernels, model_name=model_name)
     chex.assert_trees_all_equal(plain[0], fused[0])  # same variables at init
     np.testing.assert_allclose(fused[1], plain[1], rtol=1e-5)
     for got, want in zip(jax.tree.leaves(fused[2:]), jax.tree.leaves(plain[2:])):
@@ -559,7 +692,7 @@ def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, k
 
 @pytest.mark.parametrize("spec", ["data", ("data", "model")])
 @pytest.mark.parametrize("op", ["bn_relu_conv1x1", "conv1x1_moments", "bn_relu_conv1x1_bn",
-                                "bn_relu_conv1x1_bn+input_grad_sums"])
+                                "bn_relu_conv1x1_bn+input_grad_sums", "conv1x1_bn"])
 def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gathered(small_blocks, monkeypatch,
                                                                                       spec, op):
     """x split by examples over 4 or all 8 test devices: the loss and every gradient equal the
@@ -576,6 +709,8 @@ def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gat
         "bn_relu_conv1x1": (_fused, _reference, (x, scale, bias, kernel), ("x", "scale", "bias", "kernel")),
         "conv1x1_moments": (_conv_fused, _conv_reference, (x, kernel), ("x", "kernel")),
         "bn_relu_conv1x1_bn": (_fused_bn3, _reference_bn3, _bn3_operands((16, 4, 4, 32), 64, seed=6)[0], NAMES_BN3),
+        "conv1x1_bn": (_fused_conv_bn, _reference_conv_bn, _conv_bn_operands((16, 4, 4, 32), 64, seed=6)[0],
+                       ("x", "kernel", "scale", "bias")),
     }[op]
     sharded = (jax.device_put(x, NamedSharding(mesh, PartitionSpec(spec))), *args[1:])
 
@@ -595,8 +730,9 @@ def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gat
 
 
 class _Layers(nn.Module):
-    """conv1 -> bn1 + ReLU -> bn2 + ReLU -> conv3 -> bn3, as separate layers or through
-    BatchNorm's fusion keywords (``input_conv1x1_kernel``, ``conv1x1_kernel`` + ``next_norm``)."""
+    """conv1 -> bn1 + ReLU -> bn2 + ReLU -> conv3 -> bn3, plus a projection (a 1x1 conv -> BatchNorm
+    of x), as separate layers or through BatchNorm's fusion keywords (``input_conv1x1_kernel``
+    with and without an activation, ``conv1x1_kernel`` + ``next_norm``)."""
 
     fused: bool
 
@@ -609,11 +745,14 @@ class _Layers(nn.Module):
             y = layers.BatchNorm(name="bn1", activation=jax.nn.relu)(x, train, input_conv1x1_kernel=k1)
             k3 = layers.Conv1x1Kernel(64, name="conv3")(32)
             bn3 = layers.BatchNorm(name="bn3")
-            return layers.BatchNorm(name="bn2", activation=jax.nn.relu)(y, train, conv1x1_kernel=k3, next_norm=bn3)
+            y = layers.BatchNorm(name="bn2", activation=jax.nn.relu)(y, train, conv1x1_kernel=k3, next_norm=bn3)
+            kp = layers.Conv1x1Kernel(64, name="projection")(x.shape[-1])
+            return y + layers.BatchNorm(name="projection_bn")(x, train, input_conv1x1_kernel=kp)
         y = layers.conv(32, 1, name="conv1")(x)
         y = layers.BatchNorm(name="bn1", activation=jax.nn.relu)(y, train)
         y = layers.BatchNorm(name="bn2", activation=jax.nn.relu)(y, train)
-        return layers.BatchNorm(name="bn3")(layers.conv(64, 1, name="conv3")(y), train)
+        y = layers.BatchNorm(name="bn3")(layers.conv(64, 1, name="conv3")(y), train)
+        return y + layers.BatchNorm(name="projection_bn")(layers.conv(64, 1, name="projection")(x), train)
 
 
 def test_batch_norm_fusion_keywords_give_the_separate_layers_results_in_training_and_evaluation():

@@ -139,8 +139,8 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32, width=Non
     * ``cuda``: the kernels it runs when compiled for an NVIDIA GPU (``use_cuda_kernels``), which
       a CPU otherwise never runs in a model;
     * ``cuda-fused``: those, with the candidates that fuse BatchNorm into the 1x1 convolutions
-      on (bn2 + ReLU + conv3 with bn3 and bn2's backward sums in its input gradient, and conv1
-      with bn1's statistics).
+      on (bn2 + ReLU + conv3 with bn3 and bn2's backward sums in its input gradient, conv1
+      with bn1's statistics, and the stride-1 projection shortcut's conv and BatchNorm as one op).
 
     ``width``: every stage's (and the stem's) width instead of the tiny config's 8.
     """
@@ -151,7 +151,8 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32, width=Non
             patch.setitem(layers.ACTIVATIONS, "relu", _textbook_relu)
         elif kernels in ("cuda", "cuda-fused"):
             fused = kernels == "cuda-fused"
-            use_cuda_kernels(patch, fused_conv=fused, fused_conv1=fused, fused_bn3=fused, input_grad_sums=fused)
+            use_cuda_kernels(patch, fused_conv=fused, fused_conv1=fused, fused_bn3=fused, input_grad_sums=fused,
+                             fused_shortcut=fused)
         widths = {"model.overrides.widths": (width,) * 4, "model.overrides.stem_width": width} if width else {}
         config = tiny_config(**{"model.name": model, "model.dtype": dtype, "data.image_size": size,
                                 "schedule.name": "constant", "optimizer.base_lr": 0.1, **widths})
@@ -203,7 +204,8 @@ def test_the_fused_bottleneck_candidates_keep_the_loss_curve(monkeypatch):
     convolutions, together (bn2 + ReLU + conv3, ``blocks.FUSE_BN2_CONV3``, with bn3,
     ``blocks.FUSE_BN3``, and bn2's backward sums in its input gradient,
     ``pallas_fused_conv.INPUT_GRAD_SUMS``; conv1 with bn1's statistics,
-    ``blocks.FUSE_CONV1_BN1``): a ResNet-50 16
+    ``blocks.FUSE_CONV1_BN1``; the stride-1 projection shortcut as one op,
+    ``layers.FUSE_SHORTCUT``): a ResNet-50 16
     channels wide (the narrowest their kernels take; they run under the interpreter) trains as
     the model's GPU path does. In float32 the 20-step curves agree to 1e-5; in bf16 the fused
     curve stays within 4x the distance the model's own bf16 curve keeps from its float32 one
