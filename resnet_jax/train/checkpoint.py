@@ -76,16 +76,18 @@ class CheckpointWriteError(OSError):
 
 # Room required beyond the arrays: a fixed amount (JSON items, filesystem blocks), a
 # fraction of the array bytes, and an allowance per array for Orbax's per-array metadata
-# and the OCDBT b-tree. OCDBT never rewrites in place: each commit of a batch of writes
-# adds a new copy of the b-tree leaf that lists every array written so far (about 150-280
-# bytes per array compressed), and how many commits a save makes depends on how the
-# asynchronous writes happen to be batched: 0.8-1 KB per array in all on an idle machine,
-# up to 7 KB per array (about 36 commits) on a loaded 2-core CI machine. 16 KB covers
-# that with room; for ResNet-50's state (698 arrays, 307 MB) it adds 11 MB (3.6%).
+# and the OCDBT b-tree. Orbax keeps the b-tree in one node, with the arrays of 1 KB or less
+# inline (about 280 bytes per array here), and OCDBT never rewrites in place: each commit of
+# a batch of writes adds a new copy of that node. How many commits a save makes depends on
+# how the asynchronous writes happen to batch: on a 2-core machine, 0.8-1 KB per array in
+# all when idle, 1.3-4 KB with three saves at once, 5.3 KB once under the full test suite.
+# 6 KB covers those; the rare save that needs more fails part-way with ENOSPC and is
+# cleaned up (Checkpointer._write_errors), the earlier checkpoints intact. For ResNet-50's
+# state (698 arrays, 307 MB) the allowance is 4 MB (1.4%).
 # tensorstore's compression usually keeps large checkpoints under their array bytes.
 SPACE_MARGIN_BYTES = 256 << 10
 SPACE_MARGIN_FRACTION = 0.02
-SPACE_MARGIN_PER_ARRAY = 16 << 10
+SPACE_MARGIN_PER_ARRAY = 6 << 10
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 

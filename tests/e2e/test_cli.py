@@ -190,7 +190,7 @@ def _run_on_small_disk(tmp_path, patch_size: bool) -> str:
 @pytest.mark.parametrize("where", ["refused before writing", "failed while writing"])
 def test_a_full_disk_on_save_is_named_and_keeps_earlier_checkpoints(tmp_path, where):
     """A 6 MB filesystem holds two checkpoints of the digits ResNet-20 (2.2 MB each on disk; the
-    pre-save check asks for 3.1 MB free, arrays plus margins), not three."""
+    pre-save check asks for 3.4 MB free, arrays plus margins), not three."""
     out = _run_on_small_disk(tmp_path, patch_size=where == "failed while writing")
     assert "first exit 5" in out, out[-4000:]
     if where == "refused before writing":

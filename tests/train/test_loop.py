@@ -114,13 +114,13 @@ def test_free_space_estimate_covers_what_orbax_writes(tmp_path):
 def test_free_space_margin_does_not_refuse_a_resnet50_save_that_fits():
     """The margins stay small beside a real model's state: ResNet-50's parameters, their
     momentum and their EMA (3 x 25.56M float32 values = 307 MB) and its BatchNorm statistics
-    (0.4 MB) need at most 10% more room than their bytes."""
+    (0.4 MB) need at most 5% more room than their bytes."""
     config = tiny_config(**{"model.name": "resnet50", "ema_decay": 0.9999, "data.num_classes": 1000})
     config.model.overrides = {}
     state = setup(config).abstract_state
     arrays = ckpt_lib.checkpoint_bytes(state)
     assert 306e6 < arrays < 308e6, arrays  # He et al.'s ResNet-50: 25,557,032 parameters
-    assert ckpt_lib.space_needed(state) <= 1.10 * arrays
+    assert ckpt_lib.space_needed(state) <= 1.05 * arrays
 
 
 def test_os_error_codes_are_found_in_orbax_and_tensorstore_errors():
