@@ -621,8 +621,9 @@ def _bn_after_transpose(cts: tuple[Array, Array, Array], z: Array, mean3: Array,
     """The reverse pass of the BatchNorm after the GEMM, from the cotangents of (u, z's mean, z's
     biased variance): ``(g, z, scale_g, scale_z, shift)``, whose :func:`affine_grad` is z's
     gradient (for the GEMM kernels to compute as they load g and z), and the cotangents of the
-    BatchNorm's scale and bias. g's two sums are plain reductions, which XLA fuses into the
-    kernel that makes g."""
+    BatchNorm's scale and bias. g's two sums are plain reductions, which XLA can fuse into the
+    kernel that makes g (in the ResNet-50 step it does for bn3; for the shortcut's BatchNorm,
+    change 13, it keeps them in a pass of their own)."""
     du, dmean3, dvar3 = cts
     rows = z.shape[0]
     g = du.reshape(z.shape)
@@ -717,9 +718,10 @@ def conv1x1_bn(x: Array, kernel: Array, scale: Array, bias: Array, epsilon: floa
     ReLU). Reverse: as :func:`bn_relu_conv1x1_bn`'s, the BatchNorm's gradient is computed by
     the input- and weight-gradient GEMMs (:func:`input_grad`, :func:`weight_grad`) as they load
     u's gradient and z, never stored (docs/performance.md, change 13); g's two sums are plain
-    reductions that XLA fuses into the kernel that makes g (in a block, the residual ReLU's
-    mask). First-order forward and reverse mode work; second-order derivatives do not
-    (``linear_call``). Shapes the kernels do not take run in XLA."""
+    reductions (in the ResNet-50 step XLA runs them as a pass over g and z of their own, not
+    in the residual ReLU's backward kernel that makes g). First-order forward and reverse mode
+    work; second-order derivatives do not (``linear_call``). Shapes the kernels do not take
+    run in XLA."""
     return _conv1x1_bn(x, kernel, scale, bias, epsilon, dtype, interpret)
 
 
