@@ -418,13 +418,13 @@ def conv1x1_batch_norm_train(x: Array, kernel: Array, scale: Array, bias: Array,
     stores its output, the BatchNorm's gradient computed in its backward GEMMs; change 13).
     Elsewhere, :func:`conv1x1_statistics_layers` and then :func:`batch_norm_apply`."""
 
-    def layers(x: Array, kernel: Array, scale: Array, bias: Array) -> tuple[Array, Array, Array]:
+    def one_by_one(x: Array, kernel: Array, scale: Array, bias: Array) -> tuple[Array, Array, Array]:
         z, (mean, var) = conv1x1_statistics_layers(x, kernel, dtype=dtype)
         return batch_norm_apply(z, mean, var, scale, bias, epsilon, dtype), mean, var
 
     return jax.lax.platform_dependent(
         x, kernel, scale, bias, cuda=functools.partial(pallas_conv1x1_batch_norm, epsilon=epsilon, dtype=dtype),
-        default=layers)
+        default=one_by_one)
 
 
 def pallas_conv1x1_batch_norm(x: Array, kernel: Array, scale: Array, bias: Array, *, epsilon: float, dtype: Dtype,

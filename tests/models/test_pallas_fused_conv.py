@@ -331,10 +331,10 @@ def test_with_the_next_batch_norm_values_and_gradients_equal_the_textbook_block_
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
 
 
-def test_with_the_next_batch_norm_forward_mode_equals_the_textbook_block(small_blocks):
-    args, _, _ = _bn3_operands((2, 8, 8, 32), 64, seed=17)
-    tangents = tuple(jax.random.normal(jax.random.key(30 + i), v.shape) for i, v in enumerate(args))
-    for present in ((0, 1, 2, 3, 4, 5), (3,), (4, 5)):  # all; the kernel's alone; the next BatchNorm's alone
+def _assert_forward_mode_equal(fused, reference, args, tangents, subsets):
+    """``jax.jvp`` of ``fused(*args, float32)`` equals ``reference``'s (1e-4) with the tangents of
+    each subset of ``args`` (indices) present and the others symbolic zeros."""
+    for present in subsets:
         def at(fn, *moving, present=present):
             full = list(args)
             for i, v in zip(present, moving):
@@ -343,10 +343,17 @@ def test_with_the_next_batch_norm_forward_mode_equals_the_textbook_block(small_b
 
         primals = tuple(args[i] for i in present)
         tans = tuple(tangents[i] for i in present)
-        got = jax.jvp(functools.partial(at, _fused_bn3), primals, tans)
-        want = jax.jvp(functools.partial(at, _reference_bn3), primals, tans)
+        got = jax.jvp(functools.partial(at, fused), primals, tans)
+        want = jax.jvp(functools.partial(at, reference), primals, tans)
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=str(present))
+
+
+def test_with_the_next_batch_norm_forward_mode_equals_the_textbook_block(small_blocks):
+    args, _, _ = _bn3_operands((2, 8, 8, 32), 64, seed=17)
+    tangents = tuple(jax.random.normal(jax.random.key(30 + i), v.shape) for i, v in enumerate(args))
+    # all; the kernel's alone; the next BatchNorm's alone
+    _assert_forward_mode_equal(_fused_bn3, _reference_bn3, args, tangents, ((0, 1, 2, 3, 4, 5), (3,), (4, 5)))
 
 
 def test_in_bf16_the_block_stays_within_rounding_of_the_textbook_one(small_blocks):
@@ -405,19 +412,7 @@ def test_the_convolution_with_its_batch_norm_equals_the_textbook_shortcut_in_bot
     want = jax.grad(lambda k: jnp.sum(_reference_conv_bn(args[0], k, *args[2:], jnp.float32)[0] * ct_u))(args[1])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
     tangents = tuple(jax.random.normal(jax.random.key(40 + i), v.shape) for i, v in enumerate(args))
-    for present in ((0, 1, 2, 3), (0,), (1,), (2, 3)):
-        def at(fn, *moving, present=present):
-            full = list(args)
-            for i, v in zip(present, moving):
-                full[i] = v
-            return fn(*full, jnp.float32)
-
-        got = jax.jvp(functools.partial(at, _fused_conv_bn), tuple(args[i] for i in present),
-                      tuple(tangents[i] for i in present))
-        want = jax.jvp(functools.partial(at, _reference_conv_bn), tuple(args[i] for i in present),
-                       tuple(tangents[i] for i in present))
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=str(present))
+    _assert_forward_mode_equal(_fused_conv_bn, _reference_conv_bn, args, tangents, ((0, 1, 2, 3), (0,), (1,), (2, 3)))
 
 
 def test_in_bf16_the_convolution_with_its_batch_norm_stays_within_rounding_of_the_textbook_one(small_blocks):
