@@ -79,7 +79,7 @@ CANDIDATES = (
               requires="fused-bn3"),
     Candidate("fused-conv1", 10, "conv1 sums bn1's statistics as it stores its output (blocks.FUSE_CONV1_BN1)",
               ((blocks, "FUSE_CONV1_BN1", True),)),
-    Candidate("fused-shortcut", 13, "a stride-1 projection shortcut's conv and BatchNorm as one op, the BatchNorm's "
+    Candidate("fused-shortcut", 13, "each projection shortcut's conv and BatchNorm as one op, the BatchNorm's "
                                     "gradient in the conv's backward GEMMs (layers.FUSE_SHORTCUT)",
               ((layers, "FUSE_SHORTCUT", True),)),
     Candidate("planes-pool", 7, "the stem pool's reverse pass one parity plane at a time (layers.max_pool_planes)",

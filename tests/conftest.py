@@ -78,7 +78,7 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False,
     the one whose conv1 sums bn1's statistics (``blocks.FUSE_CONV1_BN1``), likewise;
     ``fused_bn3`` (with ``fused_conv``): bn3 in the fused op too (``blocks.FUSE_BN3``);
     ``input_grad_sums`` (with ``fused_bn3``): bn2's backward sums in that op's input-gradient
-    GEMM (``pallas_fused_conv.INPUT_GRAD_SUMS``); ``fused_shortcut``: the stride-1 projection
+    GEMM (``pallas_fused_conv.INPUT_GRAD_SUMS``); ``fused_shortcut``: the projection
     shortcuts' convolution and BatchNorm as one op (``layers.FUSE_SHORTCUT``)."""
     import jax.numpy as jnp
 

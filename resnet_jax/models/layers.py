@@ -64,8 +64,8 @@ def relu(x: Array) -> Array:
 RELUS = (relu, relu_from_output, jax.nn.relu)
 
 # A candidate, off until the device times it (docs/performance.md, change 13): in training, a
-# stride-1 projection shortcut (ResNet-50's first stage; every stage of ResNet-D and ResNet-RS,
-# after the average pool) as one op, ``BatchNorm(..., input_conv1x1_kernel=...)`` without an
+# projection shortcut (a stride-s one on every s-th pixel of its input; ResNet-D's and
+# ResNet-RS's after the average pool) as one op, ``BatchNorm(..., input_conv1x1_kernel=...)`` without an
 # activation: on an NVIDIA GPU its convolution sums the BatchNorm's statistics as it stores its
 # output, and its backward GEMMs compute the BatchNorm's gradient as they load the output's.
 # The parameters are the same either way; benchmarks patch this to time it.
@@ -859,7 +859,10 @@ class Shortcut(nn.Module):
             raise ValueError(
                 f"unknown shortcut {self.kind!r}; choose projection, avg_down or zero_pad"
             )
-        if FUSE_SHORTCUT and train and strides == 1:
+        if FUSE_SHORTCUT and train:
+            # A 1x1 convolution of stride s (padding 0) reads every s-th pixel: subsample, then
+            # run the stride-1 op (change 13). The subsampled x is kept for the backward pass.
+            x = x[:, ::strides, ::strides, :]
             kernel = Conv1x1Kernel(self.features, conv_param_dtype(self.conv), name="conv")(x.shape[-1])
             return self.norm(name="bn")(x, train, input_conv1x1_kernel=kernel)
         x = self.conv(self.features, kernel_size=1, strides=strides, name="conv")(x)

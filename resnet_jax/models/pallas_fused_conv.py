@@ -705,8 +705,8 @@ _bn_relu_conv1x1_bn.defjvp(_bn_relu_conv1x1_bn_jvp, symbolic_zeros=True)
 def conv1x1_bn(x: Array, kernel: Array, scale: Array, bias: Array, epsilon: float, dtype: Dtype,
                interpret: bool = False) -> tuple[Array, Array, Array]:
     """``u = BatchNorm(conv1x1(x, kernel))`` in training (whole-batch statistics, no activation), as
-    one differentiable op: a ResNet's stride-1 projection shortcut (ResNet-50's first stage;
-    every stage's in ResNet-D and ResNet-RS, after the average pool), ``layers.FUSE_SHORTCUT``.
+    one differentiable op: a ResNet's projection shortcut (``layers.FUSE_SHORTCUT``; a stride-s
+    one given every s-th pixel of its input; ResNet-D's and ResNet-RS's after the average pool).
 
     x is (..., K) NHWC, ``kernel`` (K, N) or (1, 1, K, N), both cast to ``dtype`` like flax's
     ``Conv``; ``scale`` and ``bias`` the BatchNorm's float32 (N,). Returns u (..., N) in

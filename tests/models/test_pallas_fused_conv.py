@@ -3,6 +3,7 @@
 formula in plain JAX and float64 NumPy, their kernels run under the Pallas interpreter."""
 
 import functools
+import math
 
 import chex
 import flax.linen as nn
@@ -592,39 +593,46 @@ def test_compiled_for_an_h100_the_convolution_sums_the_statistics_and_its_backwa
     assert _traffic(fused_hlo) < _traffic(model_hlo) - 0.8 * z_bytes
 
 
-def test_compiled_for_an_h100_the_shortcut_is_three_gemms_of_ours_and_its_batch_norm_gradient_is_never_stored():
-    """A stride-1 projection shortcut added to a residual branch and ReLU'd (ResNet-50's first
-    block): as the model runs it on a GPU (cuDNN's convolution, the statistics kernel, XLA's
-    BatchNorm) and as change 13's op. The op's forward GEMM sums the statistics as it stores z,
-    and its two backward GEMMs compute the BatchNorm's input gradient as they load g and z; no
-    cuDNN call is left. What goes: the statistics' read of z (1 unit of z), XLA's pass that
-    wrote dz and the GEMMs' reads of it (3 units), for g and z read by both GEMMs instead
-    (2 more): 2 units by that count, measured 3.5 here, where XLA also folds g's sums into the
-    pass that makes g. (In the whole ResNet-50 step it keeps them apart: 1.8 units.)"""
+@pytest.mark.parametrize("strides", [1, 2])
+def test_compiled_for_an_h100_the_shortcut_is_three_gemms_of_ours_and_its_batch_norm_gradient_is_never_stored(
+        strides):
+    """A projection shortcut added to a residual branch and ReLU'd (stride 1: ResNet-50's first
+    block; stride 2: the first block of its later stages): as the model runs it on a GPU
+    (cuDNN's convolution, the statistics kernel, XLA's BatchNorm) and as change 13's op, which
+    ``layers.Shortcut`` gives every s-th pixel of x for stride s. The op's forward GEMM sums the
+    statistics as it stores z, and its two backward GEMMs compute the BatchNorm's input
+    gradient as they load g and z; no cuDNN call is left. What goes: the statistics' read of z
+    (1 unit of z), XLA's pass that wrote dz and the GEMMs' reads of it (3 units), for g and z
+    read by both GEMMs instead (2 more): 2 units by that count, measured 3.5 at stride 1, where
+    XLA also folds g's sums into the pass that makes g. (In the whole ResNet-50 step it keeps
+    them apart: 1.8 units.) At stride 2 the subsampled x is written and read, and its gradient
+    padded back to x's shape by XLA, where cuDNN's strided convolutions read x and wrote its
+    gradient themselves: measured 4.0 units less all the same."""
     require_cuda_plugin()
     shape, n, dtype = (32, 56, 56, 64), 256, jnp.bfloat16
+    out_shape = (shape[0], shape[1] // strides, shape[2] // strides, n)
 
     def model_block(x, kernel, scale, bias, residual):
-        z = jax.lax.conv_general_dilated(x, kernel.astype(dtype), (1, 1), "VALID",
+        z = jax.lax.conv_general_dilated(x, kernel.astype(dtype), (strides, strides), "VALID",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         mean, mean_sq = pallas_batch_norm.batch_moments(z.astype(jnp.float32).reshape(-1, n), dtype)
         u = ((z.astype(jnp.float32) - mean) * jax.lax.rsqrt(mean_sq - mean * mean + EPS) * scale + bias).astype(dtype)
         return (jax.nn.relu(u + residual),)
 
     def fused_block(x, kernel, scale, bias, residual):
-        u, _, _ = conv1x1_bn(x, kernel, scale, bias, EPS, dtype)
+        u, _, _ = conv1x1_bn(x[:, ::strides, ::strides, :], kernel, scale, bias, EPS, dtype)
         return (jax.nn.relu(u + residual),)
 
     shapes = [(shape, dtype), ((1, 1, shape[-1], n), jnp.float32), ((n,), jnp.float32), ((n,), jnp.float32),
-              ((*shape[:-1], n), dtype)]
-    ct_shapes = [((*shape[:-1], n), dtype)]
+              (out_shape, dtype)]
+    ct_shapes = [(out_shape, dtype)]
     model_hlo, fused_hlo = (_compiled_for_an_h100(b, shapes, ct_shapes) for b in (model_block, fused_block))
     for kernel in ("matmul_moments", "affine_grad_matmul", "matmul_weight_grad_affine"):
         assert kernel in fused_hlo, kernel
     assert "bn_relu_" not in fused_hlo  # no BatchNorm + ReLU prologue: x is the convolution's input as it is
     assert len(_cudnn_calls(model_hlo, backward=False)) == 1 and len(_cudnn_calls(model_hlo, backward=True)) == 2
     assert _cudnn_calls(fused_hlo, backward=False) == _cudnn_calls(fused_hlo, backward=True) == []
-    z_bytes = 32 * 56 * 56 * n * 2
+    z_bytes = math.prod(out_shape) * 2
     assert _traffic(fused_hlo) < _traffic(model_hlo) - 3 * z_bytes
 
 
@@ -633,10 +641,11 @@ def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_n
     (16 channels: the narrowest the kernels take), with the fused paths ``fused`` (a subset of
     ``conv3``: bn2 + ReLU + conv3, ``blocks.FUSE_BN2_CONV3``; ``conv1``: conv1 with bn1's
     statistics, ``blocks.FUSE_CONV1_BN1``; ``bn3``: with ``conv3``, bn3 in the same op,
-    ``blocks.FUSE_BN3``; ``shortcut``: the stride-1 projection shortcut as one op,
+    ``blocks.FUSE_BN3``; ``shortcut``: the projection shortcut as one op,
     ``layers.FUSE_SHORTCUT``), and the CPU's layers (``default``) or the GPU kernels under the
-    interpreter (``cuda``). ``model``: ResNet-50 (a stride-1 projection in its first stage only)
-    or ResNet-50-D (every stage's projection after an average pool, stride 1)."""
+    interpreter (``cuda``). ``model``: ResNet-50 (a stride-1 projection in its first stage,
+    stride 2 in the others), ResNet-50-D (every stage's projection after an average pool,
+    stride 1) or ResNet-18 (basic blocks: stride-2 projections only)."""
     from resnet_jax.models import blocks, create_model, layers
     from tests.conftest import use_cuda_kernels
 
@@ -671,6 +680,7 @@ def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_n
                                                  ("shortcut",)]
       for kernels in ("default", "cuda") if kernels == "cuda" or "sums" not in fused),  # change 12: GPU kernels only
     ("cuda", ("shortcut",), "resnet50d"),
+    *((kernels, ("shortcut",), "resnet18") for kernels in ("default", "cuda")),
 ], ids=lambda v: v if isinstance(v, str) else "+".join(v))
 def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fused, model_name):
     """Each candidate changes no parameter (names, shapes, initial values) and no number: with it,

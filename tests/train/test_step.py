@@ -140,7 +140,7 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32, width=Non
       a CPU otherwise never runs in a model;
     * ``cuda-fused``: those, with the candidates that fuse BatchNorm into the 1x1 convolutions
       on (bn2 + ReLU + conv3 with bn3 and bn2's backward sums in its input gradient, conv1
-      with bn1's statistics, and the stride-1 projection shortcut's conv and BatchNorm as one op).
+      with bn1's statistics, and the projection shortcut's conv and BatchNorm as one op).
 
     ``width``: every stage's (and the stem's) width instead of the tiny config's 8.
     """
@@ -204,7 +204,7 @@ def test_the_fused_bottleneck_candidates_keep_the_loss_curve(monkeypatch):
     convolutions, together (bn2 + ReLU + conv3, ``blocks.FUSE_BN2_CONV3``, with bn3,
     ``blocks.FUSE_BN3``, and bn2's backward sums in its input gradient,
     ``pallas_fused_conv.INPUT_GRAD_SUMS``; conv1 with bn1's statistics,
-    ``blocks.FUSE_CONV1_BN1``; the stride-1 projection shortcut as one op,
+    ``blocks.FUSE_CONV1_BN1``; the projection shortcut as one op,
     ``layers.FUSE_SHORTCUT``): a ResNet-50 16
     channels wide (the narrowest their kernels take; they run under the interpreter) trains as
     the model's GPU path does. In float32 the 20-step curves agree to 1e-5; in bf16 the fused
