@@ -862,7 +862,8 @@ class Shortcut(nn.Module):
         if FUSE_SHORTCUT and train:
             # A 1x1 convolution of stride s (padding 0) reads every s-th pixel: subsample, then
             # run the stride-1 op (change 13). The subsampled x is kept for the backward pass.
-            x = x[:, ::strides, ::strides, :]
+            if strides > 1:
+                x = x[:, ::strides, ::strides, :]
             kernel = Conv1x1Kernel(self.features, conv_param_dtype(self.conv), name="conv")(x.shape[-1])
             return self.norm(name="bn")(x, train, input_conv1x1_kernel=kernel)
         x = self.conv(self.features, kernel_size=1, strides=strides, name="conv")(x)
