@@ -65,9 +65,10 @@ RELUS = (relu, relu_from_output, jax.nn.relu)
 
 # A candidate, off until the device times it (docs/performance.md, change 13): in training, a
 # projection shortcut (a stride-s one on every s-th pixel of its input; ResNet-D's and
-# ResNet-RS's after the average pool) as one op, ``BatchNorm(..., input_conv1x1_kernel=...)`` without an
-# activation: on an NVIDIA GPU its convolution sums the BatchNorm's statistics as it stores its
-# output, and its backward GEMMs compute the BatchNorm's gradient as they load the output's.
+# ResNet-RS's after the average pool) as one op, ``BatchNorm(..., input_conv1x1_kernel=...)``
+# without an activation: on an NVIDIA GPU its convolution sums the BatchNorm's statistics as it
+# stores its output, and its backward GEMMs compute the BatchNorm's gradient as they load the
+# output's.
 # The parameters are the same either way; benchmarks patch this to time it.
 FUSE_SHORTCUT = False
 

@@ -636,16 +636,16 @@ def test_compiled_for_an_h100_the_shortcut_is_three_gemms_of_ours_and_its_batch_
     assert _traffic(fused_hlo) < _traffic(model_hlo) - 3 * z_bytes
 
 
-def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet50"):
-    """Loss, gradients and new batch statistics of one training step of a narrow ResNet-50
-    (16 channels: the narrowest the kernels take), with the fused paths ``fused`` (a subset of
+def _net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet50"):
+    """Loss, gradients and new batch statistics of one training step of a narrow ResNet (16
+    channels: the narrowest the kernels take), with the fused paths ``fused`` (a subset of
     ``conv3``: bn2 + ReLU + conv3, ``blocks.FUSE_BN2_CONV3``; ``conv1``: conv1 with bn1's
     statistics, ``blocks.FUSE_CONV1_BN1``; ``bn3``: with ``conv3``, bn3 in the same op,
     ``blocks.FUSE_BN3``; ``shortcut``: the projection shortcut as one op,
     ``layers.FUSE_SHORTCUT``), and the CPU's layers (``default``) or the GPU kernels under the
-    interpreter (``cuda``). ``model``: ResNet-50 (a stride-1 projection in its first stage,
-    stride 2 in the others), ResNet-50-D (every stage's projection after an average pool,
-    stride 1) or ResNet-18 (basic blocks: stride-2 projections only)."""
+    interpreter (``cuda``). ``model_name``: ResNet-50 (a stride-1 projection in its first
+    stage, stride 2 in the others), ResNet-50-D (every stage's projection after an average
+    pool, stride 1) or ResNet-18 (basic blocks: stride-2 projections only)."""
     from resnet_jax.models import blocks, create_model, layers
     from tests.conftest import use_cuda_kernels
 
@@ -682,13 +682,13 @@ def _bottleneck_net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_n
     ("cuda", ("shortcut",), "resnet50d"),
     *((kernels, ("shortcut",), "resnet18") for kernels in ("default", "cuda")),
 ], ids=lambda v: v if isinstance(v, str) else "+".join(v))
-def test_a_bottleneck_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fused, model_name):
+def test_a_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fused, model_name):
     """Each candidate changes no parameter (names, shapes, initial values) and no number: with it,
     a training step's loss, every gradient and the new running statistics equal the model's
     without it, in float32, on the CPU's layers and with the GPU kernels under the interpreter
     (``sums``, change 12, exists in the GPU kernels only)."""
-    plain = _bottleneck_net_step(monkeypatch, (), kernels, model_name=model_name)
-    fused = _bottleneck_net_step(monkeypatch, fused, kernels, model_name=model_name)
+    plain = _net_step(monkeypatch, (), kernels, model_name=model_name)
+    fused = _net_step(monkeypatch, fused, kernels, model_name=model_name)
     chex.assert_trees_all_equal(plain[0], fused[0])  # same variables at init
     np.testing.assert_allclose(fused[1], plain[1], rtol=1e-5)
     for got, want in zip(jax.tree.leaves(fused[2:]), jax.tree.leaves(plain[2:])):
