@@ -83,7 +83,7 @@ class CheckpointWriteError(OSError):
 # all when idle, 1.3-4 KB with three saves at once, 5.3 KB once under the full test suite.
 # 6 KB covers those; the rare save that needs more fails part-way with ENOSPC and is
 # cleaned up (Checkpointer._write_errors), the earlier checkpoints intact. For ResNet-50's
-# state (698 arrays, 307 MB) the allowance is 4 MB (1.4%).
+# state (698 arrays, 307 MB) the per-array allowance adds 4 MB (1.4%), all three margins 11 MB.
 # tensorstore's compression usually keeps large checkpoints under their array bytes.
 SPACE_MARGIN_BYTES = 256 << 10
 SPACE_MARGIN_FRACTION = 0.02

@@ -152,7 +152,7 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
                              "xla-1/resnet18@32", "max-batch/resnet18@32"}
     assert set(ran_with.values()) == {choice}
     assert f"candidates chosen: {choice} (" in text
-    # the model's step and seven candidates (fused-bn3 with fused-conv where that was not kept)
+    # the model's step and one run per candidate (fused-bn3 with fused-conv where that was not kept)
     assert sum(line.startswith("resnet18@32 step + ") for line in text.splitlines()) == 1 + len(cand.CANDIDATES)
     assert f"owed (1): bash benchmarks/device_benchmark.sh --candidates {choice} --only max-batch/resnet18@32" in text
     # the stem candidates: one summary line each, the current kernels at 1.00x; then the whole
