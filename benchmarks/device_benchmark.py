@@ -8,7 +8,7 @@ So the measurements are jobs in priority order, and each call runs as many as it
 1. ResNet-50 @224: torchvision (eager, torch.compile) and flax's plain ResNet, the peers of
    the README's headline row;
 2. the ``candidates/`` job (``candidates.py select``): the whole ResNet-50 step as the model
-   has it, then with each change built but off by default (changes 7-13) added in turn, kept
+   has it, then with each change built but off by default (changes 7-15) added in turn, kept
    where it is faster; every ``resnet-jax`` job after it runs with that choice
    (``candidates.py apply``), so that the rows a winning candidate changes are measured in
    the same call, and the next call gets it with ``--candidates`` (the owed line says so);
@@ -203,21 +203,21 @@ def plan(
                    "--full-step-blocks", "512x32x4x2x128x528,512x32x4x2x128x1056"),
                   limit_s=200)
     # the candidates fusing BatchNorm into the 1x1 convolutions (changes 9-11): bn2 + conv3, the
-    # block's tail with bn3 outside and inside, and conv1 + bn1 at ResNet-50's four shapes each, as
-    # the model runs them and fused, each kernel alone at a few blocks, then the whole step with
-    # changes 9 and 10, with 11 too, and with those and the stem pool's candidate; not yet timed,
-    # so the estimate is a guess
-    fused_conv = Job(f"fused-conv/b{batch}", 195,
+    # block's tail with bn3 outside and inside (and without reading z, change 15), and conv1 + bn1
+    # at ResNet-50's four shapes each, as the model runs them and fused, each kernel alone at a few
+    # blocks, then the whole step with changes 9 and 10, with 11 too, and with those and the stem
+    # pool's candidate; not yet timed, so the estimate is a guess
+    fused_conv = Job(f"fused-conv/b{batch}", 210,
                      (PYTHON, "benchmarks/fused_conv_pallas.py", "--batch-size", str(batch), "--full-step-model", vmodel,
                       "--full-step-image-size", vsize, "--full-step-steps", str(max(steps // 2, 5))),
                      limit_s=320)
     # the whole step as the model has it, then with each candidate built but off by default added in
     # turn, kept where it is faster (benchmarks/candidates.py); the resnet-jax jobs after it run with
-    # its choice. Eight compiles of the step (stem-variants: ~24 s each), the Triton kernels' on top
-    candidates = Job(f"candidates/{vtag}", 205,
+    # its choice. Nine compiles of the step (stem-variants: ~24 s each), the Triton kernels' on top
+    candidates = Job(f"candidates/{vtag}", 230,
                      (PYTHON, "benchmarks/candidates.py", "select", "--model", vmodel, "--batch-size", str(batch),
                       "--image-size", vsize, "--steps", str(max(steps // 2, 5))),
-                     limit_s=280)
+                     limit_s=310)
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(

@@ -1,21 +1,23 @@
 """Times the BatchNorms fused into the 1x1 convolutions (``resnet_jax.models.pallas_fused_conv``) on the device.
 
-Three candidates (docs/performance.md, changes 9 to 11): each Bottleneck's bn2 + ReLU, conv3
-and bn3's statistics as one Pallas kernel (a Triton GEMM with the BatchNorm as its prologue
-and the statistics as its epilogue) with conv3's weight gradient as another that recomputes
-the activation from bn2's input; bn3 in the same op, so that conv3's two backward GEMMs
-compute bn3's input gradient as they load its output gradient (never stored); and each conv1
-as a Triton GEMM that sums bn1's statistics as it stores its output (its backward stays
-cuDNN's). Compiled for the H100 here they take the ResNet-50 step from 85.0 GiB to 81.6
-(change 9), 79.0 (9 and 11), 84.1 (10) and 78.1 (all three); whether Triton GEMMs run these
-shapes as fast as cuDNN and cuBLAS is what this measures:
+Three candidates (docs/performance.md, changes 9 to 11; change 15 in the tails): each
+Bottleneck's bn2 + ReLU, conv3 and bn3's statistics as one Pallas kernel (a Triton GEMM with
+the BatchNorm as its prologue and the statistics as its epilogue) with conv3's weight
+gradient as another that recomputes the activation from bn2's input; bn3 in the same op, so
+that conv3's two backward GEMMs compute bn3's input gradient as they load its output
+gradient (never stored); and each conv1 as a Triton GEMM that sums bn1's statistics as it
+stores its output (its backward stays cuDNN's). Compiled for the H100 here they take the
+ResNet-50 step from 85.0 GiB to 81.6 (change 9), 79.0 (9 and 11), 84.1 (10) and 78.1 (all
+three); with change 15, bn3's gradient without z, 9 and 11 take it to 72.9. Whether Triton
+GEMMs run these shapes as fast as cuDNN and cuBLAS is what this measures:
 
 - at ResNet-50's four bn2 + conv3 shapes, the block's forward + backward (bn2's statistics
   given, z's statistics out), as the model runs it on a GPU (``model``: the Pallas
   BatchNorm, cuDNN's 1x1 convolution, the statistics kernel) and fused (``fused``), with the
   difference over the 16 blocks;
 - at the same shapes, the block's whole tail to its output (bn3, the shortcut's add and the
-  ReLU) as the model runs it, with change 9 (``fused``) and with change 11 (``fused-bn3``);
+  ReLU) as the model runs it, with change 9 (``fused``), with change 11 (``fused-bn3``) and
+  with change 15 (``fused-gram``);
 - at ResNet-50's four conv1 shapes, conv1 + bn1 + ReLU forward + backward, as the model runs
   it (cuDNN, the statistics kernel, the Pallas BatchNorm) and with ``conv1x1_moments``;
 - each kernel alone, at the first and last shapes, at a few block sizes (``--forward-blocks``,
@@ -39,14 +41,15 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from resnet_jax.models import pallas_batch_norm  # noqa: E402
+from resnet_jax.models import pallas_batch_norm, pallas_fused_conv  # noqa: E402
 from resnet_jax.models.pallas_fused_conv import (  # noqa: E402
     bn_relu_conv1x1, bn_relu_conv1x1_bn, conv1x1_moments, matmul_moments, weight_grad)
 
 Array = jax.Array
 EPSILON = 1e-5
 # what each part compares, the model's first
-IMPLS = {"block": ("model", "fused"), "tail_block": ("model", "fused", "fused-bn3"), "conv1_block": ("model", "fused")}
+IMPLS = {"block": ("model", "fused"), "tail_block": ("model", "fused", "fused-bn3", "fused-gram"),
+         "conv1_block": ("model", "fused")}
 FORWARD_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES")
 WGRAD_BLOCKS = ("BLOCK_K", "BLOCK_N", "SUB_ROWS", "NUM_WARPS", "PROGRAMS")
 
@@ -68,10 +71,11 @@ def tail_block(impl: str, dtype, interpret: bool = False) -> Callable:
     (x, mean, var, scale, bias, kernel, next_scale, next_bias, shortcut, ct_out) -> (out, its seven
     gradients and the shortcut's). ``model``: what the model runs on a GPU; ``fused``: change 9
     (:func:`block`'s fused op, bn3 in XLA with the statistics it returns); ``fused-bn3``: change
-    11, ``pallas_fused_conv.bn_relu_conv1x1_bn``."""
+    11, ``pallas_fused_conv.bn_relu_conv1x1_bn``; ``fused-gram``: that op with change 15
+    (``pallas_fused_conv.GRAM_BACKWARD``: bn3's gradient without reading z)."""
 
     def forward(x, mean, var, scale, bias, kernel, next_scale, next_bias, shortcut):
-        if impl == "fused-bn3":
+        if impl in ("fused-bn3", "fused-gram"):
             u, _, _ = bn_relu_conv1x1_bn(x, mean, var, scale, bias, kernel, next_scale, next_bias, EPSILON, EPSILON,
                                          dtype, interpret)
         else:
@@ -81,8 +85,13 @@ def tail_block(impl: str, dtype, interpret: bool = False) -> Callable:
         return jax.nn.relu(u + shortcut)
 
     def step(x, mean, var, scale, bias, kernel, next_scale, next_bias, shortcut, ct_out):
-        out, pullback = jax.vjp(forward, x, mean, var, scale, bias, kernel, next_scale, next_bias, shortcut)
-        return (out, *pullback(ct_out))
+        # the flag is read as the reverse pass is traced (jit traces this once, on the first call)
+        gram, pallas_fused_conv.GRAM_BACKWARD = pallas_fused_conv.GRAM_BACKWARD, impl == "fused-gram"
+        try:
+            out, pullback = jax.vjp(forward, x, mean, var, scale, bias, kernel, next_scale, next_bias, shortcut)
+            return (out, *pullback(ct_out))
+        finally:
+            pallas_fused_conv.GRAM_BACKWARD = gram
 
     return jax.jit(step)
 
@@ -280,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                   "tflop_per_s": round(flops / (ms * 1e-3) / 1e12)})
     print(f"\nforward + backward on {kind}, {a.dtype} (median ms): bn2 + ReLU -> conv3 -> z's statistics "
           "(model: Pallas BatchNorm + cuDNN + statistics kernel, fused: one Pallas GEMM each way), the same to the "
-          "block's output (tail_block; fused-bn3: bn3 in the op, its gradient computed in the backward GEMMs), "
+          "block's output (tail_block; fused-bn3: bn3 in the op, its gradient computed in the backward GEMMs; "
+          "fused-gram: the same without reading z), "
           "conv1 -> bn1 + ReLU (model: cuDNN + statistics kernel, fused: a Pallas GEMM summing them), then each "
           "kernel alone:")
     for r in rows:
@@ -295,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for part, shapes, impl, what in (("block", block_shapes, "fused", "bn2 + conv3"),
                                      ("tail_block", block_shapes, "fused", "tails, bn3 outside"),
                                      ("tail_block", block_shapes, "fused-bn3", "tails, bn3 inside"),
+                                     ("tail_block", block_shapes, "fused-gram", "tails, bn3 inside, without z"),
                                      ("conv1_block", conv1_shapes, "fused", "conv1 + bn1")):
         by_shape = {(tuple(r["shape"]), r["impl"]): r["ms"] for r in rows if r["part"] == part}
         stage_ms = [(by_shape.get((tuple(s), "model")), by_shape.get((tuple(s), impl))) for s, _ in shapes(a.batch_size)]

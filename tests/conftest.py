@@ -66,7 +66,7 @@ def require_cuda_plugin() -> None:
 
 
 def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False, fused_bn3: bool = False,
-                     input_grad_sums: bool = False, fused_shortcut: bool = False):
+                     input_grad_sums: bool = False, fused_shortcut: bool = False, gram_backward: bool = False):
     """Swaps in, through ``patch`` (a ``pytest.MonkeyPatch``), the kernels a model runs when it is
     compiled for an NVIDIA GPU (``jax.lax.platform_dependent``), which a CPU otherwise never runs
     inside a whole model: the ReLU whose derivative comes from its output, the max pool over
@@ -79,7 +79,8 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False,
     ``fused_bn3`` (with ``fused_conv``): bn3 in the fused op too (``blocks.FUSE_BN3``);
     ``input_grad_sums`` (with ``fused_bn3``): bn2's backward sums in that op's input-gradient
     GEMM (``pallas_fused_conv.INPUT_GRAD_SUMS``); ``fused_shortcut``: the projection
-    shortcuts' convolution and BatchNorm as one op (``layers.FUSE_SHORTCUT``)."""
+    shortcuts' convolution and BatchNorm as one op (``layers.FUSE_SHORTCUT``); ``gram_backward``:
+    those two ops' BatchNorm gradient taken without reading z (``pallas_fused_conv.GRAM_BACKWARD``)."""
     import jax.numpy as jnp
 
     from resnet_jax.models import blocks, layers, pallas_batch_norm, pallas_fused_conv
@@ -120,6 +121,7 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False,
         patch.setattr(blocks, "FUSE_CONV1_BN1", True)
         patch.setattr(layers, "conv1x1_train_statistics",
                       lambda x, kernel, dtype: layers.pallas_conv1x1_statistics(x, kernel, dtype=dtype, interpret=True))
+    patch.setattr(pallas_fused_conv, "GRAM_BACKWARD", gram_backward)
     if fused_shortcut:
         patch.setattr(layers, "FUSE_SHORTCUT", True)
         patch.setattr(layers, "conv1x1_batch_norm_train",

@@ -36,6 +36,14 @@ that sums its output's statistics as it stores it, for a BatchNorm that follows 
 Bottleneck's conv1 -> bn1 where ``blocks.FUSE_CONV1_BN1`` is set, through ``layers.BatchNorm``'s
 ``input_conv1x1_kernel``; docs/performance.md, "Change 10"). Its derivative is the
 convolution's own, so its backward pass is XLA's (cuDNN's) as for ``nn.Conv``.
+
+:func:`gram_backward` (change 15, where ``GRAM_BACKWARD`` is set) is the reverse pass of the
+two ops with a BatchNorm after their GEMM (:func:`bn_relu_conv1x1_bn`, :func:`conv1x1_bn`)
+without z: since z = y @ w, the BatchNorm's gradient sums and z's terms in both backward
+GEMMs are taken from products of the GEMM's input y (``y^T g``, :func:`gram`'s ``y^T y``,
+:func:`input_grad_gram`'s ``y @ (w diag(s) w^T)``), a quarter of z's width in a Bottleneck,
+and z is not kept for the backward pass (compiled for ResNet-50 with changes 9-13: 75.9 ->
+68.0 GiB per step, peak 9.64 -> 6.35 GiB).
 """
 
 from __future__ import annotations
@@ -74,6 +82,13 @@ WGRAD_BLOCK_K, WGRAD_BLOCK_N, WGRAD_SUB_ROWS, WGRAD_NUM_WARPS, WGRAD_PROGRAMS = 
 # statistics as it stores its output (x read once in its epilogue), instead of
 # ``pallas_batch_norm.relu_grad_sums`` reading x and that output again. Read at trace time.
 INPUT_GRAD_SUMS = False
+# A candidate, off until the device times it (docs/performance.md, change 15): in the reverse pass
+# of the ops with a BatchNorm after their GEMM (:func:`bn_relu_conv1x1_bn`, :func:`conv1x1_bn`), the
+# BatchNorm's gradient is taken through the GEMM's algebra instead of from its stored input z:
+# ``sum(g * z) = sum(w * (y^T g))`` over the input channels, and z's terms of dz enter the two
+# backward GEMMs as ``(y^T y) @ w`` and ``y @ (w diag(s) w^T)`` (:func:`gram_backward`), so that no
+# pass of the backward reads z. Read at trace time.
+GRAM_BACKWARD = False
 
 
 # ---------------------------------------------------------------- the kernels
@@ -109,34 +124,50 @@ def affine_grad(g: Array, z: Array, scale_g: Array, scale_z: Array, shift: Array
     return g.astype(jnp.float32) * scale_g + z.astype(jnp.float32) * scale_z + shift
 
 
-def _wgrad_kernel(x_ref, *refs, rows: int, sub: int, prologue: bool) -> None:
+def _wgrad_kernel(x_ref, *refs, rows: int, sub: int, prologue: bool, dz_form: str, colsum: bool) -> None:
     """Instance (n, k, s): ``dw = relu_bn(x)^T @ dz`` (``prologue``; else ``x^T @ dz``) over rows
     ``[s * rows, (s + 1) * rows)``, ``sub`` rows at a time, for one (input, output) channel
     block, in float32. The refs hold all rows of their channel block; after x come ``mean, a,
-    b`` (``prologue``), then ``dz, dw`` or ``g, z, scale_g, scale_z, shift, dw`` (dz is then
-    :func:`affine_grad` of them, rounded to g's dtype as a stored dz would be)."""
+    b`` (``prologue``), then by ``dz_form``: ``dz`` (``plain``), ``g, z, scale_g, scale_z,
+    shift`` (``affine``: dz is :func:`affine_grad` of them, rounded to g's dtype as a stored dz
+    would be) or ``x2, mean2, a2, b2`` (``relu_bn``: dz is ``relu_bn(x2, ...)`` rounded to x2's
+    dtype, for a Gram matrix), then ``dw``, then (``colsum``) the column sums of the left
+    operand as multiplied, float32 (1, block_k)."""
     if prologue:
         mean_ref, a_ref, b_ref, *refs = refs
+    if colsum:
+        *refs, colsum_ref = refs
     *dz_refs, dw_ref = refs
     start = pl.program_id(2) * rows
     block_k, block_n = dw_ref.shape
     compute_dtype = dz_refs[0].dtype
 
     def dz_rows(rs: Any) -> Array:
-        if len(dz_refs) == 1:
+        if dz_form == "plain":
             return dz_refs[0][rs, :]
+        if dz_form == "relu_bn":
+            x2_ref, mean2, a2, b2 = dz_refs
+            return relu_bn(x2_ref[rs, :], mean2[...], a2[...], b2[...]).astype(compute_dtype)
         g_ref, z_ref, scale_g, scale_z, shift = dz_refs
         return affine_grad(g_ref[rs, :], z_ref[rs, :], scale_g[...], scale_z[...], shift[...]).astype(compute_dtype)
 
-    def body(i: int, acc: Array) -> Array:
+    def body(i: int, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        acc, sums = carry
         rs = pl.ds(start + i * sub, sub)
         y = x_ref[rs, :]
         if prologue:
             y = relu_bn(y, mean_ref[...], a_ref[...], b_ref[...])
         y = y.astype(compute_dtype)
-        return acc + jax.lax.dot_general(y, dz_rows(rs), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        acc = acc + jax.lax.dot_general(y, dz_rows(rs), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        if colsum:
+            sums = sums + jnp.sum(y.astype(jnp.float32), axis=0, keepdims=True)
+        return acc, sums
 
-    dw_ref[...] = jax.lax.fori_loop(0, rows // sub, body, jnp.zeros((block_k, block_n), jnp.float32))
+    acc, sums = jax.lax.fori_loop(0, rows // sub, body, (jnp.zeros((block_k, block_n), jnp.float32),
+                                                        jnp.zeros((1, block_k), jnp.float32)))
+    dw_ref[...] = acc
+    if colsum:
+        colsum_ref[...] = sums
 
 
 def _input_grad_kernel(g_ref, z_ref, scale_g_ref, scale_z_ref, shift_ref, wt_ref, *refs, block_n: int) -> None:
@@ -165,6 +196,48 @@ def _input_grad_kernel(g_ref, z_ref, scale_g_ref, scale_z_ref, shift_ref, wt_ref
     if bn_refs is not None:
         x_ref, mean_ref, a_ref, b_ref = bn_refs
         g2, centred = relu_grad(x_ref[...], dy, mean_ref[...], a_ref[...], b_ref[...])
+        sums_ref[0, :] = jnp.sum(g2, axis=0)
+        sums_ref[1, :] = jnp.sum(g2 * centred, axis=0)
+
+
+def _input_grad_gram_kernel(g_ref, scale_g_ref, wt_ref, x_ref, *refs, block_n: int, block_k: int,
+                            prologue: bool, sums: bool) -> None:
+    """One (rows, input channels) block of :func:`input_grad_gram`: ``dy = (g * scale_g) @ wt +
+    y @ p + c``, y the GEMM's input (``relu_bn(x, mean, a, b)`` where ``prologue``, else x) in
+    p's dtype, accumulated in float32 over the output channels ``block_n`` and the input
+    channels ``block_k`` at a time, ``g * scale_g`` rounded to wt's dtype before its product,
+    dy stored in its dtype. x's refs hold all K channels of the block's rows. The refs after x
+    are ``[mean, a, b,] p, c, dy[, sums]``; ``sums`` (with ``prologue``): the epilogue also sums
+    the gradient of the BatchNorm + ReLU that made y, as :func:`_input_grad_kernel`'s does."""
+    if prologue:
+        mean_ref, a_ref, b_ref, *refs = refs
+    if sums:
+        *refs, sums_ref = refs
+    p_ref, c_ref, dy_ref = refs
+    rows, cols = dy_ref.shape
+
+    def input_rows(ks: Any) -> Array:
+        y = x_ref[:, ks]
+        if prologue:
+            y = relu_bn(y, mean_ref[:, ks], a_ref[:, ks], b_ref[:, ks])
+        return y.astype(p_ref.dtype)
+
+    def over_outputs(i: int, acc: Array) -> Array:
+        ns = pl.ds(i * block_n, block_n)
+        dz = g_ref[:, ns].astype(jnp.float32) * scale_g_ref[:, ns]
+        return acc + jnp.dot(dz.astype(wt_ref.dtype), wt_ref[ns, :], preferred_element_type=jnp.float32)
+
+    def over_inputs(i: int, acc: Array) -> Array:
+        ks = pl.ds(i * block_k, block_k)
+        return acc + jnp.dot(input_rows(ks), p_ref[ks, :], preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, g_ref.shape[1] // block_n, over_outputs, jnp.zeros((rows, cols), jnp.float32))
+    acc = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, over_inputs, acc)
+    dy = (acc + c_ref[...]).astype(dy_ref.dtype)
+    dy_ref[...] = dy
+    if sums:
+        own = pl.ds(pl.program_id(0) * cols, cols)
+        g2, centred = relu_grad(x_ref[:, own], dy, mean_ref[:, own], a_ref[:, own], b_ref[:, own])
         sums_ref[0, :] = jnp.sum(g2, axis=0)
         sums_ref[1, :] = jnp.sum(g2 * centred, axis=0)
 
@@ -246,14 +319,18 @@ def _row_splits(m: int, sub: int, programs_per_split: int, target: int, most: in
 
 def weight_grad(
     x: Array, mean: Array | None, a: Array | None, b: Array | None, dz: Array | tuple[Array, ...], *,
-    interpret: bool = False, block_k: int | None = None, block_n: int | None = None, sub_rows: int | None = None,
-    num_warps: int | None = None, programs: int | None = None,
-) -> Array | None:
+    colsum: bool = False, interpret: bool = False, block_k: int | None = None, block_n: int | None = None,
+    sub_rows: int | None = None, num_warps: int | None = None, programs: int | None = None,
+) -> Array | tuple[Array, Array] | None:
     """``relu((x - mean) * a + b)^T @ dz``, float32 (K, N), for x (M, K) and dz (M, N) in the
     compute dtype, in one Pallas (Triton) kernel that recomputes the ReLU'd BatchNorm from x
     (``mean``, ``a``, ``b`` float32 (K,); all three None for ``x^T @ dz``).
     ``dz`` may instead be ``(g, z, scale_g, scale_z, shift)``, g and z (M, N) and the others
-    float32 (N,): dz is then :func:`affine_grad` of them, computed as they are loaded.
+    float32 (N,): dz is then :func:`affine_grad` of them, computed as they are loaded; or
+    ``(x2, mean2, a2, b2)``, x2 (M, N) and the others float32 (N,): dz is then
+    ``relu((x2 - mean2) * a2 + b2)`` in x2's dtype (with x2 = x, a Gram matrix: :func:`gram`).
+    ``colsum``: also returns the float32 (K,) column sums of the left operand as it was
+    multiplied (rounded to the compute dtype), as ``(dw, colsum)``.
     The rows are split into ranges so that the kernel runs about ``programs`` instances, as
     long as their float32 (K, N) partial sums, which XLA adds, stay under an eighth of the
     bytes the kernel reads. Returns None where the blocks would be
@@ -261,7 +338,8 @@ def weight_grad(
     m, k = x.shape
     prologue = _prologue_given(mean, a, b, "weight_grad")
     dz_args = tuple(dz) if isinstance(dz, tuple) else (dz,)
-    rows_in = dz_args[:2] if len(dz_args) > 1 else dz_args
+    dz_form = {1: "plain", 4: "relu_bn", 5: "affine"}[len(dz_args)]
+    rows_in = dz_args[:2] if dz_form == "affine" else dz_args[:1]
     n = rows_in[0].shape[1]
     bk = _largest_power_of_two_divisor(k, block_k or WGRAD_BLOCK_K)
     bn = _largest_power_of_two_divisor(n, block_n or WGRAD_BLOCK_N)
@@ -281,18 +359,37 @@ def weight_grad(
     dz_specs = [rows_spec] * len(rows_in) + [out_vector] * (len(dz_args) - len(rows_in))
     dz_vectors = [v.reshape(1, n) for v in dz_args[len(rows_in):]]
     vectors = [v.reshape(1, k) for v in (mean, a, b)] if prologue else []
-    partial = pl.pallas_call(
-        functools.partial(_wgrad_kernel, rows=m // splits, sub=sub, prologue=prologue),
+    out_specs = [pl.BlockSpec((None, bk, bn), lambda j, i, s: (s, i, j))]
+    out_shape = [jax.ShapeDtypeStruct((splits, k, n), jnp.float32)]
+    if colsum:  # every output-channel block j sums the same columns: each writes its own copy
+        out_specs.append(pl.BlockSpec((None, None, 1, bk), lambda j, i, s: (s, j, 0, i)))
+        out_shape.append(jax.ShapeDtypeStruct((splits, n // bn, 1, k), jnp.float32))
+    out = pl.pallas_call(
+        functools.partial(_wgrad_kernel, rows=m // splits, sub=sub, prologue=prologue, dz_form=dz_form,
+                          colsum=colsum),
         grid=grid,
         in_specs=[pl.BlockSpec((m, bk), lambda j, i, s: (0, i)), *[vector] * len(vectors), *dz_specs],
-        out_specs=pl.BlockSpec((None, bk, bn), lambda j, i, s: (s, i, j)),
-        out_shape=jax.ShapeDtypeStruct((splits, k, n), jnp.float32),
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps or WGRAD_NUM_WARPS,
                                                                      num_stages=2),
-        name=("bn_relu_" if prologue else "") + "matmul_weight_grad" + ("_affine" if len(dz_args) > 1 else ""),
+        name=("bn_relu_" if prologue else "") + ("gram" if colsum else "matmul_weight_grad")
+        + ("_affine" if dz_form == "affine" else ""),
     )(x, *vectors, *rows_in, *dz_vectors)
-    return jnp.sum(partial, axis=0)
+    dw = jnp.sum(out[0], axis=0)
+    return (dw, jnp.sum(out[1][:, 0, 0, :], axis=0)) if colsum else dw
+
+
+def gram(x: Array, mean: Array | None, a: Array | None, b: Array | None, *,
+         interpret: bool = False) -> tuple[Array, Array] | None:
+    """``(y^T y, sum of y's rows)``, float32 (K, K) and (K,), for ``y = relu((x - mean) * a + b)``
+    (or ``y = x`` with the three vectors None) rounded to x's dtype, x (M, K): the two products
+    of the GEMM's input with itself that :func:`gram_backward` needs, in one pass over x (the
+    weight-gradient kernel with x on both sides). None where the kernel does not take the
+    shapes (the caller then uses XLA). A GPU only, unless ``interpret``."""
+    right = x if mean is None else (x, mean, a, b)
+    return weight_grad(x, mean, a, b, right, colsum=True, interpret=interpret)
 
 
 def input_grad(
@@ -347,6 +444,56 @@ def input_grad(
     return dy, jnp.sum(partial, axis=0)
 
 
+def input_grad_gram(
+    g: Array, scale_g: Array, w: Array, x: Array, mean: Array | None, a: Array | None, b: Array | None,
+    p: Array, c: Array, *, sums: bool = False, out_dtype: Dtype, interpret: bool = False,
+    block_m: int | None = None, block_k: int | None = None, block_n: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> Array | tuple[Array, Array] | None:
+    """``(g * scale_g) @ w^T + y @ p + c`` in ``out_dtype``, (M, K), with y the GEMM's input
+    ``relu((x - mean) * a + b)`` (the three vectors None: x), in one Pallas (Triton) kernel:
+    :func:`gram_backward`'s input gradient of a 1x1 convolution followed by a BatchNorm, whose
+    z terms enter as ``y @ p`` (p = ``w diag(scale_z) w^T``, (K, K) in the compute dtype) and
+    ``c`` (float32 (K,)), so that z is not read. g is (M, N) and x (M, K) in the compute dtype,
+    ``scale_g`` float32 (N,), w (K, N). ``sums`` (with the vectors): also returns the float32
+    (2, K) sums of the BatchNorm + ReLU's gradient (as :func:`input_grad`'s ``relu_bn_input``),
+    as ``(dy, sums)``. Returns None where N or K is not a power of two or a block would be
+    smaller than 16 (the caller then uses XLA). A GPU only, unless ``interpret``."""
+    m, n = g.shape
+    k = w.shape[0]
+    prologue = _prologue_given(mean, a, b, "input_grad_gram")
+    if sums and not prologue:
+        raise ValueError("input_grad_gram: sums are those of the BatchNorm + ReLU before the GEMM; give mean, a, b")
+    if (blocks := _gemm_blocks(m, k, n, block_m or BLOCK_M, block_k or BLOCK_N, block_n or BLOCK_K)) is None:
+        return None
+    bm, bk, bn = blocks
+    inner_k = _largest_power_of_two_divisor(k, block_n or BLOCK_K)
+    if not _fits(inner_k) or k & (k - 1):
+        return None
+    grid = (k // bk, m // bm)  # the input-channel blocks first: the instances that share rows run together
+    vectors = [v.reshape(1, k) for v in (mean, a, b)] if prologue else []
+    dy_spec, dy_shape = pl.BlockSpec((bm, bk), lambda j, i: (i, j)), jax.ShapeDtypeStruct((m, k), out_dtype)
+    out_specs, out_shape = [dy_spec], [dy_shape]
+    if sums:
+        out_specs.append(pl.BlockSpec((None, 2, bk), lambda j, i: (i, 0, j)))
+        out_shape.append(jax.ShapeDtypeStruct((m // bm, 2, k), jnp.float32))
+    out = pl.pallas_call(
+        functools.partial(_input_grad_gram_kernel, block_n=bn, block_k=inner_k, prologue=prologue, sums=sums),
+        grid=grid,
+        in_specs=[pl.BlockSpec((bm, n), lambda j, i: (i, 0)), pl.BlockSpec((1, n), lambda j, i: (0, 0)),
+                  pl.BlockSpec((n, bk), lambda j, i: (0, j)), pl.BlockSpec((bm, k), lambda j, i: (i, 0)),
+                  *[pl.BlockSpec((1, k), lambda j, i: (0, 0))] * len(vectors),
+                  pl.BlockSpec((k, bk), lambda j, i: (0, j)), pl.BlockSpec((1, bk), lambda j, i: (0, j))],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(
+            num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
+        name="gram_grad_matmul" + ("_relu_grad_sums" if sums else ""),
+    )(g, scale_g.reshape(1, n), w.T, x, *vectors, p, c.reshape(1, k))
+    return (out[0], jnp.sum(out[1], axis=0)) if sums else out[0]
+
+
 # ---------------------------------------------------------------- XLA's versions (fallback)
 def _matmul_moments_xla(x: Array, mean: Array | None, a: Array | None, b: Array | None, w: Array,
                         out_dtype: Dtype) -> tuple[Array, Array]:
@@ -372,6 +519,25 @@ def _input_grad_xla(g: Array, z: Array, scale_g: Array, scale_z: Array, shift: A
     if relu_bn_input is None:
         return dy
     x, mean, a, b = relu_bn_input
+    g2, centred = relu_grad(x, dy, mean, a, b)
+    return dy, jnp.stack([jnp.sum(g2, axis=0), jnp.sum(g2 * centred, axis=0)])
+
+
+def _gram_xla(x: Array, mean: Array | None, a: Array | None, b: Array | None) -> tuple[Array, Array]:
+    y = (x if mean is None else relu_bn(x, mean, a, b)).astype(x.dtype)
+    return (jax.lax.dot_general(y, y, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32),
+            jnp.sum(y.astype(jnp.float32), axis=0))
+
+
+def _input_grad_gram_xla(g: Array, scale_g: Array, w: Array, x: Array, mean: Array | None, a: Array | None,
+                         b: Array | None, p: Array, c: Array, *, sums: bool = False,
+                         out_dtype: Dtype) -> Array | tuple[Array, Array]:
+    y = (x if mean is None else relu_bn(x, mean, a, b)).astype(p.dtype)
+    dz = (g.astype(jnp.float32) * scale_g).astype(w.dtype)
+    acc = jnp.dot(dz, w.T, preferred_element_type=jnp.float32) + jnp.dot(y, p, preferred_element_type=jnp.float32)
+    dy = (acc + c).astype(out_dtype)
+    if not sums:
+        return dy
     g2, centred = relu_grad(x, dy, mean, a, b)
     return dy, jnp.stack([jnp.sum(g2, axis=0), jnp.sum(g2 * centred, axis=0)])
 
@@ -424,6 +590,86 @@ def _sharded_input_grad(out_dtype: Dtype, interpret: bool, sums: bool = False) -
     return row_sharded_op(lambda g, z, sg, sz, shift, w, *bn: fn(g, z, sg, sz, shift, w, tuple(bn)),
                           (True, True, False, False, False, False, True, False, False, False), (True, False),
                           "m n, m n, n, n, n, k n, m k, k, k, k -> m k, t k")
+
+
+@functools.cache
+def _sharded_gram(interpret: bool, prologue: bool) -> Callable:
+    """:func:`gram` (or XLA's) as a :func:`row_sharded_op`: x's rows split over the devices, each
+    device's (K, K) product and (K,) column sums added across them. The op takes ``(x, mean,
+    a, b)``, or ``(x,)`` where not ``prologue``."""
+    fn = functools.partial(_kernel_or_xla, functools.partial(gram, interpret=interpret), _gram_xla)
+    if prologue:
+        return row_sharded_op(fn, (True, False, False, False), (False, False), "m k, k, k, k -> k u, k", ("m",))
+    return row_sharded_op(lambda x: fn(x, None, None, None), (True,), (False, False), "m k -> k u, k", ("m",))
+
+
+@functools.cache
+def _sharded_input_grad_gram(out_dtype: Dtype, interpret: bool, prologue: bool, sums: bool) -> Callable:
+    """:func:`input_grad_gram` (or XLA's) as a :func:`row_sharded_op`: g's and x's rows split over
+    the devices, dy split the same way, the sums (``sums``) added across them; the vectors, w
+    and p replicated. The op takes ``(g, scale_g, w, x, [mean, a, b,] p, c)``."""
+    fn = functools.partial(_kernel_or_xla,
+                           functools.partial(input_grad_gram, sums=sums, out_dtype=out_dtype, interpret=interpret),
+                           functools.partial(_input_grad_gram_xla, sums=sums, out_dtype=out_dtype))
+    bn_rows, bn_spec = ((False,) * 3, "k, k, k, ") if prologue else ((), "")
+
+    def call(g: Array, scale_g: Array, w: Array, x: Array, *rest: Array) -> Any:
+        bn, (p, c) = (rest[:3], rest[3:]) if prologue else ((None,) * 3, rest)
+        return fn(g, scale_g, w, x, *bn, p, c)
+
+    out_rows, out_spec = ((True, False), "m k, t k") if sums else ((True,), "m k")
+    return row_sharded_op(call, (True, False, False, True, *bn_rows, False, False), out_rows,
+                          f"m n, n, k n, m k, {bn_spec}k u, k -> {out_spec}")
+
+
+def gram_backward(cts: tuple[Array, Array, Array], gemm_input: tuple[Array, ...], w: Array, mean3: Array,
+                  inv3: Array, next_scale: Array, *, input_grad: bool, kernel_grad: bool, input_grad_sums: bool,
+                  dtype: Dtype, interpret: bool) -> tuple[Array | None, Array | None, Array | None, tuple[Array, Array]]:
+    """The reverse pass of a 1x1 convolution followed by a whole-batch BatchNorm (``z = y @ w``,
+    ``u = (z - mean3) * inv3 * next_scale + bias``), from the cotangents of (u, z's mean, z's
+    biased variance), without reading z (change 15; :func:`_bn_after_transpose` is the same
+    map read from z). y is the GEMM's input: ``gemm_input = (x, mean, a, b)`` for ``relu_bn(x,
+    ...)`` or ``(x,)``, x (M, K); w (K, N) in the compute dtype.
+
+    With G = y^T g (the weight-gradient kernel, g = u's gradient), z's two gradient sums are
+    ``sum(g)`` and ``sum(g * (z - mean3)) = sum_k w * G - mean3 sum(g)``, and z's gradient is
+    ``dz = a3 g + scale_z z + shift`` per channel, so
+
+    - ``dw = y^T dz = a3 G + scale_z (y^T y) w + sum(y) shift`` (:func:`gram`: one more pass
+      over x, which is a quarter of z's width in a Bottleneck), and
+    - ``dy = dz w^T = (a3 g) w^T + y (w diag(scale_z) w^T) + shift w^T``
+      (:func:`input_grad_gram`: g and x read, not z).
+
+    Returns ``(dy, sums2, dw, (dscale3, dbias3))``: dy (M, K) in ``dtype`` or None where not
+    ``input_grad``; ``sums2`` the BatchNorm + ReLU's backward sums from dy's epilogue where
+    ``input_grad_sums`` (with a prologue), else None; dw float32 (K, N) or None where not
+    ``kernel_grad``; and the cotangents of the BatchNorm's scale and bias. z's rounding to the
+    compute dtype in the forward pass is not seen here (z = y @ w exactly): the two maps
+    differ by that rounding, as the forward pass's statistics do from z's."""
+    du, dmean3, dvar3 = cts
+    x = gemm_input[0]
+    prologue = len(gemm_input) == 4
+    rows, n = x.shape[0], w.shape[1]
+    g = du.reshape(rows, n)
+    sum_g = jnp.sum(g.astype(jnp.float32), axis=0)
+    products = _sharded_weight_grad(interpret, prologue=prologue)(*gemm_input, g)  # y^T g, (K, N)
+    wf = w.astype(jnp.float32)
+    sum_gc = jnp.sum(wf * products, axis=0) - mean3 * sum_g
+    a3 = inv3 * next_scale
+    scale_z = (2 * dvar3 - a3 * inv3**2 * sum_gc) / rows
+    shift = (dmean3 - a3 * sum_g) / rows - scale_z * mean3
+    highest = jax.lax.Precision.HIGHEST
+    dy = sums2 = dw = None
+    if kernel_grad:
+        gram_yy, sum_y = _sharded_gram(interpret, prologue)(*gemm_input)
+        dw = a3 * products + scale_z * jnp.dot(gram_yy, wf, precision=highest) + sum_y[:, None] * shift
+    if input_grad:
+        p = jnp.dot(wf * scale_z, wf.T, precision=highest).astype(w.dtype)
+        c = jnp.dot(wf, shift, precision=highest)
+        out = _sharded_input_grad_gram(jnp.dtype(dtype), interpret, prologue, input_grad_sums)(
+            g, a3, w, *gemm_input, p, c)
+        dy, sums2 = out if input_grad_sums else (out, None)
+    return dy, sums2, dw, (sum_gc * inv3, sum_g)
 
 
 # ---------------------------------------------------------------- the differentiable op
@@ -581,9 +827,10 @@ def bn_relu_conv1x1_bn(x: Array, mean: Array, var: Array, scale: Array, bias: Ar
     BatchNorm's gradient is an affine function of u's gradient g and z per channel, so g's two
     sums are reduced in XLA (which fuses them into the kernel that makes g) and the two GEMMs
     that need dz, :func:`input_grad` and :func:`weight_grad`, compute it as they load g and z:
-    dz is never written or read (docs/performance.md, change 11). The variance's clip at zero
-    is left out of the derivative (as where it does not bind). First-order forward and
-    reverse mode work; second-order derivatives do not (``linear_call``)."""
+    dz is never written or read (docs/performance.md, change 11); with ``GRAM_BACKWARD``, z is
+    not read either (:func:`gram_backward`). The variance's clip at zero is left out of the
+    derivative (as where it does not bind). First-order forward and reverse mode work;
+    second-order derivatives do not (``linear_call``)."""
     return _bn_relu_conv1x1_bn(x, mean, var, scale, bias, kernel, next_scale, next_bias, epsilon, next_epsilon,
                                dtype, interpret)
 
@@ -675,9 +922,21 @@ def _bn_relu_conv1x1_bn_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, i
     def transpose(res: tuple, cts: tuple) -> tuple:
         x, mean, var, scale, bias, kernel, next_scale, z, mean3, inv3 = res
         w = kernel.reshape(k, -1).astype(dtype)
-        affine, next_cts = _bn_after_transpose(cts, z, mean3, inv3, next_scale)
         # bn2 + ReLU, the GEMMs' input: (x, mean, a, b)
         bn_input = (x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
+        if GRAM_BACKWARD:  # change 15: z not read
+            sums_wanted = bool(n_bn) and INPUT_GRAD_SUMS and any(bn_present[1:])
+            dy, sums2, dw, next_cts = gram_backward(cts, bn_input, w, mean3, inv3, next_scale, input_grad=bool(n_bn),
+                                                    kernel_grad=kernel_present, input_grad_sums=sums_wanted,
+                                                    dtype=dtype, interpret=interpret)
+            out = []
+            if n_bn:
+                out.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res[:5], dy.reshape(x.shape), sums2))
+            if kernel_present:
+                out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
+            out.extend(ct for ct, p in zip(next_cts, next_present) if p)
+            return tuple(out)
+        affine, next_cts = _bn_after_transpose(cts, z, mean3, inv3, next_scale)
         out = []
         if n_bn:
             sums2 = None
@@ -719,9 +978,9 @@ def conv1x1_bn(x: Array, kernel: Array, scale: Array, bias: Array, epsilon: floa
     the input- and weight-gradient GEMMs (:func:`input_grad`, :func:`weight_grad`) as they load
     u's gradient and z, never stored (docs/performance.md, change 13); g's two sums are plain
     reductions (in the ResNet-50 step XLA runs them as a pass over g and z of their own, not
-    in the residual ReLU's backward kernel that makes g). First-order forward and reverse mode
-    work; second-order derivatives do not (``linear_call``). Shapes the kernels do not take
-    run in XLA."""
+    in the residual ReLU's backward kernel that makes g); with ``GRAM_BACKWARD``, z is not read
+    (:func:`gram_backward`). First-order forward and reverse mode work; second-order
+    derivatives do not (``linear_call``). Shapes the kernels do not take run in XLA."""
     return _conv1x1_bn(x, kernel, scale, bias, epsilon, dtype, interpret)
 
 
@@ -759,6 +1018,15 @@ def _conv1x1_bn_jvp(epsilon: float, dtype: Dtype, interpret: bool, primals: tupl
 
     def transpose(res: tuple, cts: tuple) -> tuple:
         xs, w, scale, z, mean, inv = res
+        if GRAM_BACKWARD:  # change 15: z not read
+            dx, _, dw, bn_cts = gram_backward(cts, (xs,), w, mean, inv, scale, input_grad=x_present,
+                                              kernel_grad=kernel_present, input_grad_sums=False, dtype=dtype,
+                                              interpret=interpret)
+            out = [dx.reshape(x.shape).astype(x.dtype)] if x_present else []
+            if kernel_present:
+                out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
+            out.extend(ct for ct, p in zip(bn_cts, bn_present) if p)
+            return tuple(out)
         affine, bn_cts = _bn_after_transpose(cts, z, mean, inv, scale)
         out = []
         if x_present:

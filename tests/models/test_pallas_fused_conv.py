@@ -164,6 +164,57 @@ def test_without_a_prologue_the_weight_gradient_kernel_is_the_plain_product_of_x
         weight_grad(x, jnp.zeros(32), None, None, affine, interpret=True)
 
 
+@pytest.mark.parametrize("prologue", [True, False], ids=["relu_bn", "plain"])
+def test_the_gram_kernel_multiplies_the_input_by_itself_and_sums_its_columns_like_float64(small_blocks, prologue):
+    """Change 15's ``gram``: y^T y and y's column sums for y = relu_bn(x) (or x) as the GEMMs
+    multiply it (rounded to bf16), from the weight-gradient kernel with y on both sides, over
+    several channel blocks and row ranges; XLA's fallback gives the same."""
+    x, mean, a, b, _, _ = _operands(384, 64, 32, seed=23)
+    vectors = (mean, a, b) if prologue else (None, None, None)
+    yy, colsum = pallas_fused_conv.gram(x, *vectors, interpret=True)
+    y = _relu_bn_rounded(x, mean, a, b, jnp.bfloat16) if prologue else _f64(x)
+    np.testing.assert_allclose(_f64(yy), y.T @ y, rtol=1e-5, atol=1e-5 * np.abs(y.T @ y).max())
+    np.testing.assert_allclose(_f64(colsum), y.sum(0), rtol=1e-5, atol=1e-5 * np.abs(y.sum(0)).max())
+    for got, want in zip(pallas_fused_conv._gram_xla(x, *vectors), (yy, colsum)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("prologue", [True, False], ids=["relu_bn", "plain"])
+def test_the_gram_input_gradient_kernel_adds_the_input_times_p_and_c_like_float64(small_blocks, prologue):
+    """Change 15's input-gradient GEMM: ``(g * scale_g) @ w^T + y @ p + c`` against float64
+    NumPy (g * scale_g and y rounded to bf16 as the kernel feeds them to the dot); with
+    the BatchNorm + ReLU before the GEMM it also sums its gradient as it stores dy (change
+    12's epilogue, the Pallas BatchNorm's own sums of the same dy); XLA's fallback agrees;
+    shapes it does not take are declined."""
+    g, _, scale_g, _, _ = _affine_operands(256, 64, seed=24)
+    x, mean, a, b, _, _ = _operands(256, 64, 64, seed=25)  # two blocks of 32 input channels
+    w = (jax.random.normal(jax.random.key(26), (64, 64)) / 8).astype(jnp.bfloat16)
+    p = (jax.random.normal(jax.random.key(27), (64, 64)) / 8).astype(jnp.bfloat16)
+    c = 0.3 * jax.random.normal(jax.random.key(28), (64,))
+    vectors = (mean, a, b) if prologue else (None, None, None)
+    out = pallas_fused_conv.input_grad_gram(g, scale_g, w, x, *vectors, p, c, sums=prologue, out_dtype=jnp.bfloat16,
+                                            interpret=True)
+    dy, sums = out if prologue else (out, None)
+    gs = _f64(jnp.asarray(np.asarray(jnp.asarray(g, jnp.float32)) * np.asarray(scale_g)).astype(jnp.bfloat16))
+    y = _relu_bn_rounded(x, mean, a, b, jnp.bfloat16) if prologue else _f64(x)
+    want = gs @ _f64(w).T + y @ _f64(p) + _f64(c)
+    np.testing.assert_allclose(_f64(dy), want, rtol=2**-8, atol=2**-8 * np.abs(want).max())
+    xla = pallas_fused_conv._input_grad_gram_xla(g, scale_g, w, x, *vectors, p, c, sums=prologue,
+                                                 out_dtype=jnp.bfloat16)
+    xla_dy = xla[0] if prologue else xla
+    np.testing.assert_allclose(_f64(xla_dy), _f64(dy), rtol=2**-7, atol=2**-7 * np.abs(want).max())
+    if prologue:
+        want_sums = jnp.stack(pallas_batch_norm.relu_grad_sums(x, dy, mean, a, b, interpret=True))
+        np.testing.assert_allclose(sums, want_sums, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want_sums))))
+    else:
+        with pytest.raises(ValueError, match="give mean, a, b"):
+            pallas_fused_conv.input_grad_gram(g, scale_g, w, x, None, None, None, p, c, sums=True,
+                                              out_dtype=jnp.bfloat16, interpret=True)
+    # 24 input channels: not a power of two, so it declines (the op then uses XLA)
+    assert pallas_fused_conv.input_grad_gram(g, scale_g, w[:24], x[:, :24], None, None, None, p[:24, :24], c[:24],
+                                             out_dtype=jnp.bfloat16, interpret=True) is None
+
+
 def _reference(x, scale, bias, kernel, dtype):
     """The textbook block: whole-batch BatchNorm (biased variance), ReLU, 1x1 convolution in
     ``dtype``, and the means of its output and its square, in plain JAX."""
@@ -305,12 +356,15 @@ NAMES_BN3 = ("x", "scale", "bias", "kernel", "next_scale", "next_bias")
 
 
 @pytest.mark.parametrize("grad_sums", [False, True], ids=["relu_grad_sums", "input_grad_sums"])
+@pytest.mark.parametrize("gram", [False, True], ids=["from_z", "gram"])
 def test_with_the_next_batch_norm_values_and_gradients_equal_the_textbook_block_in_float32(small_blocks, monkeypatch,
-                                                                                        grad_sums):
+                                                                                        grad_sums, gram):
     """u, z's statistics and the gradients of all six inputs, through u and through the
     statistics (their cotangents enter dz as it is computed in the kernels); bn2's backward
-    sums by its own kernel, or in the input gradient's epilogue (change 12)."""
+    sums by its own kernel, or in the input gradient's epilogue (change 12); bn3's gradient
+    read from z, or through the GEMM's algebra without z (change 15)."""
     monkeypatch.setattr(pallas_fused_conv, "INPUT_GRAD_SUMS", grad_sums)
+    monkeypatch.setattr(pallas_fused_conv, "GRAM_BACKWARD", gram)
     args, ct_u, ct_stats = _bn3_operands((2, 8, 8, 32), 64, seed=16)
 
     def loss(fn, *params):
@@ -369,6 +423,36 @@ def test_in_bf16_the_block_stays_within_rounding_of_the_textbook_one(small_block
     np.testing.assert_allclose(sums, sums_ref, rtol=0.02, atol=0.02 * float(jnp.max(jnp.abs(sums_ref))))
 
 
+def test_in_bf16_the_gradient_without_z_is_as_accurate_as_the_one_read_from_z(small_blocks, monkeypatch):
+    """Change 15 takes bn3's gradient through y^T g, y^T y and ``y @ (w diag(s) w^T)`` where
+    change 11 reads the stored z: in bf16 the roundings differ (z's own against that of p and
+    of ``g * a3``). Against the textbook block in float32, the bf16 gradients of x, the kernel
+    and bn3's scale stay as close with the one as with the other (within 1.5x the error of
+    the path read from z, itself a few bf16 steps), for a kernel whose z has a mean ~10 times
+    its standard deviation (bn3's centring then cancels most of z's terms: the hard case for
+    sums taken from z's products)."""
+    args, ct_u, ct_stats = _bn3_operands((2, 8, 8, 32), 64, seed=29)
+    x = args[0].astype(jnp.bfloat16).astype(jnp.float32)  # x as bf16 stores it, for the reference too
+    args = (x, args[1], args[2] + 2.0, args[3] + 0.5, *args[4:])  # y = relu(bn2(x)) mostly positive
+    z, _ = _reference(x, *args[1:4], jnp.float32)
+    assert float(jnp.min(jnp.abs(jnp.mean(z, (0, 1, 2))) / jnp.std(z, (0, 1, 2)))) > 8  # measured 9.3
+
+    def loss(fn, dtype, x, kernel, next_scale):
+        u, stats = fn(x.astype(dtype), *args[1:3], kernel, next_scale, args[5], dtype)
+        return jnp.sum(u.astype(jnp.float32) * ct_u) + jnp.sum(stats * ct_stats)
+
+    want = jax.grad(functools.partial(loss, _reference_bn3, jnp.float32), argnums=(0, 1, 2))(*args[:1], *args[3:5])
+    errors = {}
+    for gram in (False, True):
+        monkeypatch.setattr(pallas_fused_conv, "GRAM_BACKWARD", gram)
+        got = jax.grad(functools.partial(loss, _fused_bn3, jnp.bfloat16), argnums=(0, 1, 2))(*args[:1], *args[3:5])
+        errors[gram] = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
+                        for g, w in zip(got, want)]
+    for name, from_z, gram in zip(("x", "kernel", "next_scale"), errors[False], errors[True]):
+        assert from_z < 0.05, (name, errors)
+        assert gram <= 1.5 * from_z + 2**-9, (name, errors)
+
+
 def _reference_conv_bn(x, kernel, scale, bias, dtype):
     """The textbook projection shortcut: a 1x1 convolution in ``dtype``, then a whole-batch
     BatchNorm (biased variance) of its output in float32; u and z's mean and variance stacked."""
@@ -392,10 +476,14 @@ def _conv_bn_operands(shape, n, seed):
 
 
 @pytest.mark.parametrize("shape,n", [((2, 8, 8, 32), 64), ((1, 4, 4, 24), 32)])  # the second: XLA's fallback
-def test_the_convolution_with_its_batch_norm_equals_the_textbook_shortcut_in_both_modes(small_blocks, shape, n):
+@pytest.mark.parametrize("gram", [False, True], ids=["from_z", "gram"])
+def test_the_convolution_with_its_batch_norm_equals_the_textbook_shortcut_in_both_modes(small_blocks, monkeypatch,
+                                                                                       shape, n, gram):
     """Change 13's op: u, z's statistics and the gradients of x, the kernel, the scale and the
     bias, through u and through the statistics, and forward mode with every subset of tangents
-    the model meets, against the convolution and BatchNorm in plain JAX (float32)."""
+    the model meets, against the convolution and BatchNorm in plain JAX (float32); the
+    BatchNorm's gradient read from z, or without z (change 15)."""
+    monkeypatch.setattr(pallas_fused_conv, "GRAM_BACKWARD", gram)
     args, ct_u, ct_stats = _conv_bn_operands(shape, n, seed=21)
 
     def loss(fn, *params):
@@ -416,7 +504,10 @@ def test_the_convolution_with_its_batch_norm_equals_the_textbook_shortcut_in_bot
     _assert_forward_mode_equal(_fused_conv_bn, _reference_conv_bn, args, tangents, ((0, 1, 2, 3), (0,), (1,), (2, 3)))
 
 
-def test_in_bf16_the_convolution_with_its_batch_norm_stays_within_rounding_of_the_textbook_one(small_blocks):
+@pytest.mark.parametrize("gram", [False, True], ids=["from_z", "gram"])
+def test_in_bf16_the_convolution_with_its_batch_norm_stays_within_rounding_of_the_textbook_one(small_blocks,
+                                                                                              monkeypatch, gram):
+    monkeypatch.setattr(pallas_fused_conv, "GRAM_BACKWARD", gram)
     (x, kernel, scale, bias), ct_u, _ = _conv_bn_operands((2, 8, 8, 32), 64, seed=22)
     x = x.astype(jnp.bfloat16)
     u, stats = _fused_conv_bn(x, kernel, scale, bias, jnp.bfloat16)
@@ -561,6 +652,18 @@ def test_compiled_for_an_h100_with_the_next_batch_norm_its_gradient_is_never_sto
     x_bytes = 32 * 28 * 28 * shape[-1] * 2
     assert _traffic(sums_hlo) < _traffic(inside_hlo) - 0.9 * x_bytes
 
+    # change 15 (with 12): no backward kernel reads z. By count, 3 units of z less (the kernel
+    # that makes g no longer reads it for bn3's sums, nor do the two GEMMs), for one more pass
+    # over x (y^T y, a quarter unit); measured 4.5 units less, as XLA also stops keeping z
+    # apart for the backward pass
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pallas_fused_conv, "INPUT_GRAD_SUMS", True)
+        patch.setattr(pallas_fused_conv, "GRAM_BACKWARD", True)
+        gram_hlo = _compiled_for_an_h100(bn3_inside, shapes, ct_shapes)
+    assert "gram_grad_matmul_relu_grad_sums" in gram_hlo and "bn_relu_gram" in gram_hlo
+    assert "affine_grad_matmul" not in gram_hlo and "matmul_weight_grad_affine" not in gram_hlo
+    assert _traffic(gram_hlo) < _traffic(sums_hlo) - 3.5 * z_bytes
+
 
 def test_compiled_for_an_h100_the_convolution_sums_the_statistics_and_its_backward_stays_cudnn():
     """conv1 -> bn1 + ReLU as the model runs it on a GPU (cuDNN's convolution, the statistics
@@ -634,6 +737,13 @@ def test_compiled_for_an_h100_the_shortcut_is_three_gemms_of_ours_and_its_batch_
     assert _cudnn_calls(fused_hlo, backward=False) == _cudnn_calls(fused_hlo, backward=True) == []
     z_bytes = math.prod(out_shape) * 2
     assert _traffic(fused_hlo) < _traffic(model_hlo) - 3 * z_bytes
+    # change 15: the BatchNorm's gradient without z (its sums from y^T g, z's terms through
+    # y^T y and x @ (w diag(s) w^T)): measured 4.3 (stride 1) and 4.25 (stride 2) units less
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pallas_fused_conv, "GRAM_BACKWARD", True)
+        gram_hlo = _compiled_for_an_h100(fused_block, shapes, ct_shapes)
+    assert '"gram_grad_matmul"' in gram_hlo and '"gram"' in gram_hlo and "affine" not in gram_hlo
+    assert _traffic(gram_hlo) < _traffic(fused_hlo) - 3.5 * z_bytes
 
 
 def _net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet50"):
@@ -642,8 +752,9 @@ def _net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet
     ``conv3``: bn2 + ReLU + conv3, ``blocks.FUSE_BN2_CONV3``; ``conv1``: conv1 with bn1's
     statistics, ``blocks.FUSE_CONV1_BN1``; ``bn3``: with ``conv3``, bn3 in the same op,
     ``blocks.FUSE_BN3``; ``shortcut``: the projection shortcut as one op,
-    ``layers.FUSE_SHORTCUT``), and the CPU's layers (``default``) or the GPU kernels under the
-    interpreter (``cuda``). ``model_name``: ResNet-50 (a stride-1 projection in its first
+    ``layers.FUSE_SHORTCUT``; ``gram``: those ops' BatchNorm gradient without z,
+    ``pallas_fused_conv.GRAM_BACKWARD``), and the CPU's layers (``default``) or the GPU kernels
+    under the interpreter (``cuda``). ``model_name``: ResNet-50 (a stride-1 projection in its first
     stage, stride 2 in the others), ResNet-50-D (every stage's projection after an average
     pool, stride 1) or ResNet-18 (basic blocks: stride-2 projections only)."""
     from resnet_jax.models import blocks, create_model, layers
@@ -653,7 +764,7 @@ def _net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet
         if kernels == "cuda":
             use_cuda_kernels(patch, fused_conv="conv3" in fused, fused_conv1="conv1" in fused,
                              fused_bn3="bn3" in fused, input_grad_sums="sums" in fused,
-                             fused_shortcut="shortcut" in fused)
+                             fused_shortcut="shortcut" in fused, gram_backward="gram" in fused)
         else:
             patch.setattr(blocks, "FUSE_BN2_CONV3", "conv3" in fused)
             patch.setattr(blocks, "FUSE_CONV1_BN1", "conv1" in fused)
@@ -681,12 +792,14 @@ def _net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet
       for kernels in ("default", "cuda") if kernels == "cuda" or "sums" not in fused),  # change 12: GPU kernels only
     ("cuda", ("shortcut",), "resnet50d"),
     *((kernels, ("shortcut",), "resnet18") for kernels in ("default", "cuda")),
+    # change 15, GPU kernels only
+    ("cuda", ("conv3", "bn3", "sums", "shortcut", "gram"), "resnet50"), ("cuda", ("shortcut", "gram"), "resnet18"),
 ], ids=lambda v: v if isinstance(v, str) else "+".join(v))
 def test_a_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fused, model_name):
     """Each candidate changes no parameter (names, shapes, initial values) and no number: with it,
     a training step's loss, every gradient and the new running statistics equal the model's
     without it, in float32, on the CPU's layers and with the GPU kernels under the interpreter
-    (``sums``, change 12, exists in the GPU kernels only)."""
+    (``sums`` and ``gram``, changes 12 and 15, exist in the GPU kernels only)."""
     plain = _net_step(monkeypatch, (), kernels, model_name=model_name)
     fused = _net_step(monkeypatch, fused, kernels, model_name=model_name)
     chex.assert_trees_all_equal(plain[0], fused[0])  # same variables at init
@@ -697,7 +810,8 @@ def test_a_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fus
 
 @pytest.mark.parametrize("spec", ["data", ("data", "model")])
 @pytest.mark.parametrize("op", ["bn_relu_conv1x1", "conv1x1_moments", "bn_relu_conv1x1_bn",
-                                "bn_relu_conv1x1_bn+input_grad_sums", "conv1x1_bn"])
+                                "bn_relu_conv1x1_bn+input_grad_sums", "bn_relu_conv1x1_bn+input_grad_sums+gram",
+                                "conv1x1_bn", "conv1x1_bn+gram"])
 def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gathered(small_blocks, monkeypatch,
                                                                                       spec, op):
     """x split by examples over 4 or all 8 test devices: the loss and every gradient equal the
@@ -705,8 +819,9 @@ def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gat
     its own rows, and only the statistics and the weight gradient are all-reduced."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    op, _, grad_sums = op.partition("+")
-    monkeypatch.setattr(pallas_fused_conv, "INPUT_GRAD_SUMS", bool(grad_sums))
+    op, *options = op.split("+")
+    monkeypatch.setattr(pallas_fused_conv, "INPUT_GRAD_SUMS", "input_grad_sums" in options)
+    monkeypatch.setattr(pallas_fused_conv, "GRAM_BACKWARD", "gram" in options)
 
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
     x, scale, bias, kernel, ct_z, ct_sums = _block_operands((16, 4, 4, 32), 64, seed=6)
