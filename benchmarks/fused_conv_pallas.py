@@ -17,7 +17,7 @@ GEMMs run these shapes as fast as cuDNN and cuBLAS is what this measures:
   difference over the 16 blocks;
 - at the same shapes, the block's whole tail to its output (bn3, the shortcut's add and the
   ReLU) as the model runs it, with change 9 (``fused``), with change 11 (``fused-bn3``) and
-  with change 15 (``fused-gram``);
+  with change 15 (``fused-gram``) and with change 16 (``fused-residual``);
 - at ResNet-50's four conv1 shapes, conv1 + bn1 + ReLU forward + backward, as the model runs
   it (cuDNN, the statistics kernel, the Pallas BatchNorm) and with ``conv1x1_moments``;
 - each kernel alone, at the first and last shapes, at a few block sizes (``--forward-blocks``,
@@ -48,7 +48,7 @@ from resnet_jax.models.pallas_fused_conv import (  # noqa: E402
 Array = jax.Array
 EPSILON = 1e-5
 # what each part compares, the model's first
-IMPLS = {"block": ("model", "fused"), "tail_block": ("model", "fused", "fused-bn3", "fused-gram"),
+IMPLS = {"block": ("model", "fused"), "tail_block": ("model", "fused", "fused-bn3", "fused-gram", "fused-residual"),
          "conv1_block": ("model", "fused")}
 FORWARD_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES")
 WGRAD_BLOCKS = ("BLOCK_K", "BLOCK_N", "SUB_ROWS", "NUM_WARPS", "PROGRAMS")
@@ -72,9 +72,15 @@ def tail_block(impl: str, dtype, interpret: bool = False) -> Callable:
     gradients and the shortcut's). ``model``: what the model runs on a GPU; ``fused``: change 9
     (:func:`block`'s fused op, bn3 in XLA with the statistics it returns); ``fused-bn3``: change
     11, ``pallas_fused_conv.bn_relu_conv1x1_bn``; ``fused-gram``: that op with change 15
-    (``pallas_fused_conv.GRAM_BACKWARD``: bn3's gradient without reading z)."""
+    (``pallas_fused_conv.GRAM_BACKWARD``: bn3's gradient without reading z);
+    ``fused-residual``: change 16, ``pallas_fused_conv.bn_relu_conv1x1_bn_add_relu`` (z never
+    stored)."""
 
     def forward(x, mean, var, scale, bias, kernel, next_scale, next_bias, shortcut):
+        if impl == "fused-residual":
+            out, _, _ = pallas_fused_conv.bn_relu_conv1x1_bn_add_relu(
+                x, mean, var, scale, bias, kernel, next_scale, next_bias, shortcut, EPSILON, EPSILON, dtype, interpret)
+            return out
         if impl in ("fused-bn3", "fused-gram"):
             u, _, _ = bn_relu_conv1x1_bn(x, mean, var, scale, bias, kernel, next_scale, next_bias, EPSILON, EPSILON,
                                          dtype, interpret)
@@ -290,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nforward + backward on {kind}, {a.dtype} (median ms): bn2 + ReLU -> conv3 -> z's statistics "
           "(model: Pallas BatchNorm + cuDNN + statistics kernel, fused: one Pallas GEMM each way), the same to the "
           "block's output (tail_block; fused-bn3: bn3 in the op, its gradient computed in the backward GEMMs; "
-          "fused-gram: the same without reading z), "
+          "fused-gram: the same without reading z; fused-residual: z never stored), "
           "conv1 -> bn1 + ReLU (model: cuDNN + statistics kernel, fused: a Pallas GEMM summing them), then each "
           "kernel alone:")
     for r in rows:
@@ -306,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      ("tail_block", block_shapes, "fused", "tails, bn3 outside"),
                                      ("tail_block", block_shapes, "fused-bn3", "tails, bn3 inside"),
                                      ("tail_block", block_shapes, "fused-gram", "tails, bn3 inside, without z"),
+                                     ("tail_block", block_shapes, "fused-residual", "tails, z never stored"),
                                      ("conv1_block", conv1_shapes, "fused", "conv1 + bn1")):
         by_shape = {(tuple(r["shape"]), r["impl"]): r["ms"] for r in rows if r["part"] == part}
         stage_ms = [(by_shape.get((tuple(s), "model")), by_shape.get((tuple(s), impl))) for s, _ in shapes(a.batch_size)]

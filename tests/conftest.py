@@ -66,7 +66,8 @@ def require_cuda_plugin() -> None:
 
 
 def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False, fused_bn3: bool = False,
-                     input_grad_sums: bool = False, fused_shortcut: bool = False, gram_backward: bool = False):
+                     input_grad_sums: bool = False, fused_shortcut: bool = False, gram_backward: bool = False,
+                     fused_residual: bool = False):
     """Swaps in, through ``patch`` (a ``pytest.MonkeyPatch``), the kernels a model runs when it is
     compiled for an NVIDIA GPU (``jax.lax.platform_dependent``), which a CPU otherwise never runs
     inside a whole model: the ReLU whose derivative comes from its output, the max pool over
@@ -80,7 +81,9 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False,
     ``input_grad_sums`` (with ``fused_bn3``): bn2's backward sums in that op's input-gradient
     GEMM (``pallas_fused_conv.INPUT_GRAD_SUMS``); ``fused_shortcut``: the projection
     shortcuts' convolution and BatchNorm as one op (``layers.FUSE_SHORTCUT``); ``gram_backward``:
-    those two ops' BatchNorm gradient taken without reading z (``pallas_fused_conv.GRAM_BACKWARD``)."""
+    those two ops' BatchNorm gradient taken without reading z (``pallas_fused_conv.GRAM_BACKWARD``);
+    ``fused_residual`` (with ``fused_bn3``): the residual add and ReLU in that op too, z never
+    stored (``blocks.FUSE_RESIDUAL``)."""
     import jax.numpy as jnp
 
     from resnet_jax.models import blocks, layers, pallas_batch_norm, pallas_fused_conv
@@ -104,8 +107,9 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False,
     patch.setattr(layers, "_batch_norm_train", batch_norm_train)
     patch.setattr(layers, "batch_norm_apply", batch_norm_apply)
     if fused_conv:
-        def fused(x, scale, bias, kernel, group, epsilon, dtype, activation=None, next_norm=None):
+        def fused(x, scale, bias, kernel, group, epsilon, dtype, activation=None, next_norm=None, residual=None):
             next_arrays, next_epsilon = ((), None) if next_norm is None else (next_norm[:2], next_norm[2])
+            next_arrays = next_arrays if residual is None else (*next_arrays, residual)
             if group != x.shape[0] or activation not in layers.RELUS:
                 return layers.batch_norm_conv1x1_layers(x, scale, bias, kernel, *next_arrays, group=group,
                                                         epsilon=epsilon, dtype=dtype, activation=activation,
@@ -115,6 +119,7 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False,
 
         patch.setattr(blocks, "FUSE_BN2_CONV3", True)
         patch.setattr(blocks, "FUSE_BN3", fused_bn3)
+        patch.setattr(blocks, "FUSE_RESIDUAL", fused_residual)
         patch.setattr(pallas_fused_conv, "INPUT_GRAD_SUMS", input_grad_sums)
         patch.setattr(layers, "batch_norm_relu_conv1x1_train", fused)
     if fused_conv1:

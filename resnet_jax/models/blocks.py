@@ -38,6 +38,14 @@ FUSE_CONV1_BN1 = False
 # an NVIDIA GPU conv3's two backward GEMMs compute bn3's input gradient as they load its output
 # gradient instead of reading it stored. The parameters are the same either way.
 FUSE_BN3 = False
+# A candidate, off until the device times it (docs/performance.md, change 16): with FUSE_BN3, the
+# residual add and ReLU after bn3 join the same op (``BatchNorm(..., residual=...)``), so that on an
+# NVIDIA GPU bn3 is applied in conv3's GEMM epilogue and z is never stored (bn3's statistics from
+# the GEMM input's y^T y; its backward pass is ``pallas_fused_conv.gram_backward``). Only where the
+# shortcut is the identity (XLA applies a projection's BatchNorm in the add's own kernel) and meets
+# bn3 directly (no squeeze-and-excitation, no stochastic depth). The parameters are the same either
+# way.
+FUSE_RESIDUAL = False
 
 
 class _Block(nn.Module):
@@ -76,12 +84,23 @@ class _Block(nn.Module):
 
     expansion = 1
 
-    def residual(self, x: Array, train: bool) -> Array:
+    def residual(self, x: Array, train: bool, shortcut: Array | None = None) -> Array:
+        """The residual branch of x; with ``shortcut``, ``act(branch + shortcut)``, the block's
+        output (only where :meth:`takes_shortcut`)."""
         raise NotImplementedError
+
+    def takes_shortcut(self, train: bool) -> bool:
+        """Whether :meth:`residual` adds the shortcut itself (one op with its last layers)."""
+        return False
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         out_features = self.planes * self.expansion
+        identity = self.strides == 1 and x.shape[-1] == out_features
+        # (a projection's output is left to XLA, which applies its BatchNorm in the add's kernel)
+        if (identity and self.shortcut != "none" and not self.se_ratio and not self.drop_path_rate
+                and self.takes_shortcut(train)):
+            return self.residual(x, train, shortcut=x)
         y = self.residual(x, train)
         if self.se_ratio:
             y = SqueezeExcite(self.se_ratio, dtype=y.dtype, name="se")(y)
@@ -92,7 +111,7 @@ class _Block(nn.Module):
             )
         if self.shortcut == "none":
             return self.act(y)
-        if self.strides != 1 or x.shape[-1] != out_features:
+        if not identity:
             x = Shortcut(
                 self.shortcut, out_features, self.strides, self.conv, self.norm, name="downsample"
             )(x, train)
@@ -104,7 +123,7 @@ class BasicBlock(_Block):
 
     expansion = 1
 
-    def residual(self, x: Array, train: bool) -> Array:
+    def residual(self, x: Array, train: bool, shortcut: Array | None = None) -> Array:
         if self.groups != 1 or self.base_width != 64:
             raise ValueError("BasicBlock supports only groups=1 and base_width=64")
         y = self.conv(self.planes, 3, self.strides, name="conv1")(x)
@@ -118,7 +137,10 @@ class Bottleneck(_Block):
 
     expansion = 4
 
-    def residual(self, x: Array, train: bool) -> Array:
+    def takes_shortcut(self, train: bool) -> bool:
+        return FUSE_RESIDUAL and FUSE_BN3 and FUSE_BN2_CONV3 and train
+
+    def residual(self, x: Array, train: bool, shortcut: Array | None = None) -> Array:
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         s1, s3 = (self.strides, 1) if self.stride_on_1x1 else (1, self.strides)
         if FUSE_CONV1_BN1 and train and s1 == 1:
@@ -132,7 +154,8 @@ class Bottleneck(_Block):
             kernel = Conv1x1Kernel(self.planes * self.expansion, conv_param_dtype(self.conv), name="conv3")(width)
             if FUSE_BN3:
                 bn3 = self.norm(name="bn3", zero_init_scale=self.zero_init_last)
-                return self.norm(name="bn2", activation=self.act)(y, train, conv1x1_kernel=kernel, next_norm=bn3)
+                return self.norm(name="bn2", activation=self.act)(y, train, conv1x1_kernel=kernel, next_norm=bn3,
+                                                                  residual=shortcut)
             y, statistics = self.norm(name="bn2", activation=self.act)(y, train, conv1x1_kernel=kernel)
             return self.norm(name="bn3", zero_init_scale=self.zero_init_last)(y, train, statistics=statistics)
         y = self.norm(name="bn2", activation=self.act)(y, train)

@@ -194,7 +194,7 @@ class BatchNorm(nn.Module):
     def __call__(
         self, x: Array, train: bool, *, statistics: tuple[Array, Array] | None = None,
         conv1x1_kernel: Array | None = None, input_conv1x1_kernel: Array | None = None,
-        next_norm: BatchNorm | None = None,
+        next_norm: BatchNorm | None = None, residual: Array | None = None,
         computed_by: tuple[int, Callable[..., tuple[Array, tuple[Array, Array]]]] | None = None,
     ) -> Array | tuple[Array, tuple[Array, Array] | None]:
         """``activation(BatchNorm(x))``, x (N, H, W, C).
@@ -222,10 +222,17 @@ class BatchNorm(nn.Module):
         as one function (:func:`batch_norm_relu_conv1x1_train`'s ``next_norm``: on an NVIDIA GPU
         its backward pass never stores z's gradient); in evaluation the layers run one after
         another. ``next_norm``'s parameters and running statistics are its own as usual.
+        ``residual`` (with ``next_norm`` and an activation): (N, H, W, N) added to next_norm's
+        output, then this BatchNorm's activation applied again: a Bottleneck's tail, returned
+        as the block's output (on an NVIDIA GPU, :func:`batch_norm_relu_conv1x1_train`'s
+        ``residual``: z is then never stored).
         ``computed_by``: how such a ``next_norm`` is called,
         ``(features, fn)``; x is then ignored (pass None) and ``fn(scale, bias, epsilon)``
         returns this BatchNorm's output and its float32 (C,) whole-batch mean and biased variance.
         """
+        if residual is not None and (next_norm is None or conv1x1_kernel is None or self.activation is None):
+            raise ValueError("BatchNorm: residual= is added after next_norm and followed by this BatchNorm's "
+                             "activation; give it with conv1x1_kernel=, next_norm= and an activation")
         if computed_by is not None:
             if not train:
                 raise ValueError("BatchNorm: computed_by is a training-mode computation; call it with train=True")
@@ -268,7 +275,7 @@ class BatchNorm(nn.Module):
                 def with_next(next_scale: Array, next_bias: Array, next_epsilon: float) -> tuple:
                     u, mean, var, next_statistics = batch_norm_relu_conv1x1_train(
                         x, scale, bias, conv1x1_kernel, group, self.epsilon, self.dtype, self.activation,
-                        next_norm=(next_scale, next_bias, next_epsilon))
+                        next_norm=(next_scale, next_bias, next_epsilon), residual=residual)
                     own.append((mean, var))
                     return u, next_statistics
 
@@ -292,7 +299,8 @@ class BatchNorm(nn.Module):
         y = y.astype(self.dtype)
         y = y if self.activation is None else self.activation(y)
         if conv1x1_kernel is not None and next_norm is not None:  # the layers one after another
-            return next_norm(conv1x1(y, conv1x1_kernel, self.dtype), train)
+            u = next_norm(conv1x1(y, conv1x1_kernel, self.dtype), train)
+            return u if residual is None else self.activation(u + residual.astype(u.dtype))
         return y if conv1x1_kernel is None else (conv1x1(y, conv1x1_kernel, self.dtype), None)
 
     def _parameters(self, features: int) -> tuple[Array, Array, Any, Any]:
@@ -467,6 +475,7 @@ def batch_norm_relu_conv1x1_train(
     dtype: Dtype,
     activation: Callable[[Array], Array] | None = None,
     next_norm: tuple[Array, Array, float] | None = None,
+    residual: Array | None = None,
 ) -> tuple[Array, Array, Array, tuple[Array, Array]]:
     """``z = conv1x1(activation(BatchNorm(x)), kernel)`` in training, x (N, H, W, C), kernel
     (1, 1, C, N). Returns z (computed and stored in ``dtype``, returned as its float32 view, so
@@ -474,7 +483,10 @@ def batch_norm_relu_conv1x1_train(
     summed in float32), the BatchNorm's float32 (N // group, C) means and biased variances (as
     :func:`_batch_norm_train`), and z's float32 whole-batch mean and biased variance, each (N,).
     ``next_norm``: ``(scale, bias, epsilon)`` of the BatchNorm that normalises z with those
-    statistics; the first result is then its output, in ``dtype``, instead of z.
+    statistics; the first result is then its output, in ``dtype``, instead of z. ``residual``
+    (with ``next_norm``), (N, H, W, N): the first result is then ``activation(output +
+    residual)`` (a Bottleneck's output; on an NVIDIA GPU one op that never stores z,
+    ``pallas_fused_conv.bn_relu_conv1x1_bn_add_relu``).
 
     With whole-batch statistics and a ReLU, compiled for an NVIDIA GPU, this is
     :func:`pallas_fused_conv_train`: one kernel applies the BatchNorm and ReLU to x as it loads
@@ -483,6 +495,10 @@ def batch_norm_relu_conv1x1_train(
     and on other platforms, the layers run one after another (:func:`batch_norm_conv1x1_layers`).
     """
     next_arrays, next_epsilon = ((), None) if next_norm is None else (next_norm[:2], next_norm[2])
+    if residual is not None:
+        if next_norm is None or activation is None:
+            raise ValueError("batch_norm_relu_conv1x1_train: residual needs next_norm and an activation")
+        next_arrays = (*next_arrays, residual)
     one_by_one = functools.partial(batch_norm_conv1x1_layers, group=group, epsilon=epsilon, dtype=dtype,
                                    activation=activation, next_epsilon=next_epsilon)
     if group != x.shape[0] or activation not in RELUS:
@@ -492,12 +508,13 @@ def batch_norm_relu_conv1x1_train(
 
 
 def batch_norm_conv1x1_layers(x: Array, scale: Array, bias: Array, kernel: Array, next_scale: Array | None = None,
-                              next_bias: Array | None = None, *, group: int, epsilon: float, dtype: Dtype,
-                              activation: Callable[[Array], Array] | None = None,
+                              next_bias: Array | None = None, residual: Array | None = None, *, group: int,
+                              epsilon: float, dtype: Dtype, activation: Callable[[Array], Array] | None = None,
                               next_epsilon: float | None = None) -> tuple:
     """:func:`batch_norm_relu_conv1x1_train` as the separate layers: :func:`_batch_norm_train`,
     :func:`conv1x1`, then z's statistics as plain reductions (and the next BatchNorm's apply,
-    :func:`batch_norm_apply`, where ``next_scale`` is given)."""
+    :func:`batch_norm_apply`, where ``next_scale`` is given; then ``activation(... + residual)``
+    where ``residual`` is)."""
     y, mean, var = _batch_norm_train(x, scale, bias, group, epsilon, dtype, activation)
     z = conv1x1(y, kernel, dtype).astype(jnp.float32)
     rows = z.reshape(-1, z.shape[-1])
@@ -505,21 +522,29 @@ def batch_norm_conv1x1_layers(x: Array, scale: Array, bias: Array, kernel: Array
     z_var = jnp.maximum(jnp.mean(jnp.square(rows), axis=0) - jnp.square(z_mean), 0.0)
     if next_scale is not None:
         z = batch_norm_apply(z, z_mean, z_var, next_scale, next_bias, next_epsilon, dtype)
+    if residual is not None:
+        z = activation(z + residual.astype(z.dtype))
     return z, mean, var, (z_mean, z_var)
 
 
 def pallas_fused_conv_train(x: Array, scale: Array, bias: Array, kernel: Array, next_scale: Array | None = None,
-                            next_bias: Array | None = None, *, epsilon: float, dtype: Dtype,
-                            next_epsilon: float | None = None, interpret: bool = False) -> tuple:
+                            next_bias: Array | None = None, residual: Array | None = None, *, epsilon: float,
+                            dtype: Dtype, next_epsilon: float | None = None, interpret: bool = False) -> tuple:
     """:func:`batch_norm_relu_conv1x1_train` for a GPU (or, ``interpret``, under the Pallas
     interpreter): x's statistics from ``pallas_batch_norm.batch_moments``, then
-    ``pallas_fused_conv.bn_relu_conv1x1`` (``bn_relu_conv1x1_bn`` where ``next_scale`` is given)."""
+    ``pallas_fused_conv.bn_relu_conv1x1`` (``bn_relu_conv1x1_bn`` where ``next_scale`` is given,
+    ``bn_relu_conv1x1_bn_add_relu`` where ``residual`` is too)."""
     from resnet_jax.models import pallas_batch_norm, pallas_fused_conv
 
     c = x.shape[-1]
     mean, mean_sq = pallas_batch_norm.batch_moments(x.astype(jnp.float32).reshape(-1, c), x.dtype, interpret)
     var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
     scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
+    if residual is not None:
+        out, z_mean, z_var = pallas_fused_conv.bn_relu_conv1x1_bn_add_relu(
+            x, mean, var, scale, bias, kernel, next_scale.astype(jnp.float32), next_bias.astype(jnp.float32),
+            residual.astype(dtype), epsilon, next_epsilon, dtype, interpret)
+        return out, mean[None], var[None], (z_mean, z_var)
     if next_scale is not None:
         u, z_mean, z_var = pallas_fused_conv.bn_relu_conv1x1_bn(
             x, mean, var, scale, bias, kernel, next_scale.astype(jnp.float32), next_bias.astype(jnp.float32),

@@ -43,7 +43,10 @@ without z: since z = y @ w, the BatchNorm's gradient sums and z's terms in both 
 GEMMs are taken from products of the GEMM's input y (``y^T g``, :func:`gram`'s ``y^T y``,
 :func:`input_grad_gram`'s ``y @ (w diag(s) w^T)``), a quarter of z's width in a Bottleneck,
 and z is not kept for the backward pass (compiled for ResNet-50 with changes 9-13: 75.9 ->
-68.0 GiB per step, peak 9.64 -> 6.35 GiB).
+68.0 GiB per step, peak 9.64 -> 6.35 GiB). :func:`bn_relu_conv1x1_bn_add_relu` (change 16,
+where ``blocks.FUSE_RESIDUAL`` is set) goes one step further: z's statistics are products of
+y too, so :func:`gram` runs before the GEMM and :func:`matmul_bn_add_relu`'s epilogue applies
+bn3, adds the shortcut and applies the ReLU; z is never stored (68.0 -> 64.4 GiB).
 """
 
 from __future__ import annotations
@@ -89,6 +92,11 @@ INPUT_GRAD_SUMS = False
 # backward GEMMs as ``(y^T y) @ w`` and ``y @ (w diag(s) w^T)`` (:func:`gram_backward`), so that no
 # pass of the backward reads z. Read at trace time.
 GRAM_BACKWARD = False
+# A candidate, off until the device times it (docs/performance.md, change 16): a Bottleneck's bn3,
+# residual add and ReLU in the epilogue of change 11's forward GEMM
+# (:func:`bn_relu_conv1x1_bn_add_relu`, used where ``blocks.FUSE_RESIDUAL`` is set): bn3's
+# statistics come from y^T y before the GEMM, so z is never stored. Its reverse pass is
+# :func:`gram_backward`'s.
 
 
 # ---------------------------------------------------------------- the kernels
@@ -114,6 +122,23 @@ def _forward_kernel(*refs, block_k: int, prologue: bool) -> None:
     zf = z.astype(jnp.float32)
     sums_ref[0, :] = jnp.sum(zf, axis=0)
     sums_ref[1, :] = jnp.sum(zf * zf, axis=0)
+
+
+def _forward_residual_kernel(x_ref, mean_ref, a_ref, b_ref, w_ref, a3_ref, b3_ref, r_ref, y_ref, *,
+                             block_k: int) -> None:
+    """One (rows, out channels) block of :func:`matmul_bn_add_relu`: ``z = relu_bn(x) @ w``
+    accumulated in float32 over the input channels ``block_k`` at a time, then
+    ``y = relu(z * a3 + b3 + r)`` in float32, stored in y's dtype; z itself is never stored."""
+    rows, cols = y_ref.shape
+
+    def body(i: int, acc: Array) -> Array:
+        ks = pl.ds(i * block_k, block_k)
+        y = relu_bn(x_ref[:, ks], mean_ref[:, ks], a_ref[:, ks], b_ref[:, ks])
+        return acc + jnp.dot(y.astype(w_ref.dtype), w_ref[ks, :], preferred_element_type=jnp.float32)
+
+    z = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, body, jnp.zeros((rows, cols), jnp.float32))
+    u = z * a3_ref[...] + b3_ref[...] + r_ref[...].astype(jnp.float32)
+    y_ref[...] = jnp.maximum(u, 0.0).astype(y_ref.dtype)
 
 
 def affine_grad(g: Array, z: Array, scale_g: Array, scale_z: Array, shift: Array) -> Array:
@@ -303,6 +328,41 @@ def matmul_moments(
         name="bn_relu_matmul_moments" if prologue else "matmul_moments",
     )(x, *vectors, w)
     return z, jnp.sum(partial, axis=0)
+
+
+def matmul_bn_add_relu(
+    x: Array, mean: Array, a: Array, b: Array, w: Array, a3: Array, b3: Array, residual: Array, *,
+    interpret: bool = False, block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> Array | None:
+    """``relu((relu((x - mean) * a + b) @ w) * a3 + b3 + residual)`` in the residual's dtype, (M, N),
+    in one Pallas (Triton) kernel: :func:`matmul_moments`' GEMM with its prologue, whose
+    epilogue applies the next BatchNorm (``a3``, ``b3``: float32 (N,), its scale over the
+    standard deviation and its shift, from statistics known before the GEMM), adds the
+    residual (M, N) and applies the ReLU. x (M, K) and w (K, N) in the compute dtype, ``mean``,
+    ``a``, ``b`` float32 (K,). Returns None where :func:`matmul_moments` would (the caller then
+    uses XLA). A GPU only, unless ``interpret``."""
+    m, k = x.shape
+    n = w.shape[1]
+    if (blocks := _gemm_blocks(m, n, k, block_m or BLOCK_M, block_n or BLOCK_N, block_k or BLOCK_K)) is None:
+        return None
+    bm, bn, bk = blocks
+    grid = (n // bn, m // bm)  # as matmul_moments: the instances that share a block of x run together
+    in_vector = pl.BlockSpec((1, k), lambda j, i: (0, 0))
+    out_vector = pl.BlockSpec((1, bn), lambda j, i: (0, j))
+    rows_out = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
+    return pl.pallas_call(
+        functools.partial(_forward_residual_kernel, block_k=bk),
+        grid=grid,
+        in_specs=[pl.BlockSpec((bm, k), lambda j, i: (i, 0)), in_vector, in_vector, in_vector,
+                  pl.BlockSpec((k, bn), lambda j, i: (0, j)), out_vector, out_vector, rows_out],
+        out_specs=rows_out,
+        out_shape=jax.ShapeDtypeStruct((m, n), residual.dtype),
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(
+            num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
+        name="bn_relu_matmul_bn_add_relu",
+    )(x, mean.reshape(1, k), a.reshape(1, k), b.reshape(1, k), w, a3.reshape(1, n), b3.reshape(1, n), residual)
 
 
 def _row_splits(m: int, sub: int, programs_per_split: int, target: int, most: int) -> int:
@@ -542,6 +602,12 @@ def _input_grad_gram_xla(g: Array, scale_g: Array, w: Array, x: Array, mean: Arr
     return dy, jnp.stack([jnp.sum(g2, axis=0), jnp.sum(g2 * centred, axis=0)])
 
 
+def _matmul_bn_add_relu_xla(x: Array, mean: Array, a: Array, b: Array, w: Array, a3: Array, b3: Array,
+                            residual: Array) -> Array:
+    z = jnp.dot(relu_bn(x, mean, a, b).astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return jnp.maximum(z * a3 + b3 + residual.astype(jnp.float32), 0.0).astype(residual.dtype)
+
+
 def _kernel_or_xla(kernel_fn, xla_fn, *args: Array) -> Any:
     """``kernel_fn(*args)``, or ``xla_fn(*args)`` where that returns None (shapes it does not take)."""
     out = kernel_fn(*args)
@@ -593,6 +659,16 @@ def _sharded_input_grad(out_dtype: Dtype, interpret: bool, sums: bool = False) -
 
 
 @functools.cache
+def _sharded_forward_residual(interpret: bool) -> Callable:
+    """:func:`matmul_bn_add_relu` (or XLA's) as a :func:`row_sharded_op`: x's and the residual's rows
+    split over the devices, the output split the same way; the vectors and the kernel replicated."""
+    fn = functools.partial(_kernel_or_xla, functools.partial(matmul_bn_add_relu, interpret=interpret),
+                           _matmul_bn_add_relu_xla)
+    return row_sharded_op(fn, (True, False, False, False, False, False, False, True), (True,),
+                          "m k, k, k, k, k n, n, n, m n -> m n")
+
+
+@functools.cache
 def _sharded_gram(interpret: bool, prologue: bool) -> Callable:
     """:func:`gram` (or XLA's) as a :func:`row_sharded_op`: x's rows split over the devices, each
     device's (K, K) product and (K,) column sums added across them. The op takes ``(x, mean,
@@ -624,7 +700,8 @@ def _sharded_input_grad_gram(out_dtype: Dtype, interpret: bool, prologue: bool, 
 
 def gram_backward(cts: tuple[Array, Array, Array], gemm_input: tuple[Array, ...], w: Array, mean3: Array,
                   inv3: Array, next_scale: Array, *, input_grad: bool, kernel_grad: bool, input_grad_sums: bool,
-                  dtype: Dtype, interpret: bool) -> tuple[Array | None, Array | None, Array | None, tuple[Array, Array]]:
+                  dtype: Dtype, interpret: bool, gram_of_input: tuple[Array, Array] | None = None,
+                  ) -> tuple[Array | None, Array | None, Array | None, tuple[Array, Array]]:
     """The reverse pass of a 1x1 convolution followed by a whole-batch BatchNorm (``z = y @ w``,
     ``u = (z - mean3) * inv3 * next_scale + bias``), from the cotangents of (u, z's mean, z's
     biased variance), without reading z (change 15; :func:`_bn_after_transpose` is the same
@@ -645,7 +722,8 @@ def gram_backward(cts: tuple[Array, Array, Array], gemm_input: tuple[Array, ...]
     ``input_grad_sums`` (with a prologue), else None; dw float32 (K, N) or None where not
     ``kernel_grad``; and the cotangents of the BatchNorm's scale and bias. z's rounding to the
     compute dtype in the forward pass is not seen here (z = y @ w exactly): the two maps
-    differ by that rounding, as the forward pass's statistics do from z's."""
+    differ by that rounding, as the forward pass's statistics do from z's. ``gram_of_input``:
+    :func:`gram`'s ``(y^T y, sum of y's rows)``, where the forward pass computed them."""
     du, dmean3, dvar3 = cts
     x = gemm_input[0]
     prologue = len(gemm_input) == 4
@@ -661,7 +739,7 @@ def gram_backward(cts: tuple[Array, Array, Array], gemm_input: tuple[Array, ...]
     highest = jax.lax.Precision.HIGHEST
     dy = sums2 = dw = None
     if kernel_grad:
-        gram_yy, sum_y = _sharded_gram(interpret, prologue)(*gemm_input)
+        gram_yy, sum_y = gram_of_input or _sharded_gram(interpret, prologue)(*gemm_input)
         dw = a3 * products + scale_z * jnp.dot(gram_yy, wf, precision=highest) + sum_y[:, None] * shift
     if input_grad:
         p = jnp.dot(wf * scale_z, wf.T, precision=highest).astype(w.dtype)
@@ -958,6 +1036,124 @@ def _bn_relu_conv1x1_bn_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, i
 
 
 _bn_relu_conv1x1_bn.defjvp(_bn_relu_conv1x1_bn_jvp, symbolic_zeros=True)
+
+
+# ---------------------------------------------------------------- ... and the residual add and ReLU after bn3
+def bn_relu_conv1x1_bn_add_relu(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
+                                next_scale: Array, next_bias: Array, residual: Array, epsilon: float,
+                                next_epsilon: float, dtype: Dtype,
+                                interpret: bool = False) -> tuple[Array, Array, Array]:
+    """``relu(u + residual)`` with u as :func:`bn_relu_conv1x1_bn`'s: a Bottleneck's bn2 + ReLU,
+    conv3, bn3, the residual add and the ReLU in training, as one differentiable op that never
+    stores z (change 16).
+
+    x is (..., K) in the compute ``dtype``, ``residual`` (..., N) (the shortcut, cast to
+    ``dtype``); the rest as :func:`bn_relu_conv1x1_bn`. Returns the block's output (..., N) in
+    ``dtype`` and z's float32 (N,) mean and biased variance (for bn3's running statistics;
+    they carry their derivative too).
+
+    Forward: z = y @ w (y = relu(bn2(x))), so z's statistics are ``sum(y) w / M`` and
+    ``colsum(w * (y^T y) w) / M - mean^2``: :func:`gram` gives ``y^T y`` and y's column sums in
+    one pass over x (a quarter of z's width), and then :func:`matmul_bn_add_relu`'s epilogue
+    applies bn3, adds the residual and applies the ReLU as the GEMM stores its output: z is
+    neither written nor read. The statistics are those of z as the GEMM computes it, in float32
+    (the model's are those of z rounded to ``dtype``). Reverse: the ReLU's mask from the output,
+    then :func:`gram_backward` with the forward pass's ``y^T y``; the residual's gradient is
+    the masked one. First-order forward and reverse mode work (forward mode recomputes z);
+    second-order derivatives do not (``linear_call``)."""
+    return _bn_relu_conv1x1_bn_add_relu(x, mean, var, scale, bias, kernel, next_scale, next_bias, residual, epsilon,
+                                        next_epsilon, dtype, interpret)
+
+
+def _statistics_from_gram(gram_yy: Array, sum_y: Array, w: Array, rows: int) -> tuple[Array, Array]:
+    """z = y @ w's float32 (N,) mean and biased variance from y^T y (K, K) and y's column sums."""
+    wf = w.astype(jnp.float32)
+    highest = jax.lax.Precision.HIGHEST
+    mean3 = jnp.dot(sum_y, wf, precision=highest) / rows
+    mean_sq3 = jnp.sum(wf * jnp.dot(gram_yy, wf, precision=highest), axis=0) / rows
+    return mean3, jnp.maximum(mean_sq3 - mean3 * mean3, 0.0)
+
+
+def _residual_forward(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
+                      next_scale: Array, next_bias: Array, residual: Array, epsilon: float, next_epsilon: float,
+                      dtype: Dtype, interpret: bool) -> tuple:
+    k = x.shape[-1]
+    w = kernel.reshape(k, -1).astype(dtype)
+    bn_input = (x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
+    gram_of_input = _sharded_gram(interpret, True)(*bn_input)
+    mean3, var3 = _statistics_from_gram(*gram_of_input, w, bn_input[0].shape[0])
+    inv3 = jax.lax.rsqrt(var3 + next_epsilon)
+    a3 = inv3 * next_scale
+    out = _sharded_forward_residual(interpret)(*bn_input, w, a3, next_bias - mean3 * a3,
+                                               residual.reshape(-1, w.shape[1]).astype(dtype))
+    return out.reshape(*x.shape[:-1], -1), mean3, var3, inv3, w, bn_input, gram_of_input
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(9, 10, 11, 12))
+def _bn_relu_conv1x1_bn_add_relu(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
+                                 next_scale: Array, next_bias: Array, residual: Array, epsilon: float,
+                                 next_epsilon: float, dtype: Dtype, interpret: bool = False) -> tuple[Array, Array, Array]:
+    out, mean3, var3, *_ = _residual_forward(x, mean, var, scale, bias, kernel, next_scale, next_bias, residual,
+                                             epsilon, next_epsilon, dtype, interpret)
+    return out, mean3, var3
+
+
+def _bn_relu_conv1x1_bn_add_relu_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, interpret: bool,
+                                     primals: tuple, tangents: tuple) -> tuple[tuple, tuple]:
+    x, mean, var, scale, bias, kernel, next_scale, next_bias, residual = primals
+    k = x.shape[-1]
+    out, mean3, var3, inv3, w, bn_input, gram_of_input = _residual_forward(*primals, epsilon, next_epsilon, dtype,
+                                                                             interpret)
+    present, linear = present_tangents(tangents)
+    bn_present, kernel_present, next_present, residual_present = present[:5], present[5], present[6:8], present[8]
+    n_bn = sum(bn_present)
+    res = (x, mean, var, scale, bias, kernel, next_scale, out, mean3, inv3, *gram_of_input)
+
+    def tangent(res: tuple, lin: tuple) -> tuple[Array, Array, Array]:
+        x, mean, var, scale, bias, kernel, next_scale, out, mean3, inv3, *_ = res
+        w = kernel.reshape(k, -1).astype(dtype)
+        y = relu_bn(x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias).astype(dtype)
+        z = jnp.dot(y, w, preferred_element_type=jnp.float32)  # forward mode recomputes z
+        tz = jnp.zeros(z.shape, jnp.float32)
+        if n_bn:
+            ty = _bn_relu_tangent(epsilon, dtype, bn_present, res[:5], lin[:n_bn]).reshape(-1, k)
+            tz = tz + jnp.dot(ty, w, preferred_element_type=jnp.float32)
+        if kernel_present:
+            tz = tz + jnp.dot(y, lin[n_bn].reshape(w.shape).astype(dtype), preferred_element_type=jnp.float32)
+        start = n_bn + kernel_present
+        tu, tmean3, tvar3 = _bn_after_tangent(tz, z, mean3, inv3, next_scale, next_present,
+                                              lin[start:start + sum(next_present)])
+        if residual_present:
+            tu = tu + lin[-1].reshape(tu.shape).astype(jnp.float32)
+        tout = jnp.where(out.reshape(tu.shape) > 0, tu, 0.0)
+        return tout.astype(dtype).reshape(out.shape), tmean3, tvar3
+
+    def transpose(res: tuple, cts: tuple) -> tuple:
+        x, mean, var, scale, bias, kernel, next_scale, out, mean3, inv3, gram_yy, sum_y = res
+        w = kernel.reshape(k, -1).astype(dtype)
+        bn_input = (x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
+        dout, dmean3, dvar3 = cts
+        g = jnp.where(out > 0, dout, jnp.zeros_like(dout))  # the ReLU's mask from its output
+        sums_wanted = bool(n_bn) and INPUT_GRAD_SUMS and any(bn_present[1:])
+        dy, sums2, dw, next_cts = gram_backward((g, dmean3, dvar3), bn_input, w, mean3, inv3, next_scale,
+                                                input_grad=bool(n_bn), kernel_grad=kernel_present,
+                                                input_grad_sums=sums_wanted, dtype=dtype, interpret=interpret,
+                                                gram_of_input=(gram_yy, sum_y))
+        outs = []
+        if n_bn:
+            outs.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res[:5], dy.reshape(x.shape), sums2))
+        if kernel_present:
+            outs.append(dw.reshape(kernel.shape).astype(kernel.dtype))
+        outs.extend(ct for ct, p in zip(next_cts, next_present) if p)
+        if residual_present:
+            outs.append(g.astype(residual.dtype))
+        return tuple(outs)
+
+    outs = jax.custom_derivatives.linear_call(tangent, transpose, res, linear)
+    return (out, mean3, var3), outs
+
+
+_bn_relu_conv1x1_bn_add_relu.defjvp(_bn_relu_conv1x1_bn_add_relu_jvp, symbolic_zeros=True)
 
 
 # ---------------------------------------------------------------- a 1x1 convolution and its BatchNorm whole

@@ -453,6 +453,109 @@ def test_in_bf16_the_gradient_without_z_is_as_accurate_as_the_one_read_from_z(sm
         assert gram <= 1.5 * from_z + 2**-9, (name, errors)
 
 
+def _reference_tail(x, scale, bias, kernel, next_scale, next_bias, residual, dtype):
+    """The textbook Bottleneck tail: :func:`_reference_bn3`'s u, plus the residual, ReLU'd."""
+    u, stats = _reference_bn3(x, scale, bias, kernel, next_scale, next_bias, dtype)
+    return jax.nn.relu(u + residual.astype(dtype)), stats
+
+
+def _fused_tail(x, scale, bias, kernel, next_scale, next_bias, residual, dtype, interpret=True):
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axes)
+    var = jnp.mean(xf * xf, axes) - mean * mean
+    out, mean3, var3 = pallas_fused_conv.bn_relu_conv1x1_bn_add_relu(
+        x, mean, var, scale, bias, kernel, next_scale, next_bias, residual, EPS, EPS, dtype, interpret)
+    return out, jnp.stack([mean3, var3])
+
+
+def _tail_operands(shape, n, seed):
+    args, ct_out, ct_stats = _bn3_operands(shape, n, seed=seed)
+    residual = jax.random.normal(jax.random.key(seed + 300), ct_out.shape)
+    return (*args, residual), ct_out, ct_stats
+
+
+NAMES_TAIL = (*NAMES_BN3, "residual")
+
+
+def test_the_residual_kernel_applies_the_next_batch_norm_adds_and_rectifies_like_float64(small_blocks):
+    """Change 16's forward GEMM: ``relu((relu_bn(x) @ w) * a3 + b3 + r)`` against float64 NumPy
+    (the GEMM's input rounded to bf16 as it is fed to the dot), stored once in bf16; XLA's
+    fallback agrees."""
+    x, mean, a, b, w, _ = _operands(256, 64, 96, seed=31)
+    keys = jax.random.split(jax.random.key(32), 3)
+    a3, b3 = 1 + 0.3 * jax.random.normal(keys[0], (96,)), 0.5 * jax.random.normal(keys[1], (96,))
+    r = jax.random.normal(keys[2], (256, 96)).astype(jnp.bfloat16)
+    out = pallas_fused_conv.matmul_bn_add_relu(x, mean, a, b, w, a3, b3, r, interpret=True)
+    z = _relu_bn_rounded(x, mean, a, b, jnp.bfloat16) @ _f64(w)
+    want = np.maximum(z * _f64(a3) + _f64(b3) + _f64(r), 0.0)
+    assert out.dtype == jnp.bfloat16 and 0.2 < float(jnp.mean(out > 0)) < 0.8
+    np.testing.assert_allclose(_f64(out), want, rtol=2**-8, atol=2**-8 * np.abs(want).max())
+    xla = pallas_fused_conv._matmul_bn_add_relu_xla(x, mean, a, b, w, a3, b3, r)
+    np.testing.assert_allclose(_f64(xla), _f64(out), rtol=2**-7, atol=2**-7 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("grad_sums", [False, True], ids=["relu_grad_sums", "input_grad_sums"])
+def test_with_the_residual_values_and_gradients_equal_the_textbook_tail_in_float32(small_blocks, monkeypatch,
+                                                                                grad_sums):
+    """Change 16's op (bn2 + ReLU, conv3, bn3, the residual add and ReLU; bn3's statistics from
+    y^T y, z never stored): the output, z's statistics and the gradients of all seven inputs,
+    through the output and through the statistics; the output's gradient alone; and forward
+    mode with the subsets of tangents the model meets, against the textbook layers in plain JAX
+    (float32)."""
+    monkeypatch.setattr(pallas_fused_conv, "INPUT_GRAD_SUMS", grad_sums)
+    args, ct_out, ct_stats = _tail_operands((2, 8, 8, 32), 64, seed=33)
+
+    def loss(fn, *params):
+        out, stats = fn(*params, jnp.float32)
+        return jnp.sum(out * ct_out) + jnp.sum(stats * ct_stats)
+
+    argnums = tuple(range(len(args)))
+    got_value, got = jax.value_and_grad(functools.partial(loss, _fused_tail), argnums=argnums)(*args)
+    want_value, want = jax.value_and_grad(functools.partial(loss, _reference_tail), argnums=argnums)(*args)
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
+    for name, g, w in zip(NAMES_TAIL, got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
+    got = jax.grad(lambda x, r: jnp.sum(_fused_tail(x, *args[1:6], r, jnp.float32)[0] * ct_out),
+                   argnums=(0, 1))(args[0], args[6])
+    want = jax.grad(lambda x, r: jnp.sum(_reference_tail(x, *args[1:6], r, jnp.float32)[0] * ct_out),
+                    argnums=(0, 1))(args[0], args[6])
+    for name, g, w in zip(("x", "residual"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
+    tangents = tuple(jax.random.normal(jax.random.key(50 + i), v.shape) for i, v in enumerate(args))
+    _assert_forward_mode_equal(_fused_tail, _reference_tail, args, tangents,
+                               ((0, 1, 2, 3, 4, 5, 6), (3,), (4, 5), (0, 6)))
+
+
+def test_in_bf16_the_tail_stays_within_rounding_of_the_textbook_one(small_blocks):
+    """In bf16 the output is the textbook tail's within a few bf16 steps (z's statistics are
+    taken from z as the GEMM computes it, in float32, where the model takes them from z rounded
+    to bf16), and the gradients within 3% of the largest element of those of the textbook tail
+    with the same ReLU mask (outputs within rounding of 0 may land on either side of the ReLU
+    in bf16, which moves a gradient on 128 rows by several percent whichever side is right)."""
+    args, ct_out, _ = _tail_operands((2, 8, 8, 32), 64, seed=34)
+    args = (args[0].astype(jnp.bfloat16), *args[1:])
+    out, stats = _fused_tail(*args, jnp.bfloat16)
+    out_ref, stats_ref = _reference_tail(*args, jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(_f64(out), _f64(out_ref), rtol=0.02, atol=0.03)
+    np.testing.assert_allclose(stats, stats_ref, rtol=0.01, atol=0.01 * float(jnp.max(jnp.abs(stats_ref))))
+    passes = out > 0
+
+    def same_mask(x, scale, bias, kernel, next_scale, next_bias, residual, dtype):
+        u, stats = _reference_bn3(x, scale, bias, kernel, next_scale, next_bias, dtype)
+        return jnp.where(passes, u + residual.astype(dtype), 0), stats
+
+    def loss(fn, x, kernel, residual):
+        return jnp.sum(fn(x, *args[1:3], kernel, *args[4:6], residual, jnp.bfloat16)[0].astype(jnp.float32) * ct_out)
+
+    got = jax.grad(functools.partial(loss, _fused_tail), argnums=(0, 1, 2))(args[0], args[3], args[6])
+    want = jax.grad(functools.partial(loss, same_mask), argnums=(0, 1, 2))(args[0], args[3], args[6])
+    for name, g, w in zip(("x", "kernel", "residual"), got, want):
+        top = float(jnp.max(jnp.abs(w.astype(jnp.float32))))
+        assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))) < 0.03 * top, name
+
+
 def _reference_conv_bn(x, kernel, scale, bias, dtype):
     """The textbook projection shortcut: a 1x1 convolution in ``dtype``, then a whole-batch
     BatchNorm (biased variance) of its output in float32; u and z's mean and variance stacked."""
@@ -664,6 +767,21 @@ def test_compiled_for_an_h100_with_the_next_batch_norm_its_gradient_is_never_sto
     assert "affine_grad_matmul" not in gram_hlo and "matmul_weight_grad_affine" not in gram_hlo
     assert _traffic(gram_hlo) < _traffic(sums_hlo) - 3.5 * z_bytes
 
+    # change 16: bn3, the residual add and ReLU in the forward GEMM's epilogue, its statistics
+    # from y^T y: z is neither written nor read back (2 units of z). Measured 1.05 units less
+    # here, where XLA had folded the add's forward pass into the kernel that makes g (the
+    # block's output has no other reader); in the ResNet-50 step, 2.06 units per identity block
+    def residual_inside(x, scale, bias, kernel, next_scale, next_bias, shortcut):
+        out, _, _ = pallas_fused_conv.bn_relu_conv1x1_bn_add_relu(
+            x, *statistics(x), scale, bias, kernel, next_scale, next_bias, shortcut, EPS, EPS, dtype)
+        return (out,)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pallas_fused_conv, "INPUT_GRAD_SUMS", True)
+        residual_hlo = _compiled_for_an_h100(residual_inside, shapes, ct_shapes)
+    assert "bn_relu_matmul_bn_add_relu" in residual_hlo and "bn_relu_matmul_moments" not in residual_hlo
+    assert _traffic(residual_hlo) < _traffic(gram_hlo) - 0.9 * z_bytes
+
 
 def test_compiled_for_an_h100_the_convolution_sums_the_statistics_and_its_backward_stays_cudnn():
     """conv1 -> bn1 + ReLU as the model runs it on a GPU (cuDNN's convolution, the statistics
@@ -764,11 +882,13 @@ def _net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet
         if kernels == "cuda":
             use_cuda_kernels(patch, fused_conv="conv3" in fused, fused_conv1="conv1" in fused,
                              fused_bn3="bn3" in fused, input_grad_sums="sums" in fused,
-                             fused_shortcut="shortcut" in fused, gram_backward="gram" in fused)
+                             fused_shortcut="shortcut" in fused, gram_backward="gram" in fused,
+                             fused_residual="residual" in fused)
         else:
             patch.setattr(blocks, "FUSE_BN2_CONV3", "conv3" in fused)
             patch.setattr(blocks, "FUSE_CONV1_BN1", "conv1" in fused)
             patch.setattr(blocks, "FUSE_BN3", "bn3" in fused)
+            patch.setattr(blocks, "FUSE_RESIDUAL", "residual" in fused)
             patch.setattr(layers, "FUSE_SHORTCUT", "shortcut" in fused)
         model = create_model(model_name, widths=(16, 16, 16, 16), stem_width=16, num_classes=5, dtype=dtype)
         x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
@@ -794,6 +914,9 @@ def _net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet
     *((kernels, ("shortcut",), "resnet18") for kernels in ("default", "cuda")),
     # change 15, GPU kernels only
     ("cuda", ("conv3", "bn3", "sums", "shortcut", "gram"), "resnet50"), ("cuda", ("shortcut", "gram"), "resnet18"),
+    # change 16: on the CPU's layers, and the GPU kernels with every other change
+    *((kernels, ("conv3", "bn3", "residual"), "resnet50") for kernels in ("default", "cuda")),
+    ("cuda", ("conv3", "bn3", "sums", "conv1", "shortcut", "gram", "residual"), "resnet50"),
 ], ids=lambda v: v if isinstance(v, str) else "+".join(v))
 def test_a_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fused, model_name):
     """Each candidate changes no parameter (names, shapes, initial values) and no number: with it,
@@ -811,7 +934,7 @@ def test_a_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fus
 @pytest.mark.parametrize("spec", ["data", ("data", "model")])
 @pytest.mark.parametrize("op", ["bn_relu_conv1x1", "conv1x1_moments", "bn_relu_conv1x1_bn",
                                 "bn_relu_conv1x1_bn+input_grad_sums", "bn_relu_conv1x1_bn+input_grad_sums+gram",
-                                "conv1x1_bn", "conv1x1_bn+gram"])
+                                "conv1x1_bn", "conv1x1_bn+gram", "bn_relu_conv1x1_bn_add_relu"])
 def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gathered(small_blocks, monkeypatch,
                                                                                       spec, op):
     """x split by examples over 4 or all 8 test devices: the loss and every gradient equal the
@@ -831,8 +954,13 @@ def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gat
         "bn_relu_conv1x1_bn": (_fused_bn3, _reference_bn3, _bn3_operands((16, 4, 4, 32), 64, seed=6)[0], NAMES_BN3),
         "conv1x1_bn": (_fused_conv_bn, _reference_conv_bn, _conv_bn_operands((16, 4, 4, 32), 64, seed=6)[0],
                        ("x", "kernel", "scale", "bias")),
+        "bn_relu_conv1x1_bn_add_relu": (_fused_tail, _reference_tail, _tail_operands((16, 4, 4, 32), 64, seed=6)[0],
+                                        NAMES_TAIL),
     }[op]
-    sharded = (jax.device_put(x, NamedSharding(mesh, PartitionSpec(spec))), *args[1:])
+    by_rows = NamedSharding(mesh, PartitionSpec(spec))
+    sharded = (jax.device_put(args[0], by_rows), *args[1:])
+    if op == "bn_relu_conv1x1_bn_add_relu":  # the residual is split by examples too
+        sharded = (*sharded[:-1], jax.device_put(args[-1], by_rows))
 
     def loss(fn, *args):
         z, moments = fn(*args, jnp.float32)
@@ -851,8 +979,9 @@ def test_with_the_batch_split_over_devices_each_runs_its_rows_and_nothing_is_gat
 
 class _Layers(nn.Module):
     """conv1 -> bn1 + ReLU -> bn2 + ReLU -> conv3 -> bn3, plus a projection (a 1x1 conv -> BatchNorm
-    of x), as separate layers or through BatchNorm's fusion keywords (``input_conv1x1_kernel``
-    with and without an activation, ``conv1x1_kernel`` + ``next_norm``)."""
+    of x), ReLU'd, as separate layers or through BatchNorm's fusion keywords
+    (``input_conv1x1_kernel`` with and without an activation, ``conv1x1_kernel`` + ``next_norm``
+    + ``residual``)."""
 
     fused: bool
 
@@ -865,14 +994,15 @@ class _Layers(nn.Module):
             y = layers.BatchNorm(name="bn1", activation=jax.nn.relu)(x, train, input_conv1x1_kernel=k1)
             k3 = layers.Conv1x1Kernel(64, name="conv3")(32)
             bn3 = layers.BatchNorm(name="bn3")
-            y = layers.BatchNorm(name="bn2", activation=jax.nn.relu)(y, train, conv1x1_kernel=k3, next_norm=bn3)
             kp = layers.Conv1x1Kernel(64, name="projection")(x.shape[-1])
-            return y + layers.BatchNorm(name="projection_bn")(x, train, input_conv1x1_kernel=kp)
+            projection = layers.BatchNorm(name="projection_bn")(x, train, input_conv1x1_kernel=kp)
+            return layers.BatchNorm(name="bn2", activation=jax.nn.relu)(y, train, conv1x1_kernel=k3, next_norm=bn3,
+                                                                        residual=projection)
         y = layers.conv(32, 1, name="conv1")(x)
         y = layers.BatchNorm(name="bn1", activation=jax.nn.relu)(y, train)
         y = layers.BatchNorm(name="bn2", activation=jax.nn.relu)(y, train)
         y = layers.BatchNorm(name="bn3")(layers.conv(64, 1, name="conv3")(y), train)
-        return y + layers.BatchNorm(name="projection_bn")(layers.conv(64, 1, name="projection")(x), train)
+        return jax.nn.relu(y + layers.BatchNorm(name="projection_bn")(layers.conv(64, 1, name="projection")(x), train))
 
 
 def test_batch_norm_fusion_keywords_give_the_separate_layers_results_in_training_and_evaluation():
@@ -906,3 +1036,5 @@ def test_batch_norm_fusion_keywords_give_the_separate_layers_results_in_training
                   input_conv1x1_kernel=jnp.ones((1, 1, 16, 8)))
     with pytest.raises(ValueError, match="train=True"):
         norm.init(jax.random.key(0), None, False, computed_by=(8, lambda s, b, e: None))
+    with pytest.raises(ValueError, match="residual= is added after next_norm"):
+        norm.init(jax.random.key(0), x, True, residual=x)
