@@ -750,6 +750,32 @@ def gram_backward(cts: tuple[Array, Array, Array], gemm_input: tuple[Array, ...]
     return dy, sums2, dw, (sum_gc * inv3, sum_g)
 
 
+def _gram_transpose_of_bn_relu_gemm_bn(cts: tuple[Array, Array, Array], res5: tuple, kernel: Array, w: Array,
+                                       mean3: Array, inv3: Array, next_scale: Array, present: tuple[bool, ...],
+                                       epsilon: float, dtype: Dtype, interpret: bool,
+                                       gram_of_input: tuple[Array, Array] | None = None) -> list[Array]:
+    """The cotangents of the inputs marked ``present`` (x, mean, var, scale, bias; the kernel; the
+    next BatchNorm's scale and bias) of ``BatchNorm'(relu(BatchNorm(x)) @ kernel)``, from those of
+    its output and z's statistics, by :func:`gram_backward` (z not read) and the Pallas
+    BatchNorm's transpose; ``res5 = (x, mean, var, scale, bias)``. Shared by change 15's path of
+    :func:`bn_relu_conv1x1_bn` and by :func:`bn_relu_conv1x1_bn_add_relu`."""
+    x, mean, var, scale, bias = res5
+    bn_present, kernel_present, next_present = present[:5], present[5], present[6:8]
+    n_bn = sum(bn_present)
+    bn_input = (x.reshape(-1, x.shape[-1]), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
+    sums_wanted = bool(n_bn) and INPUT_GRAD_SUMS and any(bn_present[1:])
+    dy, sums2, dw, next_cts = gram_backward(cts, bn_input, w, mean3, inv3, next_scale, input_grad=bool(n_bn),
+                                            kernel_grad=kernel_present, input_grad_sums=sums_wanted, dtype=dtype,
+                                            interpret=interpret, gram_of_input=gram_of_input)
+    out = []
+    if n_bn:
+        out.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res5, dy.reshape(x.shape), sums2))
+    if kernel_present:
+        out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
+    out.extend(ct for ct, p in zip(next_cts, next_present) if p)
+    return out
+
+
 # ---------------------------------------------------------------- the differentiable op
 def bn_relu_conv1x1(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
                     epsilon: float, dtype: Dtype, interpret: bool = False) -> tuple[Array, tuple[Array, Array]]:
@@ -1000,20 +1026,11 @@ def _bn_relu_conv1x1_bn_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, i
     def transpose(res: tuple, cts: tuple) -> tuple:
         x, mean, var, scale, bias, kernel, next_scale, z, mean3, inv3 = res
         w = kernel.reshape(k, -1).astype(dtype)
+        if GRAM_BACKWARD:  # change 15: z not read
+            return tuple(_gram_transpose_of_bn_relu_gemm_bn(cts, res[:5], kernel, w, mean3, inv3, next_scale, present,
+                                                            epsilon, dtype, interpret))
         # bn2 + ReLU, the GEMMs' input: (x, mean, a, b)
         bn_input = (x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
-        if GRAM_BACKWARD:  # change 15: z not read
-            sums_wanted = bool(n_bn) and INPUT_GRAD_SUMS and any(bn_present[1:])
-            dy, sums2, dw, next_cts = gram_backward(cts, bn_input, w, mean3, inv3, next_scale, input_grad=bool(n_bn),
-                                                    kernel_grad=kernel_present, input_grad_sums=sums_wanted,
-                                                    dtype=dtype, interpret=interpret)
-            out = []
-            if n_bn:
-                out.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res[:5], dy.reshape(x.shape), sums2))
-            if kernel_present:
-                out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
-            out.extend(ct for ct, p in zip(next_cts, next_present) if p)
-            return tuple(out)
         affine, next_cts = _bn_after_transpose(cts, z, mean3, inv3, next_scale)
         out = []
         if n_bn:
@@ -1131,20 +1148,10 @@ def _bn_relu_conv1x1_bn_add_relu_jvp(epsilon: float, next_epsilon: float, dtype:
     def transpose(res: tuple, cts: tuple) -> tuple:
         x, mean, var, scale, bias, kernel, next_scale, out, mean3, inv3, gram_yy, sum_y = res
         w = kernel.reshape(k, -1).astype(dtype)
-        bn_input = (x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
         dout, dmean3, dvar3 = cts
         g = jnp.where(out > 0, dout, jnp.zeros_like(dout))  # the ReLU's mask from its output
-        sums_wanted = bool(n_bn) and INPUT_GRAD_SUMS and any(bn_present[1:])
-        dy, sums2, dw, next_cts = gram_backward((g, dmean3, dvar3), bn_input, w, mean3, inv3, next_scale,
-                                                input_grad=bool(n_bn), kernel_grad=kernel_present,
-                                                input_grad_sums=sums_wanted, dtype=dtype, interpret=interpret,
-                                                gram_of_input=(gram_yy, sum_y))
-        outs = []
-        if n_bn:
-            outs.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res[:5], dy.reshape(x.shape), sums2))
-        if kernel_present:
-            outs.append(dw.reshape(kernel.shape).astype(kernel.dtype))
-        outs.extend(ct for ct, p in zip(next_cts, next_present) if p)
+        outs = _gram_transpose_of_bn_relu_gemm_bn((g, dmean3, dvar3), res[:5], kernel, w, mean3, inv3, next_scale,
+                                                  present, epsilon, dtype, interpret, gram_of_input=(gram_yy, sum_y))
         if residual_present:
             outs.append(g.astype(residual.dtype))
         return tuple(outs)

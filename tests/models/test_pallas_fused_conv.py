@@ -352,6 +352,23 @@ def test_in_bf16_the_convolution_stores_z_and_sums_it_as_stored(small_blocks):
     np.testing.assert_allclose(_f64(moments), np.stack([zf.mean(0), (zf * zf).mean(0)]), rtol=1e-5, atol=1e-6)
 
 
+def _assert_loss_and_gradients_equal(fused, reference, args, ct_out, ct_stats, names):
+    """A loss of ``fn(*args, float32)``'s two outputs (the op's and its statistics, weighted by
+    ``ct_out`` and ``ct_stats``) and its gradient with respect to every argument agree between
+    ``fused`` and ``reference`` (1e-5 and 1e-4 of each gradient's largest element)."""
+
+    def loss(fn, *params):
+        out, stats = fn(*params, jnp.float32)
+        return jnp.sum(out * ct_out) + jnp.sum(stats * ct_stats)
+
+    argnums = tuple(range(len(args)))
+    got_value, got = jax.value_and_grad(functools.partial(loss, fused), argnums=argnums)(*args)
+    want_value, want = jax.value_and_grad(functools.partial(loss, reference), argnums=argnums)(*args)
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
+    for name, g, w in zip(names, got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
+
+
 NAMES_BN3 = ("x", "scale", "bias", "kernel", "next_scale", "next_bias")
 
 
@@ -367,16 +384,7 @@ def test_with_the_next_batch_norm_values_and_gradients_equal_the_textbook_block_
     monkeypatch.setattr(pallas_fused_conv, "GRAM_BACKWARD", gram)
     args, ct_u, ct_stats = _bn3_operands((2, 8, 8, 32), 64, seed=16)
 
-    def loss(fn, *params):
-        u, stats = fn(*params, jnp.float32)
-        return jnp.sum(u * ct_u) + jnp.sum(stats * ct_stats)
-
-    argnums = tuple(range(len(args)))
-    got_value, got = jax.value_and_grad(functools.partial(loss, _fused_bn3), argnums=argnums)(*args)
-    want_value, want = jax.value_and_grad(functools.partial(loss, _reference_bn3), argnums=argnums)(*args)
-    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
-    for name, g, w in zip(NAMES_BN3, got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
+    _assert_loss_and_gradients_equal(_fused_bn3, _reference_bn3, args, ct_u, ct_stats, NAMES_BN3)
     # u alone (the statistics' cotangents then absent), and the kernel's gradient alone
     got = jax.grad(lambda x, k: jnp.sum(_fused_bn3(x, *args[1:3], k, *args[4:], jnp.float32)[0] * ct_u),
                    argnums=(0, 1))(args[0], args[3])
@@ -506,16 +514,7 @@ def test_with_the_residual_values_and_gradients_equal_the_textbook_tail_in_float
     monkeypatch.setattr(pallas_fused_conv, "INPUT_GRAD_SUMS", grad_sums)
     args, ct_out, ct_stats = _tail_operands((2, 8, 8, 32), 64, seed=33)
 
-    def loss(fn, *params):
-        out, stats = fn(*params, jnp.float32)
-        return jnp.sum(out * ct_out) + jnp.sum(stats * ct_stats)
-
-    argnums = tuple(range(len(args)))
-    got_value, got = jax.value_and_grad(functools.partial(loss, _fused_tail), argnums=argnums)(*args)
-    want_value, want = jax.value_and_grad(functools.partial(loss, _reference_tail), argnums=argnums)(*args)
-    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
-    for name, g, w in zip(NAMES_TAIL, got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
+    _assert_loss_and_gradients_equal(_fused_tail, _reference_tail, args, ct_out, ct_stats, NAMES_TAIL)
     got = jax.grad(lambda x, r: jnp.sum(_fused_tail(x, *args[1:6], r, jnp.float32)[0] * ct_out),
                    argnums=(0, 1))(args[0], args[6])
     want = jax.grad(lambda x, r: jnp.sum(_reference_tail(x, *args[1:6], r, jnp.float32)[0] * ct_out),
@@ -589,16 +588,7 @@ def test_the_convolution_with_its_batch_norm_equals_the_textbook_shortcut_in_bot
     monkeypatch.setattr(pallas_fused_conv, "GRAM_BACKWARD", gram)
     args, ct_u, ct_stats = _conv_bn_operands(shape, n, seed=21)
 
-    def loss(fn, *params):
-        u, stats = fn(*params, jnp.float32)
-        return jnp.sum(u * ct_u) + jnp.sum(stats * ct_stats)
-
-    argnums = tuple(range(len(args)))
-    got_value, got = jax.value_and_grad(functools.partial(loss, _fused_conv_bn), argnums=argnums)(*args)
-    want_value, want = jax.value_and_grad(functools.partial(loss, _reference_conv_bn), argnums=argnums)(*args)
-    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
-    for name, g, w in zip(("x", "kernel", "scale", "bias"), got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))), err_msg=name)
+    _assert_loss_and_gradients_equal(_fused_conv_bn, _reference_conv_bn, args, ct_u, ct_stats, ("x", "kernel", "scale", "bias"))
     # u alone (the statistics' cotangents absent), the kernel's gradient alone
     got = jax.grad(lambda k: jnp.sum(_fused_conv_bn(args[0], k, *args[2:], jnp.float32)[0] * ct_u))(args[1])
     want = jax.grad(lambda k: jnp.sum(_reference_conv_bn(args[0], k, *args[2:], jnp.float32)[0] * ct_u))(args[1])
