@@ -1109,7 +1109,8 @@ def _residual_forward(x: Array, mean: Array, var: Array, scale: Array, bias: Arr
 @functools.partial(jax.custom_jvp, nondiff_argnums=(9, 10, 11, 12))
 def _bn_relu_conv1x1_bn_add_relu(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
                                  next_scale: Array, next_bias: Array, residual: Array, epsilon: float,
-                                 next_epsilon: float, dtype: Dtype, interpret: bool = False) -> tuple[Array, Array, Array]:
+                                 next_epsilon: float, dtype: Dtype,
+                                 interpret: bool = False) -> tuple[Array, Array, Array]:
     out, mean3, var3, *_ = _residual_forward(x, mean, var, scale, bias, kernel, next_scale, next_bias, residual,
                                              epsilon, next_epsilon, dtype, interpret)
     return out, mean3, var3

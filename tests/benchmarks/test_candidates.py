@@ -80,8 +80,9 @@ def _measure(figures: dict[str, tuple[float, list[float]] | Exception], seen: li
 def test_the_greedy_choice_keeps_each_candidate_that_gains_enough_on_what_was_kept():
     """Model 1000 img/s. fused-conv 1010 (+1.0%: kept); fused-bn3 1014 (+0.4% on 1010: not
     kept, though faster than the model); grad-sums, with fused-bn3, 1012 (not kept);
-    gram-backward, with fused-bn3, 1013, and fused-residual 1011 (neither kept); fused-conv1 1050 with a loss 0.04 off (within 0.05: kept); fused-shortcut 1055 (+0.48% on
-    1050: not kept); planes-pool 1100 but a loss 0.06 off (not kept); min-programs NaN losses
+    gram-backward, with fused-bn3, 1013, and fused-residual 1011 (neither kept); fused-conv1
+    1050 with a loss 0.04 off (within 0.05: kept); fused-shortcut 1055 (+0.48% on 1050: not
+    kept); planes-pool 1100 but a loss 0.06 off (not kept); min-programs NaN losses
     (not kept)."""
     base = [6.9, 6.8, 6.7]
     seen, rows = [], []
@@ -100,7 +101,8 @@ def test_the_greedy_choice_keeps_each_candidate_that_gains_enough_on_what_was_ke
     assert cand.spec_of(kept) == "fused-conv+fused-conv1"
     # each candidate is measured on top of what was kept before it
     assert seen == ["none", "fused-conv", "fused-conv+fused-bn3", "fused-conv+fused-bn3+grad-sums",
-                    "fused-conv+fused-bn3+gram-backward", "fused-conv+fused-bn3+fused-residual", "fused-conv+fused-conv1",
+                    "fused-conv+fused-bn3+gram-backward", "fused-conv+fused-bn3+fused-residual",
+                    "fused-conv+fused-conv1",
                     "fused-conv+fused-conv1+fused-shortcut", "fused-conv+fused-conv1+planes-pool",
                     "fused-conv+fused-conv1+min-programs"]
     steps = [r for r in rows if r["part"] == "train_step"]

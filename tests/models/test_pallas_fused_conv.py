@@ -588,7 +588,8 @@ def test_the_convolution_with_its_batch_norm_equals_the_textbook_shortcut_in_bot
     monkeypatch.setattr(pallas_fused_conv, "GRAM_BACKWARD", gram)
     args, ct_u, ct_stats = _conv_bn_operands(shape, n, seed=21)
 
-    _assert_loss_and_gradients_equal(_fused_conv_bn, _reference_conv_bn, args, ct_u, ct_stats, ("x", "kernel", "scale", "bias"))
+    _assert_loss_and_gradients_equal(_fused_conv_bn, _reference_conv_bn, args, ct_u, ct_stats,
+                                     ("x", "kernel", "scale", "bias"))
     # u alone (the statistics' cotangents absent), the kernel's gradient alone
     got = jax.grad(lambda k: jnp.sum(_fused_conv_bn(args[0], k, *args[2:], jnp.float32)[0] * ct_u))(args[1])
     want = jax.grad(lambda k: jnp.sum(_reference_conv_bn(args[0], k, *args[2:], jnp.float32)[0] * ct_u))(args[1])

@@ -222,5 +222,6 @@ def test_the_fused_bottleneck_candidates_keep_the_loss_curve(monkeypatch):
     noise = np.max(np.abs(curves["cuda", "bfloat16"] - curves["cuda", "float32"]))
     assert 1e-4 < noise < 0.1, noise
     for fused in ("cuda-fused", "cuda-fused-all"):
-        np.testing.assert_allclose(curves[fused, "float32"], curves["cuda", "float32"], rtol=0, atol=1e-5, err_msg=fused)
+        np.testing.assert_allclose(curves[fused, "float32"], curves["cuda", "float32"], rtol=0, atol=1e-5,
+                                   err_msg=fused)
         assert np.max(np.abs(curves[fused, "bfloat16"] - curves["cuda", "float32"])) <= 4 * noise, (fused, curves)
