@@ -38,8 +38,10 @@ rest in the next call. Each result line is written to
                 run(command="bash benchmarks/device_benchmark.sh --candidates ... --only ... --budget-s N",
                     carry=[".whl"])
 
-``--list`` prints the plan with its estimates and exits; a CPU dry run of the whole path:
-``bash benchmarks/device_benchmark.sh --models resnet18:32 --batch-size 8 --steps 10``.
+``--list`` prints the plan with its estimates and exits; a CPU dry run of the whole path
+(``--no-job-limits``: the limits are sized for the device, and a CPU's compiles of the ten
+candidate steps take minutes longer; the ``--budget-s`` deadline still stops every job):
+``bash benchmarks/device_benchmark.sh --models resnet18:32 --batch-size 8 --steps 10 --no-job-limits``.
 $OUT holds at most 7 files (a device call returns 8): results.jsonl, jobs.jsonl, log.txt,
 summary.txt, and kernel_bandwidth.txt, profile.tar.gz, compile_report.tar.gz when run.
 """
@@ -269,11 +271,13 @@ def run_jobs(
     budget_s: float,
     echo: Callable[[str], None] = print,
     clock: Callable[[], float] = time.monotonic,
+    job_limits: bool = True,
 ) -> list[Outcome]:
     """Runs ``jobs`` in order within ``budget_s`` seconds (less :data:`RESERVE_S` for the summary).
 
     A job whose estimate exceeds the time left is skipped and the next one tried; a running
-    job is killed (its whole process group) at the deadline. Every JSON object a job prints on
+    job is killed (its whole process group) at the deadline, or at its own ``limit_s`` first
+    (``job_limits=False``: at the deadline only, for a dry run on a slower machine). Every JSON object a job prints on
     a line of its own is appended to ``out/results.jsonl`` at once, tagged ``"job": id``; all
     output goes to ``out/log.txt``; each job's outcome to ``out/jobs.jsonl``.
     """
@@ -288,7 +292,7 @@ def run_jobs(
                 outcome = Outcome(job.id, "skipped", 0.0, job.estimate_s,
                                   f"needs ~{job.estimate_s:.0f} s, {max(left, 0):.0f} s left")
             else:
-                outcome = _run_one(job, out, left, log, results, echo, clock)
+                outcome = _run_one(job, out, left, log, results, echo, clock, job_limits)
             echo(f"== {job.id}: {outcome.status} after {outcome.seconds:.0f} s (estimate {job.estimate_s:.0f} s)"
                  + (f": {outcome.reason}" if outcome.reason else ""))
             outcomes.append(outcome)
@@ -297,13 +301,13 @@ def run_jobs(
     return outcomes
 
 
-def _run_one(job: Job, out: Path, left: float, log, results, echo, clock) -> Outcome:
+def _run_one(job: Job, out: Path, left: float, log, results, echo, clock, job_limits: bool = True) -> Outcome:
     echo(f"== {job.id} (estimate {job.estimate_s:.0f} s, {left:.0f} s left)")
     log.write(f"== {job.id}: {shlex.join(job.argv)}\n")
     log.flush()
     env = {**os.environ, "OUT": str(out.resolve()), "PYTHONUNBUFFERED": "1", **dict(job.env)}
     start = clock()
-    timeout = min(left, job.limit_s) if job.limit_s else left
+    timeout = min(left, job.limit_s) if job.limit_s and job_limits else left
     proc = subprocess.Popen(job.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
 
@@ -513,6 +517,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(benchmarks/candidates.py), or 'none', without that job")
     p.add_argument("--only", default="", help="comma-separated job ids or patterns (ours, flax/*, profile/resnet50@224)")
     p.add_argument("--skip", default="", help="the same, for jobs not to run")
+    p.add_argument("--no-job-limits", dest="job_limits", action="store_false",
+                   help="stop jobs at the --budget-s deadline only, not at their own limits, which are sized for "
+                        "the device (a CPU dry run: its compiles take several times longer)")
     p.add_argument("--list", action="store_true", help="print the plan with its estimates and exit")
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
@@ -551,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"no torchvision job for {', '.join(no_peer)} (needs torch with a CUDA device and the model)")
         return 0
 
-    outcomes = run_jobs([device, *jobs], out, a.budget_s)
+    outcomes = run_jobs([device, *jobs], out, a.budget_s, job_limits=a.job_limits)
     rows = [json.loads(line) for line in open(out / "results.jsonl")] if (out / "results.jsonl").exists() else []
     try:
         text = summary(rows, outcomes, a.candidates)
