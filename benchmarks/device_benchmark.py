@@ -277,9 +277,10 @@ def run_jobs(
 
     A job whose estimate exceeds the time left is skipped and the next one tried; a running
     job is killed (its whole process group) at the deadline, or at its own ``limit_s`` first
-    (``job_limits=False``: at the deadline only, for a dry run on a slower machine). Every JSON object a job prints on
-    a line of its own is appended to ``out/results.jsonl`` at once, tagged ``"job": id``; all
-    output goes to ``out/log.txt``; each job's outcome to ``out/jobs.jsonl``.
+    (``job_limits=False``: at the deadline only, for a dry run on a slower machine). Every
+    JSON object a job prints on a line of its own is appended to ``out/results.jsonl`` at
+    once, tagged ``"job": id``; all output goes to ``out/log.txt``; each job's outcome to
+    ``out/jobs.jsonl``.
     """
     out.mkdir(parents=True, exist_ok=True)
     deadline = clock() + budget_s - RESERVE_S
