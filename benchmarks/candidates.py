@@ -1,4 +1,4 @@
-"""The candidate changes that are built but off by default (docs/performance.md, changes 7 to 16):
+"""The candidate changes that are built but off by default (docs/performance.md, changes 7 to 17):
 chosen on the device by timing the whole train step, then applied to any ``resnet-jax`` command.
 
 A drawn task has 15 minutes of device time, and a warm machine goes back 30 s after a call, so
@@ -12,7 +12,7 @@ makes the step at least ``--min-gain`` faster than the best so far (default 0.5%
 the spread of repeated runs of one step on the H100) with every loss within ``--loss-tolerance``
 of the model's (default 0.05, :data:`LOSS_TOLERANCE`). A candidate that builds on one not kept
 (change 11 on change 9) is tried together with it, since it may pay for it. A greedy choice:
-ten compiles instead of the 160 combinations. It prints one
+eleven compiles instead of the 224 combinations. It prints one
 JSON row per run and, after each, the choice so far::
 
     {"part": "choice", "candidates": "fused-conv+fused-bn3", "images_per_second": ..., "vs_model": ..., "final": false}
@@ -84,6 +84,9 @@ CANDIDATES = (
     Candidate("fused-residual", 16, "bn3, the residual add and ReLU in the epilogue of change 11's GEMM, bn3's "
                                     "statistics from y^T y, z never stored (blocks.FUSE_RESIDUAL)",
               ((blocks, "FUSE_RESIDUAL", True),), requires="fused-bn3"),
+    Candidate("fused-projection", 17, "in projection blocks too: the shortcut's conv and BatchNorm computed by "
+                                      "the same GEMM, neither conv's output stored (blocks.FUSE_PROJECTION)",
+              ((blocks, "FUSE_PROJECTION", True),), requires="fused-residual"),
     Candidate("fused-conv1", 10, "conv1 sums bn1's statistics as it stores its output (blocks.FUSE_CONV1_BN1)",
               ((blocks, "FUSE_CONV1_BN1", True),)),
     Candidate("fused-shortcut", 13, "each projection shortcut's conv and BatchNorm as one op, the BatchNorm's "

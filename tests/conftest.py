@@ -67,7 +67,7 @@ def require_cuda_plugin() -> None:
 
 def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False, fused_bn3: bool = False,
                      input_grad_sums: bool = False, fused_shortcut: bool = False, gram_backward: bool = False,
-                     fused_residual: bool = False):
+                     fused_residual: bool = False, fused_projection: bool = False):
     """Swaps in, through ``patch`` (a ``pytest.MonkeyPatch``), the kernels a model runs when it is
     compiled for an NVIDIA GPU (``jax.lax.platform_dependent``), which a CPU otherwise never runs
     inside a whole model: the ReLU whose derivative comes from its output, the max pool over
@@ -83,7 +83,8 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False,
     shortcuts' convolution and BatchNorm as one op (``layers.FUSE_SHORTCUT``); ``gram_backward``:
     those two ops' BatchNorm gradient taken without reading z (``pallas_fused_conv.GRAM_BACKWARD``);
     ``fused_residual`` (with ``fused_bn3``): the residual add and ReLU in that op too, z never
-    stored (``blocks.FUSE_RESIDUAL``)."""
+    stored (``blocks.FUSE_RESIDUAL``); ``fused_projection`` (with ``fused_residual``): a projection
+    shortcut computed by that op's GEMM too (``blocks.FUSE_PROJECTION``)."""
     import jax.numpy as jnp
 
     from resnet_jax.models import blocks, layers, pallas_batch_norm, pallas_fused_conv
@@ -107,19 +108,24 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False,
     patch.setattr(layers, "_batch_norm_train", batch_norm_train)
     patch.setattr(layers, "batch_norm_apply", batch_norm_apply)
     if fused_conv:
-        def fused(x, scale, bias, kernel, group, epsilon, dtype, activation=None, next_norm=None, residual=None):
+        def fused(x, scale, bias, kernel, group, epsilon, dtype, activation=None, next_norm=None, residual=None,
+                  projection=None):
             next_arrays, next_epsilon = ((), None) if next_norm is None else (next_norm[:2], next_norm[2])
-            next_arrays = next_arrays if residual is None else (*next_arrays, residual)
+            next_arrays, shortcut_epsilon = next_arrays if residual is None else (*next_arrays, residual), None
+            if projection is not None:
+                next_arrays, shortcut_epsilon = (*next_arrays, None, *projection[:4]), projection[4]
             if group != x.shape[0] or activation not in layers.RELUS:
                 return layers.batch_norm_conv1x1_layers(x, scale, bias, kernel, *next_arrays, group=group,
                                                         epsilon=epsilon, dtype=dtype, activation=activation,
-                                                        next_epsilon=next_epsilon)
+                                                        next_epsilon=next_epsilon, shortcut_epsilon=shortcut_epsilon)
             return layers.pallas_fused_conv_train(x, scale, bias, kernel, *next_arrays, epsilon=epsilon, dtype=dtype,
-                                                  next_epsilon=next_epsilon, interpret=True)
+                                                  next_epsilon=next_epsilon, shortcut_epsilon=shortcut_epsilon,
+                                                  interpret=True)
 
         patch.setattr(blocks, "FUSE_BN2_CONV3", True)
         patch.setattr(blocks, "FUSE_BN3", fused_bn3)
         patch.setattr(blocks, "FUSE_RESIDUAL", fused_residual)
+        patch.setattr(blocks, "FUSE_PROJECTION", fused_projection)
         patch.setattr(pallas_fused_conv, "INPUT_GRAD_SUMS", input_grad_sums)
         patch.setattr(layers, "batch_norm_relu_conv1x1_train", fused)
     if fused_conv1:

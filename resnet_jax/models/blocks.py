@@ -18,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from resnet_jax.models.layers import Conv1x1Kernel, Shortcut, SqueezeExcite, conv_param_dtype
+from resnet_jax.models.layers import Conv1x1Kernel, Shortcut, ShortcutProjection, SqueezeExcite, conv_param_dtype
 
 Array = jax.Array
 Dtype = Any
@@ -46,6 +46,13 @@ FUSE_BN3 = False
 # bn3 directly (no squeeze-and-excitation, no stochastic depth). The parameters are the same either
 # way.
 FUSE_RESIDUAL = False
+# A candidate, off until the device times it (docs/performance.md, change 17): with FUSE_RESIDUAL, a
+# Bottleneck whose shortcut is a projection (or ResNet-D's avg_down) hands it to the same op
+# unapplied (``Shortcut(..., deferred=True)``), so that on an NVIDIA GPU conv3's GEMM also computes
+# the shortcut's 1x1 convolution, and applies both BatchNorms, adds and applies the ReLU as it
+# stores the block's output: neither convolution's output is stored (both BatchNorms' statistics
+# from Gram matrices of the GEMMs' inputs). The parameters are the same either way.
+FUSE_PROJECTION = False
 
 
 class _Block(nn.Module):
@@ -84,9 +91,9 @@ class _Block(nn.Module):
 
     expansion = 1
 
-    def residual(self, x: Array, train: bool, shortcut: Array | None = None) -> Array:
-        """The residual branch of x; with ``shortcut``, ``act(branch + shortcut)``, the block's
-        output (only where :meth:`takes_shortcut`)."""
+    def residual(self, x: Array, train: bool, shortcut: Array | ShortcutProjection | None = None) -> Array:
+        """The residual branch of x; with ``shortcut`` (the identity's x, or a projection not yet
+        applied), ``act(branch + shortcut)``, the block's output (only where :meth:`takes_shortcut`)."""
         raise NotImplementedError
 
     def takes_shortcut(self, train: bool) -> bool:
@@ -97,10 +104,15 @@ class _Block(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         out_features = self.planes * self.expansion
         identity = self.strides == 1 and x.shape[-1] == out_features
-        # (a projection's output is left to XLA, which applies its BatchNorm in the add's kernel)
-        if (identity and self.shortcut != "none" and not self.se_ratio and not self.drop_path_rate
-                and self.takes_shortcut(train)):
-            return self.residual(x, train, shortcut=x)
+        if self.shortcut != "none" and not self.se_ratio and not self.drop_path_rate and self.takes_shortcut(train):
+            if identity:
+                return self.residual(x, train, shortcut=x)
+            # (without FUSE_PROJECTION a projection's output is left to XLA, which applies its
+            # BatchNorm in the add's kernel: handing it to the op would store it and read it back)
+            if FUSE_PROJECTION and self.shortcut in ("projection", "avg_down"):
+                projection = Shortcut(self.shortcut, out_features, self.strides, self.conv, self.norm,
+                                      name="downsample")(x, train, deferred=True)
+                return self.residual(x, train, shortcut=projection)
         y = self.residual(x, train)
         if self.se_ratio:
             y = SqueezeExcite(self.se_ratio, dtype=y.dtype, name="se")(y)
@@ -123,7 +135,7 @@ class BasicBlock(_Block):
 
     expansion = 1
 
-    def residual(self, x: Array, train: bool, shortcut: Array | None = None) -> Array:
+    def residual(self, x: Array, train: bool, shortcut: Array | ShortcutProjection | None = None) -> Array:
         if self.groups != 1 or self.base_width != 64:
             raise ValueError("BasicBlock supports only groups=1 and base_width=64")
         y = self.conv(self.planes, 3, self.strides, name="conv1")(x)
@@ -140,7 +152,7 @@ class Bottleneck(_Block):
     def takes_shortcut(self, train: bool) -> bool:
         return FUSE_RESIDUAL and FUSE_BN3 and FUSE_BN2_CONV3 and train
 
-    def residual(self, x: Array, train: bool, shortcut: Array | None = None) -> Array:
+    def residual(self, x: Array, train: bool, shortcut: Array | ShortcutProjection | None = None) -> Array:
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         s1, s3 = (self.strides, 1) if self.stride_on_1x1 else (1, self.strides)
         if FUSE_CONV1_BN1 and train and s1 == 1:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -71,6 +71,23 @@ RELUS = (relu, relu_from_output, jax.nn.relu)
 # output's.
 # The parameters are the same either way; benchmarks patch this to time it.
 FUSE_SHORTCUT = False
+
+
+class ShortcutProjection(NamedTuple):
+    """A projection shortcut not yet computed (``Shortcut(..., deferred=True)``): its input (every
+    s-th pixel of the block's input for a stride-s projection; ResNet-D's after the average
+    pool), its (1, 1, C_in, C) kernel and its BatchNorm module. Given as ``residual`` to the
+    BatchNorm that ends a Bottleneck, the block's last GEMM computes it beside its own
+    (``blocks.FUSE_PROJECTION``, change 17); :meth:`apply` computes it on its own."""
+
+    input: Array
+    kernel: Array
+    norm: nn.Module
+
+    def apply(self, train: bool) -> Array:
+        """The shortcut's output, ``BatchNorm(conv1x1(input, kernel))``, as ``Shortcut`` computes it."""
+        return self.norm(self.input, train, input_conv1x1_kernel=self.kernel)
+
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": relu,
@@ -233,6 +250,9 @@ class BatchNorm(nn.Module):
         if residual is not None and (next_norm is None or conv1x1_kernel is None or self.activation is None):
             raise ValueError("BatchNorm: residual= is added after next_norm and followed by this BatchNorm's "
                              "activation; give it with conv1x1_kernel=, next_norm= and an activation")
+        if isinstance(residual, ShortcutProjection) and not (
+                train and (self.group_size or x.shape[0]) == x.shape[0]):
+            residual = residual.apply(train)  # one op only with whole-batch statistics in training
         if computed_by is not None:
             if not train:
                 raise ValueError("BatchNorm: computed_by is a training-mode computation; call it with train=True")
@@ -273,11 +293,26 @@ class BatchNorm(nn.Module):
                 own = []
 
                 def with_next(next_scale: Array, next_bias: Array, next_epsilon: float) -> tuple:
-                    u, mean, var, next_statistics = batch_norm_relu_conv1x1_train(
-                        x, scale, bias, conv1x1_kernel, group, self.epsilon, self.dtype, self.activation,
-                        next_norm=(next_scale, next_bias, next_epsilon), residual=residual)
-                    own.append((mean, var))
-                    return u, next_statistics
+                    if not isinstance(residual, ShortcutProjection):
+                        u, mean, var, next_statistics = batch_norm_relu_conv1x1_train(
+                            x, scale, bias, conv1x1_kernel, group, self.epsilon, self.dtype, self.activation,
+                            next_norm=(next_scale, next_bias, next_epsilon), residual=residual)
+                        own.append((mean, var))
+                        return u, next_statistics
+                    nexts = []
+
+                    def with_shortcut_norm(shortcut_scale: Array, shortcut_bias: Array, shortcut_epsilon: float):
+                        u, mean, var, next_statistics, shortcut_statistics = batch_norm_relu_conv1x1_train(
+                            x, scale, bias, conv1x1_kernel, group, self.epsilon, self.dtype, self.activation,
+                            next_norm=(next_scale, next_bias, next_epsilon),
+                            projection=(residual.input, residual.kernel, shortcut_scale, shortcut_bias,
+                                        shortcut_epsilon))
+                        own.append((mean, var))
+                        nexts.append(next_statistics)
+                        return u, shortcut_statistics
+
+                    u = residual.norm(None, train, computed_by=(conv1x1_kernel.shape[-1], with_shortcut_norm))
+                    return u, nexts[0]
 
                 y = next_norm(None, train, computed_by=(conv1x1_kernel.shape[-1], with_next))
                 (mean, var), conv1x1_kernel = own[0], None  # the output is next_norm's: no statistics out
@@ -476,7 +511,8 @@ def batch_norm_relu_conv1x1_train(
     activation: Callable[[Array], Array] | None = None,
     next_norm: tuple[Array, Array, float] | None = None,
     residual: Array | None = None,
-) -> tuple[Array, Array, Array, tuple[Array, Array]]:
+    projection: tuple[Array, Array, Array, Array, float] | None = None,
+) -> tuple:
     """``z = conv1x1(activation(BatchNorm(x)), kernel)`` in training, x (N, H, W, C), kernel
     (1, 1, C, N). Returns z (computed and stored in ``dtype``, returned as its float32 view, so
     that the next BatchNorm's normalisation and these statistics share it and z's gradient is
@@ -486,7 +522,12 @@ def batch_norm_relu_conv1x1_train(
     statistics; the first result is then its output, in ``dtype``, instead of z. ``residual``
     (with ``next_norm``), (N, H, W, N): the first result is then ``activation(output +
     residual)`` (a Bottleneck's output; on an NVIDIA GPU one op that never stores z,
-    ``pallas_fused_conv.bn_relu_conv1x1_bn_add_relu``).
+    ``pallas_fused_conv.bn_relu_conv1x1_bn_add_relu``). ``projection`` (with ``next_norm`` and an
+    activation, instead of ``residual``): ``(input, kernel, scale, bias, epsilon)`` of a projection
+    shortcut, a 1x1 convolution (input (N, H, W, C_in), kernel (1, 1, C_in, N)) and a whole-batch
+    BatchNorm, whose output is the residual; the shortcut's float32 (N,) mean and biased
+    variance are then returned last (on an NVIDIA GPU one op that stores neither convolution's
+    output, ``pallas_fused_conv.bn_relu_conv1x1_bn_add_conv1x1_bn_relu``).
 
     With whole-batch statistics and a ReLU, compiled for an NVIDIA GPU, this is
     :func:`pallas_fused_conv_train`: one kernel applies the BatchNorm and ReLU to x as it loads
@@ -495,26 +536,42 @@ def batch_norm_relu_conv1x1_train(
     and on other platforms, the layers run one after another (:func:`batch_norm_conv1x1_layers`).
     """
     next_arrays, next_epsilon = ((), None) if next_norm is None else (next_norm[:2], next_norm[2])
-    if residual is not None:
-        if next_norm is None or activation is None:
-            raise ValueError("batch_norm_relu_conv1x1_train: residual needs next_norm and an activation")
-        next_arrays = (*next_arrays, residual)
+    shortcut_epsilon = None
+    if residual is not None or projection is not None:
+        if next_norm is None or activation is None or (residual is not None and projection is not None):
+            raise ValueError("batch_norm_relu_conv1x1_train: residual or projection (not both) needs next_norm "
+                             "and an activation")
+        if residual is not None:
+            next_arrays = (*next_arrays, residual)
+        else:
+            next_arrays, shortcut_epsilon = (*next_arrays, None, *projection[:4]), projection[4]
     one_by_one = functools.partial(batch_norm_conv1x1_layers, group=group, epsilon=epsilon, dtype=dtype,
-                                   activation=activation, next_epsilon=next_epsilon)
+                                   activation=activation, next_epsilon=next_epsilon, shortcut_epsilon=shortcut_epsilon)
     if group != x.shape[0] or activation not in RELUS:
         return one_by_one(x, scale, bias, kernel, *next_arrays)
-    fused = functools.partial(pallas_fused_conv_train, epsilon=epsilon, dtype=dtype, next_epsilon=next_epsilon)
+    fused = functools.partial(pallas_fused_conv_train, epsilon=epsilon, dtype=dtype, next_epsilon=next_epsilon,
+                              shortcut_epsilon=shortcut_epsilon)
     return jax.lax.platform_dependent(x, scale, bias, kernel, *next_arrays, cuda=fused, default=one_by_one)
 
 
 def batch_norm_conv1x1_layers(x: Array, scale: Array, bias: Array, kernel: Array, next_scale: Array | None = None,
-                              next_bias: Array | None = None, residual: Array | None = None, *, group: int,
-                              epsilon: float, dtype: Dtype, activation: Callable[[Array], Array] | None = None,
-                              next_epsilon: float | None = None) -> tuple:
+                              next_bias: Array | None = None, residual: Array | None = None,
+                              shortcut_input: Array | None = None, shortcut_kernel: Array | None = None,
+                              shortcut_scale: Array | None = None, shortcut_bias: Array | None = None, *,
+                              group: int, epsilon: float, dtype: Dtype,
+                              activation: Callable[[Array], Array] | None = None, next_epsilon: float | None = None,
+                              shortcut_epsilon: float | None = None) -> tuple:
     """:func:`batch_norm_relu_conv1x1_train` as the separate layers: :func:`_batch_norm_train`,
     :func:`conv1x1`, then z's statistics as plain reductions (and the next BatchNorm's apply,
     :func:`batch_norm_apply`, where ``next_scale`` is given; then ``activation(... + residual)``
-    where ``residual`` is)."""
+    where ``residual`` is, or where ``shortcut_input`` is, the shortcut's convolution and its
+    whole-batch BatchNorm as the residual, its statistics returned last)."""
+    shortcut_statistics = None
+    if shortcut_input is not None:
+        zs = conv1x1(shortcut_input, shortcut_kernel, dtype)
+        residual, shortcut_mean, shortcut_var = _batch_norm_train(zs, shortcut_scale, shortcut_bias, zs.shape[0],
+                                                                  shortcut_epsilon, dtype, None)
+        shortcut_statistics = (shortcut_mean[0], shortcut_var[0])
     y, mean, var = _batch_norm_train(x, scale, bias, group, epsilon, dtype, activation)
     z = conv1x1(y, kernel, dtype).astype(jnp.float32)
     rows = z.reshape(-1, z.shape[-1])
@@ -524,22 +581,34 @@ def batch_norm_conv1x1_layers(x: Array, scale: Array, bias: Array, kernel: Array
         z = batch_norm_apply(z, z_mean, z_var, next_scale, next_bias, next_epsilon, dtype)
     if residual is not None:
         z = activation(z + residual.astype(z.dtype))
+    if shortcut_statistics is not None:
+        return z, mean, var, (z_mean, z_var), shortcut_statistics
     return z, mean, var, (z_mean, z_var)
 
 
 def pallas_fused_conv_train(x: Array, scale: Array, bias: Array, kernel: Array, next_scale: Array | None = None,
-                            next_bias: Array | None = None, residual: Array | None = None, *, epsilon: float,
-                            dtype: Dtype, next_epsilon: float | None = None, interpret: bool = False) -> tuple:
+                            next_bias: Array | None = None, residual: Array | None = None,
+                            shortcut_input: Array | None = None, shortcut_kernel: Array | None = None,
+                            shortcut_scale: Array | None = None, shortcut_bias: Array | None = None, *,
+                            epsilon: float, dtype: Dtype, next_epsilon: float | None = None,
+                            shortcut_epsilon: float | None = None, interpret: bool = False) -> tuple:
     """:func:`batch_norm_relu_conv1x1_train` for a GPU (or, ``interpret``, under the Pallas
     interpreter): x's statistics from ``pallas_batch_norm.batch_moments``, then
     ``pallas_fused_conv.bn_relu_conv1x1`` (``bn_relu_conv1x1_bn`` where ``next_scale`` is given,
-    ``bn_relu_conv1x1_bn_add_relu`` where ``residual`` is too)."""
+    ``bn_relu_conv1x1_bn_add_relu`` where ``residual`` is too,
+    ``bn_relu_conv1x1_bn_add_conv1x1_bn_relu`` where ``shortcut_input`` is)."""
     from resnet_jax.models import pallas_batch_norm, pallas_fused_conv
 
     c = x.shape[-1]
     mean, mean_sq = pallas_batch_norm.batch_moments(x.astype(jnp.float32).reshape(-1, c), x.dtype, interpret)
     var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
     scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
+    if shortcut_input is not None:
+        out, z_mean, z_var, shortcut_mean, shortcut_var = pallas_fused_conv.bn_relu_conv1x1_bn_add_conv1x1_bn_relu(
+            x, mean, var, scale, bias, kernel, next_scale.astype(jnp.float32), next_bias.astype(jnp.float32),
+            shortcut_input.astype(dtype), shortcut_kernel, shortcut_scale.astype(jnp.float32),
+            shortcut_bias.astype(jnp.float32), epsilon, next_epsilon, shortcut_epsilon, dtype, interpret)
+        return out, mean[None], var[None], (z_mean, z_var), (shortcut_mean, shortcut_var)
     if residual is not None:
         out, z_mean, z_var = pallas_fused_conv.bn_relu_conv1x1_bn_add_relu(
             x, mean, var, scale, bias, kernel, next_scale.astype(jnp.float32), next_bias.astype(jnp.float32),
@@ -872,7 +941,12 @@ class Shortcut(nn.Module):
     norm: Callable[..., nn.Module]
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, deferred: bool = False) -> Array | ShortcutProjection:
+        """The shortcut's output; ``deferred`` (a projection or ``avg_down``): a
+        :class:`ShortcutProjection` for the block's last BatchNorm to compute (the same
+        parameters)."""
+        if deferred and self.kind not in ("projection", "avg_down"):
+            raise ValueError(f"Shortcut: deferred=True needs a projection or avg_down shortcut, not {self.kind!r}")
         if self.kind == "zero_pad":
             x = x[:, :: self.strides, :: self.strides, :]
             extra = self.features - x.shape[-1]
@@ -885,13 +959,14 @@ class Shortcut(nn.Module):
             raise ValueError(
                 f"unknown shortcut {self.kind!r}; choose projection, avg_down or zero_pad"
             )
-        if FUSE_SHORTCUT and train:
+        if (FUSE_SHORTCUT and train) or deferred:
             # A 1x1 convolution of stride s (padding 0) reads every s-th pixel: subsample, then
             # run the stride-1 op (change 13). The subsampled x is kept for the backward pass.
             if strides > 1:
                 x = x[:, ::strides, ::strides, :]
             kernel = Conv1x1Kernel(self.features, conv_param_dtype(self.conv), name="conv")(x.shape[-1])
-            return self.norm(name="bn")(x, train, input_conv1x1_kernel=kernel)
+            projection = ShortcutProjection(x, kernel, self.norm(name="bn"))
+            return projection if deferred else projection.apply(train)
         x = self.conv(self.features, kernel_size=1, strides=strides, name="conv")(x)
         return self.norm(name="bn")(x, train)
 

@@ -47,6 +47,10 @@ and z is not kept for the backward pass (compiled for ResNet-50 with changes 9-1
 where ``blocks.FUSE_RESIDUAL`` is set) goes one step further: z's statistics are products of
 y too, so :func:`gram` runs before the GEMM and :func:`matmul_bn_add_relu`'s epilogue applies
 bn3, adds the shortcut and applies the ReLU; z is never stored (68.0 -> 64.4 GiB).
+:func:`bn_relu_conv1x1_bn_add_conv1x1_bn_relu` (change 17, where ``blocks.FUSE_PROJECTION`` is
+set) does the same in projection blocks, whose shortcut (a 1x1 convolution and a BatchNorm) it
+computes in the same kernel (:func:`matmul_bn_add_matmul_bn_relu`): neither convolution's output
+is stored (64.4 -> 61.5 GiB).
 """
 
 from __future__ import annotations
@@ -138,6 +142,29 @@ def _forward_residual_kernel(x_ref, mean_ref, a_ref, b_ref, w_ref, a3_ref, b3_re
 
     z = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, body, jnp.zeros((rows, cols), jnp.float32))
     u = z * a3_ref[...] + b3_ref[...] + r_ref[...].astype(jnp.float32)
+    y_ref[...] = jnp.maximum(u, 0.0).astype(y_ref.dtype)
+
+
+def _forward_projection_kernel(x_ref, mean_ref, a_ref, b_ref, w_ref, a3_ref, b3_ref, xs_ref, ws_ref, as_ref, bs_ref,
+                               y_ref, *, block_k: int, block_ks: int) -> None:
+    """One (rows, out channels) block of :func:`matmul_bn_add_matmul_bn_relu`: ``z = relu_bn(x) @ w``
+    and ``zs = xs @ ws``, each accumulated in float32 over its input channels, then
+    ``y = relu(z * a3 + b3 + zs * as + bs)`` in float32, stored in y's dtype; neither z nor zs is
+    stored."""
+    rows, cols = y_ref.shape
+
+    def body(i: int, acc: Array) -> Array:
+        ks = pl.ds(i * block_k, block_k)
+        y = relu_bn(x_ref[:, ks], mean_ref[:, ks], a_ref[:, ks], b_ref[:, ks])
+        return acc + jnp.dot(y.astype(w_ref.dtype), w_ref[ks, :], preferred_element_type=jnp.float32)
+
+    def shortcut_body(i: int, acc: Array) -> Array:
+        ks = pl.ds(i * block_ks, block_ks)
+        return acc + jnp.dot(xs_ref[:, ks], ws_ref[ks, :], preferred_element_type=jnp.float32)
+
+    z = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, body, jnp.zeros((rows, cols), jnp.float32))
+    zs = jax.lax.fori_loop(0, xs_ref.shape[1] // block_ks, shortcut_body, jnp.zeros((rows, cols), jnp.float32))
+    u = z * a3_ref[...] + b3_ref[...] + (zs * as_ref[...] + bs_ref[...])
     y_ref[...] = jnp.maximum(u, 0.0).astype(y_ref.dtype)
 
 
@@ -363,6 +390,47 @@ def matmul_bn_add_relu(
             num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
         name="bn_relu_matmul_bn_add_relu",
     )(x, mean.reshape(1, k), a.reshape(1, k), b.reshape(1, k), w, a3.reshape(1, n), b3.reshape(1, n), residual)
+
+
+def matmul_bn_add_matmul_bn_relu(
+    x: Array, mean: Array, a: Array, b: Array, w: Array, a3: Array, b3: Array, xs: Array, ws: Array,
+    a_s: Array, b_s: Array, *, out_dtype: Dtype, interpret: bool = False, block_m: int | None = None,
+    block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> Array | None:
+    """``relu((relu((x - mean) * a + b) @ w) * a3 + b3 + (xs @ ws) * a_s + b_s)`` in ``out_dtype``,
+    (M, N), in one Pallas (Triton) kernel: a projection block's output, its residual branch's
+    last GEMM (:func:`matmul_bn_add_relu`'s, with bn2 + ReLU as its prologue and bn3 in its
+    epilogue) and its shortcut's 1x1 convolution and BatchNorm computed side by side, added
+    and ReLU'd as the output is stored. xs (M, Ks) is the shortcut's input (every s-th pixel
+    of the block's input for a stride-s projection), ws (Ks, N); the vectors float32. Returns
+    None where :func:`matmul_moments` would for either GEMM (the caller then uses XLA). A GPU
+    only, unless ``interpret``."""
+    m, k = x.shape
+    n, ks = w.shape[1], xs.shape[1]
+    blocks = _gemm_blocks(m, n, k, block_m or BLOCK_M, block_n or BLOCK_N, block_k or BLOCK_K)
+    shortcut_blocks = _gemm_blocks(m, n, ks, block_m or BLOCK_M, block_n or BLOCK_N, block_k or BLOCK_K)
+    if blocks is None or shortcut_blocks is None:
+        return None
+    bm, bn, bk = blocks
+    grid = (n // bn, m // bm)  # as matmul_moments: the instances that share rows of x run together
+    in_vector = pl.BlockSpec((1, k), lambda j, i: (0, 0))
+    out_vector = pl.BlockSpec((1, bn), lambda j, i: (0, j))
+    return pl.pallas_call(
+        functools.partial(_forward_projection_kernel, block_k=bk, block_ks=shortcut_blocks[2]),
+        grid=grid,
+        in_specs=[pl.BlockSpec((bm, k), lambda j, i: (i, 0)), in_vector, in_vector, in_vector,
+                  pl.BlockSpec((k, bn), lambda j, i: (0, j)), out_vector, out_vector,
+                  pl.BlockSpec((bm, ks), lambda j, i: (i, 0)), pl.BlockSpec((ks, bn), lambda j, i: (0, j)),
+                  out_vector, out_vector],
+        out_specs=pl.BlockSpec((bm, bn), lambda j, i: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(
+            num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
+        name="bn_relu_matmul_bn_add_matmul_bn_relu",
+    )(x, mean.reshape(1, k), a.reshape(1, k), b.reshape(1, k), w, a3.reshape(1, n), b3.reshape(1, n), xs, ws,
+      a_s.reshape(1, n), b_s.reshape(1, n))
 
 
 def _row_splits(m: int, sub: int, programs_per_split: int, target: int, most: int) -> int:
@@ -608,6 +676,13 @@ def _matmul_bn_add_relu_xla(x: Array, mean: Array, a: Array, b: Array, w: Array,
     return jnp.maximum(z * a3 + b3 + residual.astype(jnp.float32), 0.0).astype(residual.dtype)
 
 
+def _matmul_bn_add_matmul_bn_relu_xla(x: Array, mean: Array, a: Array, b: Array, w: Array, a3: Array, b3: Array,
+                                      xs: Array, ws: Array, a_s: Array, b_s: Array, out_dtype: Dtype) -> Array:
+    z = jnp.dot(relu_bn(x, mean, a, b).astype(w.dtype), w, preferred_element_type=jnp.float32)
+    zs = jnp.dot(xs, ws, preferred_element_type=jnp.float32)
+    return jnp.maximum(z * a3 + b3 + (zs * a_s + b_s), 0.0).astype(out_dtype)
+
+
 def _kernel_or_xla(kernel_fn, xla_fn, *args: Array) -> Any:
     """``kernel_fn(*args)``, or ``xla_fn(*args)`` where that returns None (shapes it does not take)."""
     out = kernel_fn(*args)
@@ -666,6 +741,17 @@ def _sharded_forward_residual(interpret: bool) -> Callable:
                            _matmul_bn_add_relu_xla)
     return row_sharded_op(fn, (True, False, False, False, False, False, False, True), (True,),
                           "m k, k, k, k, k n, n, n, m n -> m n")
+
+
+@functools.cache
+def _sharded_forward_projection(out_dtype: Dtype, interpret: bool) -> Callable:
+    """:func:`matmul_bn_add_matmul_bn_relu` (or XLA's) as a :func:`row_sharded_op`: x's and xs's rows
+    split over the devices, the output split the same way; the vectors and both kernels replicated."""
+    fn = functools.partial(_kernel_or_xla,
+                           functools.partial(matmul_bn_add_matmul_bn_relu, out_dtype=out_dtype, interpret=interpret),
+                           functools.partial(_matmul_bn_add_matmul_bn_relu_xla, out_dtype=out_dtype))
+    return row_sharded_op(fn, (True, False, False, False, False, False, False, True, False, False, False), (True,),
+                          "m k, k, k, k, k n, n, n, m j, j n, n, n -> m n")
 
 
 @functools.cache
@@ -1106,6 +1192,28 @@ def _residual_forward(x: Array, mean: Array, var: Array, scale: Array, bias: Arr
     return out.reshape(*x.shape[:-1], -1), mean3, var3, inv3, w, bn_input, gram_of_input
 
 
+def _tail_tangent(epsilon: float, dtype: Dtype, present: tuple[bool, ...], res7: tuple, mean3: Array, inv3: Array,
+                  lin: tuple) -> tuple[Array, Array, Array]:
+    """The float32 tangents of ``u = BatchNorm'(relu(BatchNorm(x)) @ kernel)`` (M, N) and of z's mean
+    and biased variance, for the tangents ``lin`` of the inputs marked ``present`` among
+    ``res7 = (x, mean, var, scale, bias, kernel, next_scale)`` and the next BatchNorm's bias (the
+    first eight of the tail ops' inputs; ``lin`` may go on past them). Forward mode recomputes z."""
+    x, mean, var, scale, bias, kernel, next_scale = res7
+    bn_present, kernel_present, next_present = present[:5], present[5], present[6:8]
+    n_bn, k = sum(bn_present), x.shape[-1]
+    w = kernel.reshape(k, -1).astype(dtype)
+    y = relu_bn(x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias).astype(dtype)
+    z = jnp.dot(y, w, preferred_element_type=jnp.float32)
+    tz = jnp.zeros(z.shape, jnp.float32)
+    if n_bn:
+        ty = _bn_relu_tangent(epsilon, dtype, bn_present, res7[:5], lin[:n_bn]).reshape(-1, k)
+        tz = tz + jnp.dot(ty, w, preferred_element_type=jnp.float32)
+    if kernel_present:
+        tz = tz + jnp.dot(y, lin[n_bn].reshape(w.shape).astype(dtype), preferred_element_type=jnp.float32)
+    start = n_bn + kernel_present
+    return _bn_after_tangent(tz, z, mean3, inv3, next_scale, next_present, lin[start:start + sum(next_present)])
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(9, 10, 11, 12))
 def _bn_relu_conv1x1_bn_add_relu(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
                                  next_scale: Array, next_bias: Array, residual: Array, epsilon: float,
@@ -1123,24 +1231,12 @@ def _bn_relu_conv1x1_bn_add_relu_jvp(epsilon: float, next_epsilon: float, dtype:
     out, mean3, var3, inv3, w, bn_input, gram_of_input = _residual_forward(*primals, epsilon, next_epsilon, dtype,
                                                                              interpret)
     present, linear = present_tangents(tangents)
-    bn_present, kernel_present, next_present, residual_present = present[:5], present[5], present[6:8], present[8]
-    n_bn = sum(bn_present)
+    residual_present = present[8]
     res = (x, mean, var, scale, bias, kernel, next_scale, out, mean3, inv3, *gram_of_input)
 
     def tangent(res: tuple, lin: tuple) -> tuple[Array, Array, Array]:
-        x, mean, var, scale, bias, kernel, next_scale, out, mean3, inv3, *_ = res
-        w = kernel.reshape(k, -1).astype(dtype)
-        y = relu_bn(x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias).astype(dtype)
-        z = jnp.dot(y, w, preferred_element_type=jnp.float32)  # forward mode recomputes z
-        tz = jnp.zeros(z.shape, jnp.float32)
-        if n_bn:
-            ty = _bn_relu_tangent(epsilon, dtype, bn_present, res[:5], lin[:n_bn]).reshape(-1, k)
-            tz = tz + jnp.dot(ty, w, preferred_element_type=jnp.float32)
-        if kernel_present:
-            tz = tz + jnp.dot(y, lin[n_bn].reshape(w.shape).astype(dtype), preferred_element_type=jnp.float32)
-        start = n_bn + kernel_present
-        tu, tmean3, tvar3 = _bn_after_tangent(tz, z, mean3, inv3, next_scale, next_present,
-                                              lin[start:start + sum(next_present)])
+        out, mean3, inv3 = res[7:10]
+        tu, tmean3, tvar3 = _tail_tangent(epsilon, dtype, present[:8], res[:7], mean3, inv3, lin)
         if residual_present:
             tu = tu + lin[-1].reshape(tu.shape).astype(jnp.float32)
         tout = jnp.where(out.reshape(tu.shape) > 0, tu, 0.0)
@@ -1162,6 +1258,121 @@ def _bn_relu_conv1x1_bn_add_relu_jvp(epsilon: float, next_epsilon: float, dtype:
 
 
 _bn_relu_conv1x1_bn_add_relu.defjvp(_bn_relu_conv1x1_bn_add_relu_jvp, symbolic_zeros=True)
+
+
+# ---------------------------------------------------------------- ... with a projection shortcut beside it
+def bn_relu_conv1x1_bn_add_conv1x1_bn_relu(
+    x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array, next_scale: Array,
+    next_bias: Array, shortcut_input: Array, shortcut_kernel: Array, shortcut_scale: Array, shortcut_bias: Array,
+    epsilon: float, next_epsilon: float, shortcut_epsilon: float, dtype: Dtype, interpret: bool = False,
+) -> tuple[Array, Array, Array, Array, Array]:
+    """``relu(u + BatchNorm_s(conv1x1(shortcut_input, shortcut_kernel)))`` in training, with u as
+    :func:`bn_relu_conv1x1_bn`'s: a projection Bottleneck's bn2 + ReLU, conv3, bn3, its projection
+    shortcut (a 1x1 convolution and a BatchNorm, :func:`conv1x1_bn`), the add and the ReLU as
+    one differentiable op that stores neither z nor the shortcut's z (change 17).
+
+    x is (..., K) in the compute ``dtype``, ``shortcut_input`` (..., Ks) with as many positions
+    (for a stride-s projection, every s-th pixel of the block's input; ResNet-D's after the
+    average pool), ``shortcut_kernel`` (Ks, N) or (1, 1, Ks, N), the shortcut BatchNorm's
+    ``shortcut_scale`` and ``shortcut_bias`` float32 (N,); the rest as
+    :func:`bn_relu_conv1x1_bn_add_relu`. Returns the block's output (..., N) in ``dtype``, z's
+    float32 (N,) mean and biased variance and the shortcut's (for the two running statistics;
+    they carry their derivatives too).
+
+    Forward: both BatchNorms' statistics from :func:`gram` (one pass over x and one over the
+    shortcut's input, each narrower than the output), then :func:`matmul_bn_add_matmul_bn_relu`
+    computes both GEMMs and stores only the output. Reverse: the ReLU's mask from the output,
+    then :func:`gram_backward` for each branch with the forward pass's Gram matrices. First-order
+    forward and reverse mode work; second-order derivatives do not (``linear_call``)."""
+    return _bn_relu_conv1x1_bn_add_conv1x1_bn_relu(
+        x, mean, var, scale, bias, kernel, next_scale, next_bias, shortcut_input, shortcut_kernel, shortcut_scale,
+        shortcut_bias, epsilon, next_epsilon, shortcut_epsilon, dtype, interpret)
+
+
+def _projection_forward(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
+                        next_scale: Array, next_bias: Array, xs: Array, kernel_s: Array, scale_s: Array,
+                        bias_s: Array, epsilon: float, next_epsilon: float, epsilon_s: float, dtype: Dtype,
+                        interpret: bool) -> tuple:
+    k, ks = x.shape[-1], xs.shape[-1]
+    w = kernel.reshape(k, -1).astype(dtype)
+    ws = kernel_s.reshape(ks, -1).astype(dtype)
+    bn_input = (x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
+    xs_rows = xs.reshape(-1, ks).astype(dtype)
+    if xs_rows.shape[0] != bn_input[0].shape[0]:
+        raise ValueError(f"the shortcut's input has {xs_rows.shape[0]} positions and x {bn_input[0].shape[0]}: "
+                         "give the shortcut every s-th pixel of the block's input for a stride-s projection")
+    gram_of_input = _sharded_gram(interpret, True)(*bn_input)
+    gram_of_shortcut = _sharded_gram(interpret, False)(xs_rows)
+    mean3, var3 = _statistics_from_gram(*gram_of_input, w, xs_rows.shape[0])
+    mean_s, var_s = _statistics_from_gram(*gram_of_shortcut, ws, xs_rows.shape[0])
+    inv3, inv_s = jax.lax.rsqrt(var3 + next_epsilon), jax.lax.rsqrt(var_s + epsilon_s)
+    a3, a_s = inv3 * next_scale, inv_s * scale_s
+    out = _sharded_forward_projection(jnp.dtype(dtype), interpret)(
+        *bn_input, w, a3, next_bias - mean3 * a3, xs_rows, ws, a_s, bias_s - mean_s * a_s)
+    return (out.reshape(*x.shape[:-1], -1), mean3, var3, mean_s, var_s, inv3, inv_s, xs_rows, ws, gram_of_input,
+            gram_of_shortcut)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(12, 13, 14, 15, 16))
+def _bn_relu_conv1x1_bn_add_conv1x1_bn_relu(
+    x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array, next_scale: Array,
+    next_bias: Array, xs: Array, kernel_s: Array, scale_s: Array, bias_s: Array, epsilon: float,
+    next_epsilon: float, epsilon_s: float, dtype: Dtype, interpret: bool = False,
+) -> tuple[Array, Array, Array, Array, Array]:
+    return _projection_forward(x, mean, var, scale, bias, kernel, next_scale, next_bias, xs, kernel_s, scale_s,
+                               bias_s, epsilon, next_epsilon, epsilon_s, dtype, interpret)[:5]
+
+
+def _bn_relu_conv1x1_bn_add_conv1x1_bn_relu_jvp(epsilon: float, next_epsilon: float, epsilon_s: float, dtype: Dtype,
+                                                interpret: bool, primals: tuple, tangents: tuple) -> tuple:
+    x, mean, var, scale, bias, kernel, next_scale, next_bias, xs, kernel_s, scale_s, bias_s = primals
+    (out, mean3, var3, mean_s, var_s, inv3, inv_s, xs_rows, ws, gram_of_input,
+     gram_of_shortcut) = _projection_forward(*primals, epsilon, next_epsilon, epsilon_s, dtype, interpret)
+    present, linear = present_tangents(tangents)
+    xs_present, kernel_s_present, bn_s_present = present[8], present[9], present[10:12]
+    res = (x, mean, var, scale, bias, kernel, next_scale, out, mean3, inv3, xs_rows, ws, scale_s, mean_s, inv_s,
+           *gram_of_input, *gram_of_shortcut)
+
+    def tangent(res: tuple, lin: tuple) -> tuple[Array, ...]:
+        out, mean3, inv3, xs_rows, ws, scale_s, mean_s, inv_s = res[7:15]
+        tu, tmean3, tvar3 = _tail_tangent(epsilon, dtype, present[:8], res[:7], mean3, inv3, lin)
+        it = iter(lin[sum(present[:8]):])
+        zs = jnp.dot(xs_rows, ws, preferred_element_type=jnp.float32)  # forward mode recomputes it
+        tzs = jnp.zeros(zs.shape, jnp.float32)
+        if xs_present:
+            tzs = tzs + jnp.dot(next(it).reshape(xs_rows.shape).astype(dtype), ws, preferred_element_type=jnp.float32)
+        if kernel_s_present:
+            tzs = tzs + jnp.dot(xs_rows, next(it).reshape(ws.shape).astype(dtype),
+                                preferred_element_type=jnp.float32)
+        tus, tmean_s, tvar_s = _bn_after_tangent(tzs, zs, mean_s, inv_s, scale_s, bn_s_present, tuple(it))
+        tout = jnp.where(out.reshape(tu.shape) > 0, tu + tus, 0.0)
+        return tout.astype(dtype).reshape(out.shape), tmean3, tvar3, tmean_s, tvar_s
+
+    def transpose(res: tuple, cts: tuple) -> tuple:
+        kernel, next_scale = res[5:7]
+        out, mean3, inv3, xs_rows, ws, scale_s, mean_s, inv_s, gram_yy, sum_y, gram_ss, sum_s = res[7:]
+        dout, dmean3, dvar3, dmean_s, dvar_s = cts
+        g = jnp.where(out > 0, dout, jnp.zeros_like(dout))  # the ReLU's mask from its output
+        w = kernel.reshape(x.shape[-1], -1).astype(dtype)
+        outs = _gram_transpose_of_bn_relu_gemm_bn((g, dmean3, dvar3), res[:5], kernel, w, mean3, inv3, next_scale,
+                                                  present[:8], epsilon, dtype, interpret,
+                                                  gram_of_input=(gram_yy, sum_y))
+        dxs, _, dws, bn_s_cts = gram_backward(
+            (g, dmean_s, dvar_s), (xs_rows,), ws, mean_s, inv_s, scale_s, input_grad=xs_present,
+            kernel_grad=kernel_s_present, input_grad_sums=False, dtype=dtype, interpret=interpret,
+            gram_of_input=(gram_ss, sum_s))
+        if xs_present:
+            outs.append(dxs.reshape(xs.shape).astype(xs.dtype))
+        if kernel_s_present:
+            outs.append(dws.reshape(kernel_s.shape).astype(kernel_s.dtype))
+        outs.extend(ct for ct, p in zip(bn_s_cts, bn_s_present) if p)
+        return tuple(outs)
+
+    outs = jax.custom_derivatives.linear_call(tangent, transpose, res, linear)
+    return (out, mean3, var3, mean_s, var_s), outs
+
+
+_bn_relu_conv1x1_bn_add_conv1x1_bn_relu.defjvp(_bn_relu_conv1x1_bn_add_conv1x1_bn_relu_jvp, symbolic_zeros=True)
 
 
 # ---------------------------------------------------------------- a 1x1 convolution and its BatchNorm whole

@@ -142,8 +142,9 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32, width=Non
       on (bn2 + ReLU + conv3 with bn3 and bn2's backward sums in its input gradient, conv1
       with bn1's statistics, and the projection shortcut's conv and BatchNorm as one op);
     * ``cuda-fused-all``: those, with the BatchNorm gradients of bn3 and the shortcut taken
-      without reading z (change 15) and bn3, the residual add and ReLU in conv3's GEMM
-      (change 16).
+      without reading z (change 15), bn3, the residual add and ReLU in conv3's GEMM
+      (change 16), and in projection blocks the shortcut's convolution in that GEMM too
+      (change 17).
 
     ``width``: every stage's (and the stem's) width instead of the tiny config's 8.
     """
@@ -156,7 +157,7 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32, width=Non
             fused = kernels != "cuda"
             use_cuda_kernels(patch, fused_conv=fused, fused_conv1=fused, fused_bn3=fused, input_grad_sums=fused,
                              fused_shortcut=fused, gram_backward=kernels == "cuda-fused-all",
-                             fused_residual=kernels == "cuda-fused-all")
+                             fused_residual=kernels == "cuda-fused-all", fused_projection=kernels == "cuda-fused-all")
         widths = {"model.overrides.widths": (width,) * 4, "model.overrides.stem_width": width} if width else {}
         config = tiny_config(**{"model.name": model, "model.dtype": dtype, "data.image_size": size,
                                 "schedule.name": "constant", "optimizer.base_lr": 0.1, **widths})
@@ -209,14 +210,15 @@ def test_the_fused_bottleneck_candidates_keep_the_loss_curve(monkeypatch):
     ``blocks.FUSE_BN3``, and bn2's backward sums in its input gradient,
     ``pallas_fused_conv.INPUT_GRAD_SUMS``; conv1 with bn1's statistics,
     ``blocks.FUSE_CONV1_BN1``; the projection shortcut as one op, ``layers.FUSE_SHORTCUT``;
-    with and without changes 15 and 16, the BatchNorm gradients taken without z,
-    ``pallas_fused_conv.GRAM_BACKWARD``, and z never stored, ``blocks.FUSE_RESIDUAL``): a
+    with and without changes 15-17, the BatchNorm gradients taken without z,
+    ``pallas_fused_conv.GRAM_BACKWARD``, z never stored, ``blocks.FUSE_RESIDUAL``, and neither
+    is the projection shortcut's, ``blocks.FUSE_PROJECTION``): a
     ResNet-50 16 channels wide (the narrowest their kernels take; they run under the
     interpreter) trains as the model's GPU path does. In float32 the 20-step curves agree to
     1e-5; in bf16 the fused curve stays within 4x the distance the model's own bf16 curve
     keeps from its float32 one (the kernels round in another order: the GEMMs sum over all
     input channels in float32 before their one rounding, and the statistics come from the
-    stored outputs, or with change 16 from the unrounded ones)."""
+    stored outputs, or with changes 16 and 17 from the unrounded ones)."""
     curves = {(k, d): _loss_curve(monkeypatch, k, d, "resnet50", width=16)
               for k in ("cuda", "cuda-fused", "cuda-fused-all") for d in ("float32", "bfloat16")}
     noise = np.max(np.abs(curves["cuda", "bfloat16"] - curves["cuda", "float32"]))
