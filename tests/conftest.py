@@ -110,10 +110,8 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False,
     if fused_conv:
         def fused(x, scale, bias, kernel, group, epsilon, dtype, activation=None, next_norm=None, residual=None,
                   projection=None):
-            next_arrays, next_epsilon = ((), None) if next_norm is None else (next_norm[:2], next_norm[2])
-            next_arrays, shortcut_epsilon = next_arrays if residual is None else (*next_arrays, residual), None
-            if projection is not None:
-                next_arrays, shortcut_epsilon = (*next_arrays, None, *projection[:4]), projection[4]
+            next_arrays, next_epsilon, shortcut_epsilon = layers.conv1x1_tail_arguments(next_norm, residual,
+                                                                                        projection, activation)
             if group != x.shape[0] or activation not in layers.RELUS:
                 return layers.batch_norm_conv1x1_layers(x, scale, bias, kernel, *next_arrays, group=group,
                                                         epsilon=epsilon, dtype=dtype, activation=activation,

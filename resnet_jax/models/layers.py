@@ -535,16 +535,7 @@ def batch_norm_relu_conv1x1_train(
     kernels also compute z's gradient from the next BatchNorm's as they load it). Otherwise,
     and on other platforms, the layers run one after another (:func:`batch_norm_conv1x1_layers`).
     """
-    next_arrays, next_epsilon = ((), None) if next_norm is None else (next_norm[:2], next_norm[2])
-    shortcut_epsilon = None
-    if residual is not None or projection is not None:
-        if next_norm is None or activation is None or (residual is not None and projection is not None):
-            raise ValueError("batch_norm_relu_conv1x1_train: residual or projection (not both) needs next_norm "
-                             "and an activation")
-        if residual is not None:
-            next_arrays = (*next_arrays, residual)
-        else:
-            next_arrays, shortcut_epsilon = (*next_arrays, None, *projection[:4]), projection[4]
+    next_arrays, next_epsilon, shortcut_epsilon = conv1x1_tail_arguments(next_norm, residual, projection, activation)
     one_by_one = functools.partial(batch_norm_conv1x1_layers, group=group, epsilon=epsilon, dtype=dtype,
                                    activation=activation, next_epsilon=next_epsilon, shortcut_epsilon=shortcut_epsilon)
     if group != x.shape[0] or activation not in RELUS:
@@ -552,6 +543,24 @@ def batch_norm_relu_conv1x1_train(
     fused = functools.partial(pallas_fused_conv_train, epsilon=epsilon, dtype=dtype, next_epsilon=next_epsilon,
                               shortcut_epsilon=shortcut_epsilon)
     return jax.lax.platform_dependent(x, scale, bias, kernel, *next_arrays, cuda=fused, default=one_by_one)
+
+
+def conv1x1_tail_arguments(next_norm: tuple[Array, Array, float] | None, residual: Array | None,
+                           projection: tuple[Array, Array, Array, Array, float] | None,
+                           activation: Callable[[Array], Array] | None) -> tuple[tuple, float | None, float | None]:
+    """:func:`batch_norm_relu_conv1x1_train`'s ``next_norm``, ``residual`` and ``projection`` as
+    :func:`batch_norm_conv1x1_layers`' and :func:`pallas_fused_conv_train`'s positional arrays
+    after the kernel, and their ``next_epsilon`` and ``shortcut_epsilon``; refuses the
+    combinations that cannot work."""
+    next_arrays, next_epsilon = ((), None) if next_norm is None else (next_norm[:2], next_norm[2])
+    if residual is None and projection is None:
+        return next_arrays, next_epsilon, None
+    if next_norm is None or activation is None or (residual is not None and projection is not None):
+        raise ValueError("batch_norm_relu_conv1x1_train: residual or projection (not both) needs next_norm "
+                         "and an activation")
+    if residual is not None:
+        return (*next_arrays, residual), next_epsilon, None
+    return (*next_arrays, None, *projection[:4]), next_epsilon, projection[4]
 
 
 def batch_norm_conv1x1_layers(x: Array, scale: Array, bias: Array, kernel: Array, next_scale: Array | None = None,

@@ -836,6 +836,25 @@ def gram_backward(cts: tuple[Array, Array, Array], gemm_input: tuple[Array, ...]
     return dy, sums2, dw, (sum_gc * inv3, sum_g)
 
 
+def _gram_transpose_of_gemm_bn(cts: tuple[Array, Array, Array], x: Array, kernel: Array, xs: Array, w: Array,
+                               mean: Array, inv: Array, scale: Array, present: tuple[bool, ...], dtype: Dtype,
+                               interpret: bool, gram_of_input: tuple[Array, Array] | None = None) -> list[Array]:
+    """The cotangents of the inputs marked ``present`` (x, the kernel, the BatchNorm's scale and bias)
+    of ``BatchNorm(x @ kernel)`` by :func:`gram_backward` (z not read), from those of its output and
+    z's statistics; ``xs`` (M, K) and ``w`` (K, N) are x and the kernel as the GEMM takes them, x
+    and ``kernel`` give the cotangents' shapes and dtypes. Shared by change 15's path of
+    :func:`conv1x1_bn` and the shortcut of :func:`bn_relu_conv1x1_bn_add_conv1x1_bn_relu`."""
+    (x_present, kernel_present), bn_present = present[:2], present[2:]
+    dx, _, dw, bn_cts = gram_backward(cts, (xs,), w, mean, inv, scale, input_grad=x_present,
+                                      kernel_grad=kernel_present, input_grad_sums=False, dtype=dtype,
+                                      interpret=interpret, gram_of_input=gram_of_input)
+    out = [dx.reshape(x.shape).astype(x.dtype)] if x_present else []
+    if kernel_present:
+        out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
+    out.extend(ct for ct, p in zip(bn_cts, bn_present) if p)
+    return out
+
+
 def _gram_transpose_of_bn_relu_gemm_bn(cts: tuple[Array, Array, Array], res5: tuple, kernel: Array, w: Array,
                                        mean3: Array, inv3: Array, next_scale: Array, present: tuple[bool, ...],
                                        epsilon: float, dtype: Dtype, interpret: bool,
@@ -1177,6 +1196,17 @@ def _statistics_from_gram(gram_yy: Array, sum_y: Array, w: Array, rows: int) -> 
     return mean3, jnp.maximum(mean_sq3 - mean3 * mean3, 0.0)
 
 
+def _batch_norm_from_gram(gram_of_input: tuple[Array, Array], w: Array, rows: int, scale: Array, bias: Array,
+                          epsilon: float) -> tuple[Array, Array, Array, Array, Array]:
+    """The whole-batch BatchNorm of z = y @ w from :func:`gram`'s ``(y^T y, sum of y's rows)``: z's
+    float32 (N,) mean, biased variance and 1 / std, and the per-channel affine map a GEMM's
+    epilogue applies, ``z * a + shift``."""
+    mean, var = _statistics_from_gram(*gram_of_input, w, rows)
+    inv = jax.lax.rsqrt(var + epsilon)
+    a = inv * scale
+    return mean, var, inv, a, bias - mean * a
+
+
 def _residual_forward(x: Array, mean: Array, var: Array, scale: Array, bias: Array, kernel: Array,
                       next_scale: Array, next_bias: Array, residual: Array, epsilon: float, next_epsilon: float,
                       dtype: Dtype, interpret: bool) -> tuple:
@@ -1184,11 +1214,9 @@ def _residual_forward(x: Array, mean: Array, var: Array, scale: Array, bias: Arr
     w = kernel.reshape(k, -1).astype(dtype)
     bn_input = (x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
     gram_of_input = _sharded_gram(interpret, True)(*bn_input)
-    mean3, var3 = _statistics_from_gram(*gram_of_input, w, bn_input[0].shape[0])
-    inv3 = jax.lax.rsqrt(var3 + next_epsilon)
-    a3 = inv3 * next_scale
-    out = _sharded_forward_residual(interpret)(*bn_input, w, a3, next_bias - mean3 * a3,
-                                               residual.reshape(-1, w.shape[1]).astype(dtype))
+    mean3, var3, inv3, a3, shift3 = _batch_norm_from_gram(gram_of_input, w, bn_input[0].shape[0], next_scale,
+                                                          next_bias, next_epsilon)
+    out = _sharded_forward_residual(interpret)(*bn_input, w, a3, shift3, residual.reshape(-1, w.shape[1]).astype(dtype))
     return out.reshape(*x.shape[:-1], -1), mean3, var3, inv3, w, bn_input, gram_of_input
 
 
@@ -1303,12 +1331,11 @@ def _projection_forward(x: Array, mean: Array, var: Array, scale: Array, bias: A
                          "give the shortcut every s-th pixel of the block's input for a stride-s projection")
     gram_of_input = _sharded_gram(interpret, True)(*bn_input)
     gram_of_shortcut = _sharded_gram(interpret, False)(xs_rows)
-    mean3, var3 = _statistics_from_gram(*gram_of_input, w, xs_rows.shape[0])
-    mean_s, var_s = _statistics_from_gram(*gram_of_shortcut, ws, xs_rows.shape[0])
-    inv3, inv_s = jax.lax.rsqrt(var3 + next_epsilon), jax.lax.rsqrt(var_s + epsilon_s)
-    a3, a_s = inv3 * next_scale, inv_s * scale_s
-    out = _sharded_forward_projection(jnp.dtype(dtype), interpret)(
-        *bn_input, w, a3, next_bias - mean3 * a3, xs_rows, ws, a_s, bias_s - mean_s * a_s)
+    rows = xs_rows.shape[0]
+    mean3, var3, inv3, a3, shift3 = _batch_norm_from_gram(gram_of_input, w, rows, next_scale, next_bias, next_epsilon)
+    mean_s, var_s, inv_s, a_s, shift_s = _batch_norm_from_gram(gram_of_shortcut, ws, rows, scale_s, bias_s, epsilon_s)
+    out = _sharded_forward_projection(jnp.dtype(dtype), interpret)(*bn_input, w, a3, shift3, xs_rows, ws, a_s,
+                                                                   shift_s)
     return (out.reshape(*x.shape[:-1], -1), mean3, var3, mean_s, var_s, inv3, inv_s, xs_rows, ws, gram_of_input,
             gram_of_shortcut)
 
@@ -1357,15 +1384,8 @@ def _bn_relu_conv1x1_bn_add_conv1x1_bn_relu_jvp(epsilon: float, next_epsilon: fl
         outs = _gram_transpose_of_bn_relu_gemm_bn((g, dmean3, dvar3), res[:5], kernel, w, mean3, inv3, next_scale,
                                                   present[:8], epsilon, dtype, interpret,
                                                   gram_of_input=(gram_yy, sum_y))
-        dxs, _, dws, bn_s_cts = gram_backward(
-            (g, dmean_s, dvar_s), (xs_rows,), ws, mean_s, inv_s, scale_s, input_grad=xs_present,
-            kernel_grad=kernel_s_present, input_grad_sums=False, dtype=dtype, interpret=interpret,
-            gram_of_input=(gram_ss, sum_s))
-        if xs_present:
-            outs.append(dxs.reshape(xs.shape).astype(xs.dtype))
-        if kernel_s_present:
-            outs.append(dws.reshape(kernel_s.shape).astype(kernel_s.dtype))
-        outs.extend(ct for ct, p in zip(bn_s_cts, bn_s_present) if p)
+        outs += _gram_transpose_of_gemm_bn((g, dmean_s, dvar_s), xs, kernel_s, xs_rows, ws, mean_s, inv_s, scale_s,
+                                           present[8:], dtype, interpret, gram_of_input=(gram_ss, sum_s))
         return tuple(outs)
 
     outs = jax.custom_derivatives.linear_call(tangent, transpose, res, linear)
@@ -1434,14 +1454,8 @@ def _conv1x1_bn_jvp(epsilon: float, dtype: Dtype, interpret: bool, primals: tupl
     def transpose(res: tuple, cts: tuple) -> tuple:
         xs, w, scale, z, mean, inv = res
         if GRAM_BACKWARD:  # change 15: z not read
-            dx, _, dw, bn_cts = gram_backward(cts, (xs,), w, mean, inv, scale, input_grad=x_present,
-                                              kernel_grad=kernel_present, input_grad_sums=False, dtype=dtype,
-                                              interpret=interpret)
-            out = [dx.reshape(x.shape).astype(x.dtype)] if x_present else []
-            if kernel_present:
-                out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
-            out.extend(ct for ct, p in zip(bn_cts, bn_present) if p)
-            return tuple(out)
+            return tuple(_gram_transpose_of_gemm_bn(cts, x, kernel, xs, w, mean, inv, scale, present, dtype,
+                                                    interpret))
         affine, bn_cts = _bn_after_transpose(cts, z, mean, inv, scale)
         out = []
         if x_present:
