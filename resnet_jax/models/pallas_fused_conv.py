@@ -50,7 +50,10 @@ bn3, adds the shortcut and applies the ReLU; z is never stored (68.0 -> 64.4 GiB
 :func:`bn_relu_conv1x1_bn_add_conv1x1_bn_relu` (change 17, where ``blocks.FUSE_PROJECTION`` is
 set) does the same in projection blocks, whose shortcut (a 1x1 convolution and a BatchNorm) it
 computes in the same kernel (:func:`matmul_bn_add_matmul_bn_relu`): neither convolution's output
-is stored (64.4 -> 61.5 GiB).
+is stored (64.4 -> 61.5 GiB). In both ops' reverse pass, the block's last ReLU's mask is applied
+by the kernel that takes y^T g, which reads the output's gradient and the output in g's place
+and stores g and its column sums as it goes (:func:`weight_grad`'s ``(dout, out)``; change 18):
+XLA's pass that made g is gone (61.5 -> 59.0 GiB).
 """
 
 from __future__ import annotations
@@ -182,13 +185,19 @@ def _wgrad_kernel(x_ref, *refs, rows: int, sub: int, prologue: bool, dz_form: st
     block, in float32. The refs hold all rows of their channel block; after x come ``mean, a,
     b`` (``prologue``), then by ``dz_form``: ``dz`` (``plain``), ``g, z, scale_g, scale_z,
     shift`` (``affine``: dz is :func:`affine_grad` of them, rounded to g's dtype as a stored dz
-    would be) or ``x2, mean2, a2, b2`` (``relu_bn``: dz is ``relu_bn(x2, ...)`` rounded to x2's
-    dtype, for a Gram matrix), then ``dw``, then (``colsum``) the column sums of the left
-    operand as multiplied, float32 (1, block_k)."""
+    would be), ``x2, mean2, a2, b2`` (``relu_bn``: dz is ``relu_bn(x2, ...)`` rounded to x2's
+    dtype, for a Gram matrix) or ``dout, out`` (``masked``: dz is dout where ``out > 0``, else
+    0: the gradient through a ReLU from its output), then ``dw``, then (``colsum``) the column
+    sums of the left operand as multiplied, float32 (1, block_k), or (``masked``) dz as computed,
+    stored by the instances of the first input-channel block (k = 0) for their rows, and its
+    float32 (1, block_n) column sums over them."""
     if prologue:
         mean_ref, a_ref, b_ref, *refs = refs
     if colsum:
         *refs, colsum_ref = refs
+    stores_dz = dz_form == "masked"
+    if stores_dz:
+        *refs, dz_out_ref, dz_sums_ref = refs
     *dz_refs, dw_ref = refs
     start = pl.program_id(2) * rows
     block_k, block_n = dw_ref.shape
@@ -200,26 +209,44 @@ def _wgrad_kernel(x_ref, *refs, rows: int, sub: int, prologue: bool, dz_form: st
         if dz_form == "relu_bn":
             x2_ref, mean2, a2, b2 = dz_refs
             return relu_bn(x2_ref[rs, :], mean2[...], a2[...], b2[...]).astype(compute_dtype)
+        if dz_form == "masked":
+            dout_ref, out_ref = dz_refs
+            dout = dout_ref[rs, :]
+            return jnp.where(out_ref[rs, :] > 0, dout, jnp.zeros_like(dout))
         g_ref, z_ref, scale_g, scale_z, shift = dz_refs
         return affine_grad(g_ref[rs, :], z_ref[rs, :], scale_g[...], scale_z[...], shift[...]).astype(compute_dtype)
 
-    def body(i: int, carry: tuple[Array, Array]) -> tuple[Array, Array]:
-        acc, sums = carry
+    first_k_block = pl.program_id(1) == 0
+
+    def body(i: int, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+        acc, sums, dz_sums = carry
         rs = pl.ds(start + i * sub, sub)
         y = x_ref[rs, :]
         if prologue:
             y = relu_bn(y, mean_ref[...], a_ref[...], b_ref[...])
         y = y.astype(compute_dtype)
-        acc = acc + jax.lax.dot_general(y, dz_rows(rs), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        dz = dz_rows(rs)
+        acc = acc + jax.lax.dot_general(y, dz, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         if colsum:
             sums = sums + jnp.sum(y.astype(jnp.float32), axis=0, keepdims=True)
-        return acc, sums
+        if stores_dz:
+            @pl.when(first_k_block)
+            def _store() -> None:
+                dz_out_ref[rs, :] = dz
 
-    acc, sums = jax.lax.fori_loop(0, rows // sub, body, (jnp.zeros((block_k, block_n), jnp.float32),
-                                                        jnp.zeros((1, block_k), jnp.float32)))
+            dz_sums = dz_sums + jnp.sum(dz.astype(jnp.float32), axis=0, keepdims=True)
+        return acc, sums, dz_sums
+
+    acc, sums, dz_sums = jax.lax.fori_loop(0, rows // sub, body, (jnp.zeros((block_k, block_n), jnp.float32),
+                                                                 jnp.zeros((1, block_k), jnp.float32),
+                                                                 jnp.zeros((1, block_n), jnp.float32)))
     dw_ref[...] = acc
     if colsum:
         colsum_ref[...] = sums
+    if stores_dz:
+        @pl.when(first_k_block)
+        def _store_sums() -> None:
+            dz_sums_ref[...] = dz_sums
 
 
 def _input_grad_kernel(g_ref, z_ref, scale_g_ref, scale_z_ref, shift_ref, wt_ref, *refs, block_n: int) -> None:
@@ -449,16 +476,20 @@ def weight_grad(
     x: Array, mean: Array | None, a: Array | None, b: Array | None, dz: Array | tuple[Array, ...], *,
     colsum: bool = False, interpret: bool = False, block_k: int | None = None, block_n: int | None = None,
     sub_rows: int | None = None, num_warps: int | None = None, programs: int | None = None,
-) -> Array | tuple[Array, Array] | None:
+) -> Array | tuple[Array, Array] | tuple[Array, Array, Array] | None:
     """``relu((x - mean) * a + b)^T @ dz``, float32 (K, N), for x (M, K) and dz (M, N) in the
     compute dtype, in one Pallas (Triton) kernel that recomputes the ReLU'd BatchNorm from x
     (``mean``, ``a``, ``b`` float32 (K,); all three None for ``x^T @ dz``).
     ``dz`` may instead be ``(g, z, scale_g, scale_z, shift)``, g and z (M, N) and the others
     float32 (N,): dz is then :func:`affine_grad` of them, computed as they are loaded; or
     ``(x2, mean2, a2, b2)``, x2 (M, N) and the others float32 (N,): dz is then
-    ``relu((x2 - mean2) * a2 + b2)`` in x2's dtype (with x2 = x, a Gram matrix: :func:`gram`).
-    ``colsum``: also returns the float32 (K,) column sums of the left operand as it was
-    multiplied (rounded to the compute dtype), as ``(dw, colsum)``.
+    ``relu((x2 - mean2) * a2 + b2)`` in x2's dtype (with x2 = x, a Gram matrix: :func:`gram`);
+    or ``(dout, out)``, both (M, N): dz is then dout where ``out > 0``, else 0 (the gradient
+    through a ReLU, from its output and its output's gradient), and the kernel also stores that
+    dz, returning ``(dw, dz, float32 (N,) column sums of dz)``: the masked gradient costs no pass
+    of its own (:func:`gram_backward`'s ``relu_output``). ``colsum``: also returns the float32
+    (K,) column sums of the left operand as it was multiplied (rounded to the compute dtype), as
+    ``(dw, colsum)``.
     The rows are split into ranges so that the kernel runs about ``programs`` instances, as
     long as their float32 (K, N) partial sums, which XLA adds, stay under an eighth of the
     bytes the kernel reads. Returns None where the blocks would be
@@ -466,8 +497,10 @@ def weight_grad(
     m, k = x.shape
     prologue = _prologue_given(mean, a, b, "weight_grad")
     dz_args = tuple(dz) if isinstance(dz, tuple) else (dz,)
-    dz_form = {1: "plain", 4: "relu_bn", 5: "affine"}[len(dz_args)]
-    rows_in = dz_args[:2] if dz_form == "affine" else dz_args[:1]
+    dz_form = {1: "plain", 2: "masked", 4: "relu_bn", 5: "affine"}[len(dz_args)]
+    if colsum and dz_form == "masked":
+        raise ValueError("weight_grad: colsum is not taken with a masked dz (dout, out)")
+    rows_in = dz_args[:2] if dz_form in ("affine", "masked") else dz_args[:1]
     n = rows_in[0].shape[1]
     bk = _largest_power_of_two_divisor(k, block_k or WGRAD_BLOCK_K)
     bn = _largest_power_of_two_divisor(n, block_n or WGRAD_BLOCK_N)
@@ -492,6 +525,10 @@ def weight_grad(
     if colsum:  # every output-channel block j sums the same columns: each writes its own copy
         out_specs.append(pl.BlockSpec((None, None, 1, bk), lambda j, i, s: (s, j, 0, i)))
         out_shape.append(jax.ShapeDtypeStruct((splits, n // bn, 1, k), jnp.float32))
+    if dz_form == "masked":  # dz and its column sums, written by the instances of the first k block
+        out_specs += [rows_spec, pl.BlockSpec((None, 1, bn), lambda j, i, s: (s, 0, j))]
+        out_shape += [jax.ShapeDtypeStruct((m, n), rows_in[0].dtype),
+                      jax.ShapeDtypeStruct((splits, 1, n), jnp.float32)]
     out = pl.pallas_call(
         functools.partial(_wgrad_kernel, rows=m // splits, sub=sub, prologue=prologue, dz_form=dz_form,
                           colsum=colsum),
@@ -503,9 +540,11 @@ def weight_grad(
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps or WGRAD_NUM_WARPS,
                                                                      num_stages=2),
         name=("bn_relu_" if prologue else "") + ("gram" if colsum else "matmul_weight_grad")
-        + ("_affine" if dz_form == "affine" else ""),
+        + {"affine": "_affine", "masked": "_relu_mask"}.get(dz_form, ""),
     )(x, *vectors, *rows_in, *dz_vectors)
     dw = jnp.sum(out[0], axis=0)
+    if dz_form == "masked":
+        return dw, out[1], jnp.sum(out[2][:, 0, :], axis=0)
     return (dw, jnp.sum(out[1][:, 0, 0, :], axis=0)) if colsum else dw
 
 
@@ -632,11 +671,16 @@ def _matmul_moments_xla(x: Array, mean: Array | None, a: Array | None, b: Array 
 
 
 def _weight_grad_xla(x: Array, mean: Array | None, a: Array | None, b: Array | None,
-                     dz: Array | tuple[Array, ...]) -> Array:
-    if isinstance(dz, tuple):
+                     dz: Array | tuple[Array, ...]) -> Array | tuple[Array, Array, Array]:
+    masked = isinstance(dz, tuple) and len(dz) == 2
+    if masked:
+        dout, out = dz
+        dz = jnp.where(out > 0, dout, jnp.zeros_like(dout))
+    elif isinstance(dz, tuple):
         dz = affine_grad(*dz).astype(dz[0].dtype)
     y = (x if mean is None else relu_bn(x, mean, a, b)).astype(dz.dtype)
-    return jax.lax.dot_general(y, dz, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(y, dz, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return (dw, dz, jnp.sum(dz.astype(jnp.float32), axis=0)) if masked else dw
 
 
 def _input_grad_xla(g: Array, z: Array, scale_g: Array, scale_z: Array, shift: Array, w: Array,
@@ -702,19 +746,28 @@ def _sharded_forward(out_dtype: Dtype, interpret: bool, prologue: bool = True) -
 
 
 @functools.cache
-def _sharded_weight_grad(interpret: bool, affine: bool = False, prologue: bool = True) -> Callable:
+def _sharded_weight_grad(interpret: bool, affine: bool = False, prologue: bool = True,
+                         masked: bool = False) -> Callable:
     """:func:`weight_grad` (or XLA's) as a :func:`row_sharded_op`: x's and dz's rows split over
     the devices, each device's (K, N) sum added across them. The op takes ``(x, mean, a, b, dz)``,
     without ``mean, a, b`` where not ``prologue``; ``affine``: ``g, z, scale_g, scale_z, shift``
-    in place of dz, dz being :func:`affine_grad` of them."""
+    in place of dz, dz being :func:`affine_grad` of them; ``masked``: ``dout, out`` in place of dz,
+    dz being dout where ``out > 0``, and the op returns ``(dw, dz, dz's column sums)``, dz split
+    by rows like its inputs and the sums added across the devices."""
+    if affine and masked:
+        raise ValueError("_sharded_weight_grad: dz is an affine map or a masked gradient, not both")
     fn = functools.partial(_kernel_or_xla, functools.partial(weight_grad, interpret=interpret), _weight_grad_xla)
     bn_rows, bn_spec = ((False,) * 3, "k, k, k, ") if prologue else ((), "")
-    dz_rows, dz_spec = ((True, True, False, False, False), "m n, m n, n, n, n") if affine else ((True,), "m n")
+    dz_rows, dz_spec = (((True, True, False, False, False), "m n, m n, n, n, n") if affine else
+                        ((True, True), "m n, m n") if masked else ((True,), "m n"))
 
-    def call(x: Array, *args: Array) -> Array:
+    def call(x: Array, *args: Array) -> Any:
         bn, dz = (args[:3], args[3:]) if prologue else ((None,) * 3, args)
-        return fn(x, *bn, tuple(dz) if affine else dz[0])
+        return fn(x, *bn, tuple(dz) if affine or masked else dz[0])
 
+    if masked:  # m is in an output too (dz), so Shardy is not told it is reduced
+        return row_sharded_op(call, (True, *bn_rows, *dz_rows), (False, True, False),
+                              f"m k, {bn_spec}{dz_spec} -> k n, m n, n")
     return row_sharded_op(call, (True, *bn_rows, *dz_rows), (False,), f"m k, {bn_spec}{dz_spec} -> k n", ("m",))
 
 
@@ -787,7 +840,8 @@ def _sharded_input_grad_gram(out_dtype: Dtype, interpret: bool, prologue: bool, 
 def gram_backward(cts: tuple[Array, Array, Array], gemm_input: tuple[Array, ...], w: Array, mean3: Array,
                   inv3: Array, next_scale: Array, *, input_grad: bool, kernel_grad: bool, input_grad_sums: bool,
                   dtype: Dtype, interpret: bool, gram_of_input: tuple[Array, Array] | None = None,
-                  ) -> tuple[Array | None, Array | None, Array | None, tuple[Array, Array]]:
+                  relu_output: Array | None = None, g_sums: Array | None = None,
+                  ) -> tuple[Array | None, Array | None, Array | None, tuple[Array, Array], tuple[Array, Array]]:
     """The reverse pass of a 1x1 convolution followed by a whole-batch BatchNorm (``z = y @ w``,
     ``u = (z - mean3) * inv3 * next_scale + bias``), from the cotangents of (u, z's mean, z's
     biased variance), without reading z (change 15; :func:`_bn_after_transpose` is the same
@@ -803,10 +857,18 @@ def gram_backward(cts: tuple[Array, Array, Array], gemm_input: tuple[Array, ...]
     - ``dy = dz w^T = (a3 g) w^T + y (w diag(scale_z) w^T) + shift w^T``
       (:func:`input_grad_gram`: g and x read, not z).
 
-    Returns ``(dy, sums2, dw, (dscale3, dbias3))``: dy (M, K) in ``dtype`` or None where not
+    ``relu_output``: the (M, N) output of a ReLU after the BatchNorm (``relu(u + ...)``, changes
+    16 and 17), whose cotangent ``cts[0]`` then is; g is that cotangent where the output is
+    positive, else 0, and the weight-gradient kernel that takes y^T g computes it as it loads
+    the two, stores it and sums it (:func:`weight_grad`'s ``(dout, out)``): g costs no pass of
+    its own. ``g_sums``: g's float32 (N,) column sums, where the caller has them (a second GEMM
+    fed the same g, change 17's shortcut), so that they are not summed again.
+
+    Returns ``(dy, sums2, dw, (dscale3, dbias3), (g, g_sums))``: dy (M, K) in ``dtype`` or None where not
     ``input_grad``; ``sums2`` the BatchNorm + ReLU's backward sums from dy's epilogue where
     ``input_grad_sums`` (with a prologue), else None; dw float32 (K, N) or None where not
-    ``kernel_grad``; and the cotangents of the BatchNorm's scale and bias. z's rounding to the
+    ``kernel_grad``; the cotangents of the BatchNorm's scale and bias; and g, u's cotangent (M, N)
+    as used (masked, with ``relu_output``), with its column sums. z's rounding to the
     compute dtype in the forward pass is not seen here (z = y @ w exactly): the two maps
     differ by that rounding, as the forward pass's statistics do from z's. ``gram_of_input``:
     :func:`gram`'s ``(y^T y, sum of y's rows)``, where the forward pass computed them."""
@@ -815,8 +877,12 @@ def gram_backward(cts: tuple[Array, Array, Array], gemm_input: tuple[Array, ...]
     prologue = len(gemm_input) == 4
     rows, n = x.shape[0], w.shape[1]
     g = du.reshape(rows, n)
-    sum_g = jnp.sum(g.astype(jnp.float32), axis=0)
-    products = _sharded_weight_grad(interpret, prologue=prologue)(*gemm_input, g)  # y^T g, (K, N)
+    if relu_output is None:
+        sum_g = jnp.sum(g.astype(jnp.float32), axis=0) if g_sums is None else g_sums
+        products = _sharded_weight_grad(interpret, prologue=prologue)(*gemm_input, g)  # y^T g, (K, N)
+    else:  # the ReLU's mask from its output, applied (and g stored and summed) by the y^T g kernel
+        products, g, sum_g = _sharded_weight_grad(interpret, prologue=prologue, masked=True)(
+            *gemm_input, g, relu_output.reshape(rows, n))
     wf = w.astype(jnp.float32)
     sum_gc = jnp.sum(wf * products, axis=0) - mean3 * sum_g
     a3 = inv3 * next_scale
@@ -833,21 +899,22 @@ def gram_backward(cts: tuple[Array, Array, Array], gemm_input: tuple[Array, ...]
         out = _sharded_input_grad_gram(jnp.dtype(dtype), interpret, prologue, input_grad_sums)(
             g, a3, w, *gemm_input, p, c)
         dy, sums2 = out if input_grad_sums else (out, None)
-    return dy, sums2, dw, (sum_gc * inv3, sum_g)
+    return dy, sums2, dw, (sum_gc * inv3, sum_g), (g, sum_g)
 
 
 def _gram_transpose_of_gemm_bn(cts: tuple[Array, Array, Array], x: Array, kernel: Array, xs: Array, w: Array,
                                mean: Array, inv: Array, scale: Array, present: tuple[bool, ...], dtype: Dtype,
-                               interpret: bool, gram_of_input: tuple[Array, Array] | None = None) -> list[Array]:
+                               interpret: bool, gram_of_input: tuple[Array, Array] | None = None,
+                               g_sums: Array | None = None) -> list[Array]:
     """The cotangents of the inputs marked ``present`` (x, the kernel, the BatchNorm's scale and bias)
     of ``BatchNorm(x @ kernel)`` by :func:`gram_backward` (z not read), from those of its output and
     z's statistics; ``xs`` (M, K) and ``w`` (K, N) are x and the kernel as the GEMM takes them, x
     and ``kernel`` give the cotangents' shapes and dtypes. Shared by change 15's path of
     :func:`conv1x1_bn` and the shortcut of :func:`bn_relu_conv1x1_bn_add_conv1x1_bn_relu`."""
     (x_present, kernel_present), bn_present = present[:2], present[2:]
-    dx, _, dw, bn_cts = gram_backward(cts, (xs,), w, mean, inv, scale, input_grad=x_present,
+    dx, _, dw, bn_cts, _ = gram_backward(cts, (xs,), w, mean, inv, scale, input_grad=x_present,
                                       kernel_grad=kernel_present, input_grad_sums=False, dtype=dtype,
-                                      interpret=interpret, gram_of_input=gram_of_input)
+                                      interpret=interpret, gram_of_input=gram_of_input, g_sums=g_sums)
     out = [dx.reshape(x.shape).astype(x.dtype)] if x_present else []
     if kernel_present:
         out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
@@ -858,27 +925,31 @@ def _gram_transpose_of_gemm_bn(cts: tuple[Array, Array, Array], x: Array, kernel
 def _gram_transpose_of_bn_relu_gemm_bn(cts: tuple[Array, Array, Array], res5: tuple, kernel: Array, w: Array,
                                        mean3: Array, inv3: Array, next_scale: Array, present: tuple[bool, ...],
                                        epsilon: float, dtype: Dtype, interpret: bool,
-                                       gram_of_input: tuple[Array, Array] | None = None) -> list[Array]:
+                                       gram_of_input: tuple[Array, Array] | None = None,
+                                       relu_output: Array | None = None) -> tuple[list[Array], tuple[Array, Array]]:
     """The cotangents of the inputs marked ``present`` (x, mean, var, scale, bias; the kernel; the
     next BatchNorm's scale and bias) of ``BatchNorm'(relu(BatchNorm(x)) @ kernel)``, from those of
     its output and z's statistics, by :func:`gram_backward` (z not read) and the Pallas
-    BatchNorm's transpose; ``res5 = (x, mean, var, scale, bias)``. Shared by change 15's path of
-    :func:`bn_relu_conv1x1_bn` and by :func:`bn_relu_conv1x1_bn_add_relu`."""
+    BatchNorm's transpose; ``res5 = (x, mean, var, scale, bias)``. With ``relu_output``, the
+    output's cotangent is that of a ReLU after it (:func:`gram_backward`). Returns the cotangents
+    and ``(g, g's column sums)``, the output's cotangent as used, (M, N). Shared by change 15's path of
+    :func:`bn_relu_conv1x1_bn` and by changes 16 and 17's ops."""
     x, mean, var, scale, bias = res5
     bn_present, kernel_present, next_present = present[:5], present[5], present[6:8]
     n_bn = sum(bn_present)
     bn_input = (x.reshape(-1, x.shape[-1]), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
     sums_wanted = bool(n_bn) and INPUT_GRAD_SUMS and any(bn_present[1:])
-    dy, sums2, dw, next_cts = gram_backward(cts, bn_input, w, mean3, inv3, next_scale, input_grad=bool(n_bn),
-                                            kernel_grad=kernel_present, input_grad_sums=sums_wanted, dtype=dtype,
-                                            interpret=interpret, gram_of_input=gram_of_input)
+    dy, sums2, dw, next_cts, g = gram_backward(cts, bn_input, w, mean3, inv3, next_scale, input_grad=bool(n_bn),
+                                               kernel_grad=kernel_present, input_grad_sums=sums_wanted, dtype=dtype,
+                                               interpret=interpret, gram_of_input=gram_of_input,
+                                               relu_output=relu_output)
     out = []
     if n_bn:
         out.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res5, dy.reshape(x.shape), sums2))
     if kernel_present:
         out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
     out.extend(ct for ct, p in zip(next_cts, next_present) if p)
-    return out
+    return out, g
 
 
 # ---------------------------------------------------------------- the differentiable op
@@ -1133,7 +1204,7 @@ def _bn_relu_conv1x1_bn_jvp(epsilon: float, next_epsilon: float, dtype: Dtype, i
         w = kernel.reshape(k, -1).astype(dtype)
         if GRAM_BACKWARD:  # change 15: z not read
             return tuple(_gram_transpose_of_bn_relu_gemm_bn(cts, res[:5], kernel, w, mean3, inv3, next_scale, present,
-                                                            epsilon, dtype, interpret))
+                                                            epsilon, dtype, interpret)[0])
         # bn2 + ReLU, the GEMMs' input: (x, mean, a, b)
         bn_input = (x.reshape(-1, k), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
         affine, next_cts = _bn_after_transpose(cts, z, mean3, inv3, next_scale)
@@ -1273,12 +1344,12 @@ def _bn_relu_conv1x1_bn_add_relu_jvp(epsilon: float, next_epsilon: float, dtype:
     def transpose(res: tuple, cts: tuple) -> tuple:
         x, mean, var, scale, bias, kernel, next_scale, out, mean3, inv3, gram_yy, sum_y = res
         w = kernel.reshape(k, -1).astype(dtype)
-        dout, dmean3, dvar3 = cts
-        g = jnp.where(out > 0, dout, jnp.zeros_like(dout))  # the ReLU's mask from its output
-        outs = _gram_transpose_of_bn_relu_gemm_bn((g, dmean3, dvar3), res[:5], kernel, w, mean3, inv3, next_scale,
-                                                  present, epsilon, dtype, interpret, gram_of_input=(gram_yy, sum_y))
+        # the ReLU's mask from its output, applied by the kernel that takes y^T g (g stored there)
+        outs, (g, _) = _gram_transpose_of_bn_relu_gemm_bn(cts, res[:5], kernel, w, mean3, inv3, next_scale,
+                                                          present, epsilon, dtype, interpret,
+                                                          gram_of_input=(gram_yy, sum_y), relu_output=out)
         if residual_present:
-            outs.append(g.astype(residual.dtype))
+            outs.append(g.reshape(residual.shape).astype(residual.dtype))
         return tuple(outs)
 
     outs = jax.custom_derivatives.linear_call(tangent, transpose, res, linear)
@@ -1379,13 +1450,15 @@ def _bn_relu_conv1x1_bn_add_conv1x1_bn_relu_jvp(epsilon: float, next_epsilon: fl
         kernel, next_scale = res[5:7]
         out, mean3, inv3, xs_rows, ws, scale_s, mean_s, inv_s, gram_yy, sum_y, gram_ss, sum_s = res[7:]
         dout, dmean3, dvar3, dmean_s, dvar_s = cts
-        g = jnp.where(out > 0, dout, jnp.zeros_like(dout))  # the ReLU's mask from its output
         w = kernel.reshape(x.shape[-1], -1).astype(dtype)
-        outs = _gram_transpose_of_bn_relu_gemm_bn((g, dmean3, dvar3), res[:5], kernel, w, mean3, inv3, next_scale,
-                                                  present[:8], epsilon, dtype, interpret,
-                                                  gram_of_input=(gram_yy, sum_y))
+        # the ReLU's mask from its output, applied by the kernel that takes y^T g (g stored there)
+        outs, (g, sum_g) = _gram_transpose_of_bn_relu_gemm_bn((dout, dmean3, dvar3), res[:5], kernel, w, mean3,
+                                                              inv3, next_scale, present[:8], epsilon, dtype,
+                                                              interpret, gram_of_input=(gram_yy, sum_y),
+                                                              relu_output=out)
         outs += _gram_transpose_of_gemm_bn((g, dmean_s, dvar_s), xs, kernel_s, xs_rows, ws, mean_s, inv_s, scale_s,
-                                           present[8:], dtype, interpret, gram_of_input=(gram_ss, sum_s))
+                                           present[8:], dtype, interpret, gram_of_input=(gram_ss, sum_s),
+                                           g_sums=sum_g)
         return tuple(outs)
 
     outs = jax.custom_derivatives.linear_call(tangent, transpose, res, linear)
