@@ -17,11 +17,14 @@ GEMMs run these shapes as fast as cuDNN and cuBLAS is what this measures:
   difference over the 16 blocks;
 - at the same shapes, the block's whole tail to its output (bn3, the shortcut's add and the
   ReLU) as the model runs it, with change 9 (``fused``), with change 11 (``fused-bn3``) and
-  with change 15 (``fused-gram``) and with change 16 (``fused-residual``);
+  with change 15 (``fused-gram``) and with change 16 (``fused-residual``, whose reverse pass
+  masks the output's gradient in the y^T g kernel: change 18);
 - at ResNet-50's four conv1 shapes, conv1 + bn1 + ReLU forward + backward, as the model runs
   it (cuDNN, the statistics kernel, the Pallas BatchNorm) and with ``conv1x1_moments``;
 - each kernel alone, at the first and last shapes, at a few block sizes (``--forward-blocks``,
-  ``--wgrad-blocks``), with the bandwidth and tensor-core rate it reaches;
+  ``--wgrad-blocks``), with the bandwidth and tensor-core rate it reaches; the weight-gradient
+  kernel also in change 18's masked form (``wgrad_masked``: dz and the ReLU's output read, the
+  masked dz stored), at the first ``--wgrad-blocks``;
 - with ``--full-step-model``, the whole train step as the model has it, then with changes 9
   and 10 (``bn_relu_pallas.batch_norm("fused-convs")``), with change 11 too (``"fused-all"``),
   and with those and the stem pool's candidate (``stem_variants.POOL_VARIANTS["planes"]``).
@@ -277,21 +280,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         a_vec = jax.lax.rsqrt(var + EPSILON) * scale
         flops = 2 * m * k * n
         # each kernel reads an (M, K) and writes or reads an (M, N) array: the bytes it must move
+        # (the masked weight gradient of changes 16-18 reads two (M, N) arrays and writes a third)
+        moved = (m * k + m * n) * dtype.itemsize
         kernels = [("forward_kernel", spec, (x2, mean, a_vec, bias, w), functools.partial(
                         matmul_moments, out_dtype=dtype, block_m=spec["BLOCK_M"], block_n=spec["BLOCK_N"],
-                        block_k=spec["BLOCK_K"], num_warps=spec["NUM_WARPS"], num_stages=spec["NUM_STAGES"]))
+                        block_k=spec["BLOCK_K"], num_warps=spec["NUM_WARPS"], num_stages=spec["NUM_STAGES"]), moved)
                    for spec in forward_specs]
-        kernels += [("wgrad_kernel", spec, (x2, mean, a_vec, bias, dz), functools.partial(
-                         weight_grad, block_k=spec["BLOCK_K"], block_n=spec["BLOCK_N"], sub_rows=spec["SUB_ROWS"],
-                         num_warps=spec["NUM_WARPS"], programs=spec["PROGRAMS"]))
-                    for spec in wgrad_specs]
-        for part, spec, args, kernel_fn in kernels:
+        for form, dz_arg, nbytes in (("wgrad_kernel", dz, moved),
+                                     ("wgrad_masked", (dz, jnp.maximum(dz, 0)), moved + 2 * m * n * dtype.itemsize)):
+            kernels += [(form, spec, (x2, mean, a_vec, bias, dz_arg), functools.partial(
+                             weight_grad, block_k=spec["BLOCK_K"], block_n=spec["BLOCK_N"],
+                             sub_rows=spec["SUB_ROWS"], num_warps=spec["NUM_WARPS"], programs=spec["PROGRAMS"]),
+                         nbytes)
+                        for spec in (wgrad_specs if form == "wgrad_kernel" else wgrad_specs[:1])]
+        for part, spec, args, kernel_fn, nbytes in kernels:
             blocks = "x".join(str(v) for v in spec.values())
             if (result := timed(jax.jit(kernel_fn), args, part=part, blocks=blocks)) is None:
                 continue
             ms = result[1]
             emit({"part": part, "blocks": blocks, "shape": [m, k, n], "ms": round(ms, 4),
-                  "gb_per_s": round((m * k + m * n) * dtype.itemsize / (ms * 1e-3) / 1e9),
+                  "gb_per_s": round(nbytes / (ms * 1e-3) / 1e9),
                   "tflop_per_s": round(flops / (ms * 1e-3) / 1e12)})
     print(f"\nforward + backward on {kind}, {a.dtype} (median ms): bn2 + ReLU -> conv3 -> z's statistics "
           "(model: Pallas BatchNorm + cuDNN + statistics kernel, fused: one Pallas GEMM each way), the same to the "
