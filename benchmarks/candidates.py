@@ -12,7 +12,7 @@ makes the step at least ``--min-gain`` faster than the best so far (default 0.5%
 the spread of repeated runs of one step on the H100) with every loss within ``--loss-tolerance``
 of the model's (default 0.05, :data:`LOSS_TOLERANCE`). A candidate that builds on one not kept
 (change 11 on change 9) is tried together with it, since it may pay for it. A greedy choice:
-eleven compiles instead of the 224 combinations. It prints one
+twelve compiles instead of the 432 combinations. It prints one
 JSON row per run and, after each, the choice so far::
 
     {"part": "choice", "candidates": "fused-conv+fused-bn3", "images_per_second": ..., "vs_model": ..., "final": false}
@@ -72,6 +72,10 @@ class Candidate:
 CANDIDATES = (
     Candidate("fused-conv", 9, "bn2 + ReLU, conv3 and bn3's statistics as one Triton GEMM (blocks.FUSE_BN2_CONV3)",
               ((blocks, "FUSE_BN2_CONV3", True),)),
+    Candidate("small-tiles", 19, "the Triton GEMMs of changes 9-17 in 64-row blocks of 4 warps instead of 128 rows "
+                                 "of 8 (pallas_fused_conv.BLOCK_M, NUM_WARPS): 3-4 instances per SM where the "
+                                 "larger ones fit 1-2, for these bandwidth-bound GEMMs' memory latency",
+              ((pallas_fused_conv, "BLOCK_M", 64), (pallas_fused_conv, "NUM_WARPS", 4)), requires="fused-conv"),
     Candidate("fused-bn3", 11, "bn3 inside change 9's op, its input gradient computed in conv3's backward GEMMs "
                                "(blocks.FUSE_BN3)", ((blocks, "FUSE_BN3", True),), requires="fused-conv"),
     Candidate("grad-sums", 12, "bn2's backward sums in change 11's input-gradient GEMM "

@@ -81,7 +81,9 @@ Array = jax.Array
 Dtype = Any
 
 # The forward kernel: rows (N*H*W positions) and output channels per instance, input channels
-# per step of its loop, warps, and Triton's pipelining depth. Read at trace time.
+# per step of its loop, warps, and Triton's pipelining depth; the input-gradient GEMMs take the
+# same (BLOCK_N for their input channels). Read at trace time. 64 rows of 4 warps is a candidate
+# (docs/performance.md, change 19: more instances per SM for these bandwidth-bound GEMMs).
 BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 128, 128, 64, 8, 2
 # The weight-gradient kernel: input and output channels per instance, rows per step of its
 # loop, warps, and the number of instances it aims for by splitting the rows (each split

@@ -21,7 +21,8 @@ from resnet_jax.models import blocks, layers, pallas_batch_norm, pallas_fused_co
 def _flags() -> tuple:
     return (blocks.FUSE_BN2_CONV3, blocks.FUSE_BN3, blocks.FUSE_CONV1_BN1, layers.max_pool_3x3_s2,
             pallas_batch_norm.MIN_PROGRAMS, pallas_fused_conv.INPUT_GRAD_SUMS, layers.FUSE_SHORTCUT,
-            pallas_fused_conv.GRAM_BACKWARD, blocks.FUSE_RESIDUAL, blocks.FUSE_PROJECTION)
+            pallas_fused_conv.GRAM_BACKWARD, blocks.FUSE_RESIDUAL, blocks.FUSE_PROJECTION, pallas_fused_conv.BLOCK_M,
+            pallas_fused_conv.NUM_WARPS)
 
 
 def test_a_choice_spec_names_known_candidates_once_each_with_what_they_build_on():
@@ -48,15 +49,17 @@ def test_a_choice_spec_names_known_candidates_once_each_with_what_they_build_on(
         "fused-conv", "fused-bn3", "fused-residual"]
     assert [c.name for c in cand.with_requirements(cand.BY_NAME["fused-projection"])] == [
         "fused-conv", "fused-bn3", "fused-residual", "fused-projection"]
+    with pytest.raises(ValueError, match="'small-tiles' builds on 'fused-conv'"):
+        cand.parse_choice("small-tiles")
 
 
 def test_applied_switches_each_candidate_on_and_restores_the_model_even_after_an_error():
     before = _flags()
     # the defaults this script exists to change
-    assert before[:3] + before[4:] == (False, False, False, 0, False, False, False, False, False)
+    assert before[:3] + before[4:] == (False, False, False, 0, False, False, False, False, False, 128, 8)
     assert before[3] is not layers.max_pool_planes
     with cand.applied(cand.parse_choice("+".join(cand.BY_NAME))):
-        assert _flags() == (True, True, True, layers.max_pool_planes, 528, True, True, True, True, True)
+        assert _flags() == (True, True, True, layers.max_pool_planes, 528, True, True, True, True, True, 64, 4)
     assert _flags() == before
     with pytest.raises(RuntimeError, match="compile failed"), cand.applied(cand.parse_choice("planes-pool")):
         assert layers.max_pool_3x3_s2 is layers.max_pool_planes and not blocks.FUSE_BN2_CONV3
@@ -80,10 +83,10 @@ def _measure(figures: dict[str, tuple[float, list[float]] | Exception], seen: li
 
 
 def test_the_greedy_choice_keeps_each_candidate_that_gains_enough_on_what_was_kept():
-    """Model 1000 img/s. fused-conv 1010 (+1.0%: kept); fused-bn3 1014 (+0.4% on 1010: not
-    kept, though faster than the model); grad-sums, with fused-bn3, 1012 (not kept);
-    gram-backward, with fused-bn3, 1013, fused-residual 1011 and fused-projection, with
-    fused-bn3 and fused-residual, 1012 (none kept); fused-conv1
+    """Model 1000 img/s. fused-conv 1010 (+1.0%: kept); small-tiles 1012 (+0.2% on 1010: not
+    kept); fused-bn3 1014 (+0.4% on 1010: not kept, though faster than the model); grad-sums,
+    with fused-bn3, 1012 (not kept); gram-backward, with fused-bn3, 1013, fused-residual 1011
+    and fused-projection, with fused-bn3 and fused-residual, 1012 (none kept); fused-conv1
     1050 with a loss 0.04 off (within 0.05: kept); fused-shortcut 1055 (+0.48% on 1050: not
     kept); planes-pool 1100 but a loss 0.06 off (not kept); min-programs NaN losses
     (not kept)."""
@@ -92,6 +95,7 @@ def test_the_greedy_choice_keeps_each_candidate_that_gains_enough_on_what_was_ke
     kept = cand.select(_measure({
         "none": (1000.0, base),
         "fused-conv": (1010.0, [6.9, 6.8, 6.7]),
+        "small-tiles": (1012.0, base),
         "fused-bn3": (1014.0, base),
         "grad-sums": (1012.0, base),
         "gram-backward": (1013.0, base),
@@ -104,37 +108,43 @@ def test_the_greedy_choice_keeps_each_candidate_that_gains_enough_on_what_was_ke
     }, seen), emit=rows.append)
     assert cand.spec_of(kept) == "fused-conv+fused-conv1"
     # each candidate is measured on top of what was kept before it
-    assert seen == ["none", "fused-conv", "fused-conv+fused-bn3", "fused-conv+fused-bn3+grad-sums",
+    assert seen == ["none", "fused-conv", "fused-conv+small-tiles", "fused-conv+fused-bn3",
+                    "fused-conv+fused-bn3+grad-sums",
                     "fused-conv+fused-bn3+gram-backward", "fused-conv+fused-bn3+fused-residual",
                     "fused-conv+fused-bn3+fused-residual+fused-projection", "fused-conv+fused-conv1",
                     "fused-conv+fused-conv1+fused-shortcut", "fused-conv+fused-conv1+planes-pool",
                     "fused-conv+fused-conv1+min-programs"]
     steps = [r for r in rows if r["part"] == "train_step"]
-    assert [r["kept"] for r in steps] == [True, True, False, False, False, False, False, True, False, False, False]
-    assert [r["vs_model"] for r in steps] == [1.0, 1.01, 1.014, 1.012, 1.013, 1.011, 1.012, 1.05, 1.055, 1.1, 2.0]
-    assert steps[2]["vs_kept"] == pytest.approx(1014 / 1010, abs=1e-4) and "under the 0.5% asked" in steps[2]["why"]
+    assert [r["kept"] for r in steps] == [True, True, False, False, False, False, False, False, True, False, False,
+                                          False]
+    assert [r["vs_model"] for r in steps] == [1.0, 1.01, 1.012, 1.014, 1.012, 1.013, 1.011, 1.012, 1.05, 1.055, 1.1,
+                                              2.0]
+    assert steps[2]["trying"] == "small-tiles" and "with" not in steps[2]  # on top of fused-conv, kept
+    assert steps[3]["vs_kept"] == pytest.approx(1014 / 1010, abs=1e-4) and "under the 0.5% asked" in steps[3]["why"]
     # what they build on, not kept, tried with them
-    assert steps[3]["with"] == steps[4]["with"] == steps[5]["with"] == "fused-bn3"
-    assert steps[6]["with"] == "fused-bn3+fused-residual"
-    assert steps[7]["max_loss_diff_vs_model"] == pytest.approx(0.04)
-    assert "under the 0.5% asked" in steps[8]["why"]
-    assert "loss differs from the model's by 0.06 > 0.05" in steps[9]["why"]
-    assert "by nan" in steps[10]["why"]
+    assert steps[4]["with"] == steps[5]["with"] == steps[6]["with"] == "fused-bn3"
+    assert steps[7]["with"] == "fused-bn3+fused-residual"
+    assert steps[8]["max_loss_diff_vs_model"] == pytest.approx(0.04)
+    assert "under the 0.5% asked" in steps[9]["why"]
+    assert "loss differs from the model's by 0.06 > 0.05" in steps[10]["why"]
+    assert "by nan" in steps[11]["why"]
     # a choice after every run, the last one final: a job killed part-way leaves whole measurements
     choices = [r for r in rows if r["part"] == "choice"]
-    assert [c["candidates"] for c in choices] == ["none", *["fused-conv"] * 6, *["fused-conv+fused-conv1"] * 5]
-    assert [c["final"] for c in choices] == [False] * 11 + [True]
+    assert [c["candidates"] for c in choices] == ["none", *["fused-conv"] * 7, *["fused-conv+fused-conv1"] * 5]
+    assert [c["final"] for c in choices] == [False] * 12 + [True]
     assert choices[-1]["vs_model"] == 1.05 and choices[-1]["images_per_second"] == 1050.0
     json.dumps(rows)  # every row is a JSON line
 
 
 def test_a_candidate_that_builds_on_one_not_kept_is_tried_with_it_and_may_bring_it_in():
-    """fused-conv alone +0.2% (not kept); fused-bn3 with it +4%: both kept. Then grad-sums,
+    """fused-conv alone +0.2% (not kept); small-tiles with it +0.3% (neither kept); fused-bn3 with
+    fused-conv +4%: both kept. Then grad-sums,
     gram-backward, fused-residual, fused-projection (with fused-residual) and fused-conv1 on top
     of both."""
     seen, rows = [], []
     kept = cand.select(_measure({
-        "none": (1000.0, [2.0]), "fused-conv": (1002.0, [2.0]), "fused-bn3": (1040.0, [2.0]),
+        "none": (1000.0, [2.0]), "fused-conv": (1002.0, [2.0]), "small-tiles": (1003.0, [2.0]),
+        "fused-bn3": (1040.0, [2.0]),
         "grad-sums": (1041.0, [2.0]), "gram-backward": (1041.0, [2.0]), "fused-residual": (1041.0, [2.0]),
         "fused-projection": (1041.0, [2.0]), "fused-conv1": (1041.0, [2.0]),
         "fused-shortcut": (1000.0, [2.0]),
@@ -142,9 +152,11 @@ def test_a_candidate_that_builds_on_one_not_kept_is_tried_with_it_and_may_bring_
         "min-programs": (1000.0, [2.0]),
     }, seen), emit=rows.append)
     assert cand.spec_of(kept) == "fused-conv+fused-bn3"
-    assert seen[:8] == ["none", "fused-conv", "fused-conv+fused-bn3", "fused-conv+fused-bn3+grad-sums",
+    assert seen[:9] == ["none", "fused-conv", "fused-conv+small-tiles", "fused-conv+fused-bn3",
+                        "fused-conv+fused-bn3+grad-sums",
                         "fused-conv+fused-bn3+gram-backward", "fused-conv+fused-bn3+fused-residual",
                         "fused-conv+fused-bn3+fused-residual+fused-projection", "fused-conv+fused-bn3+fused-conv1"]
+    assert next(r for r in rows if r.get("trying") == "small-tiles")["with"] == "fused-conv"
     bundled = next(r for r in rows if r.get("trying") == "fused-bn3")
     assert bundled["with"] == "fused-conv" and bundled["kept"] and bundled["vs_kept"] == 1.04
 
@@ -163,7 +175,7 @@ def test_a_candidate_that_fails_is_a_row_one_built_on_it_is_not_run_and_the_mode
     assert not [s for s in seen if "fused-conv+" in s or "grad-sums" in s]
     by = {r["trying"]: r for r in rows if r["part"] == "train_step"}
     assert "out of shared memory" in by["fused-conv"]["error"] and not by["fused-conv"]["kept"]
-    assert by["fused-bn3"]["why"] == "builds on fused-conv, which failed"
+    assert by["fused-bn3"]["why"] == by["small-tiles"]["why"] == "builds on fused-conv, which failed"
     assert by["grad-sums"]["why"] == "builds on fused-conv, fused-bn3, which failed"
     assert "-1.00% on what was kept" in by["fused-conv1"]["why"]
     assert rows[-1] == {"part": "choice", "candidates": "planes-pool", "images_per_second": 1030.0,
