@@ -915,8 +915,8 @@ def _gram_transpose_of_gemm_bn(cts: tuple[Array, Array, Array], x: Array, kernel
     :func:`conv1x1_bn` and the shortcut of :func:`bn_relu_conv1x1_bn_add_conv1x1_bn_relu`."""
     (x_present, kernel_present), bn_present = present[:2], present[2:]
     dx, _, dw, bn_cts, _ = gram_backward(cts, (xs,), w, mean, inv, scale, input_grad=x_present,
-                                      kernel_grad=kernel_present, input_grad_sums=False, dtype=dtype,
-                                      interpret=interpret, gram_of_input=gram_of_input, g_sums=g_sums)
+                                         kernel_grad=kernel_present, input_grad_sums=False, dtype=dtype,
+                                         interpret=interpret, gram_of_input=gram_of_input, g_sums=g_sums)
     out = [dx.reshape(x.shape).astype(x.dtype)] if x_present else []
     if kernel_present:
         out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
@@ -941,17 +941,17 @@ def _gram_transpose_of_bn_relu_gemm_bn(cts: tuple[Array, Array, Array], res5: tu
     n_bn = sum(bn_present)
     bn_input = (x.reshape(-1, x.shape[-1]), mean, jax.lax.rsqrt(var + epsilon) * scale, bias.astype(jnp.float32))
     sums_wanted = bool(n_bn) and INPUT_GRAD_SUMS and any(bn_present[1:])
-    dy, sums2, dw, next_cts, g = gram_backward(cts, bn_input, w, mean3, inv3, next_scale, input_grad=bool(n_bn),
-                                               kernel_grad=kernel_present, input_grad_sums=sums_wanted, dtype=dtype,
-                                               interpret=interpret, gram_of_input=gram_of_input,
-                                               relu_output=relu_output)
+    dy, sums2, dw, next_cts, g_and_sums = gram_backward(
+        cts, bn_input, w, mean3, inv3, next_scale, input_grad=bool(n_bn), kernel_grad=kernel_present,
+        input_grad_sums=sums_wanted, dtype=dtype, interpret=interpret, gram_of_input=gram_of_input,
+        relu_output=relu_output)
     out = []
     if n_bn:
         out.extend(_bn_relu_transpose(epsilon, interpret, bn_present, res5, dy.reshape(x.shape), sums2))
     if kernel_present:
         out.append(dw.reshape(kernel.shape).astype(kernel.dtype))
     out.extend(ct for ct, p in zip(next_cts, next_present) if p)
-    return out, g
+    return out, g_and_sums
 
 
 # ---------------------------------------------------------------- the differentiable op
