@@ -73,7 +73,7 @@ CANDIDATES = (
     Candidate("fused-conv", 9, "bn2 + ReLU, conv3 and bn3's statistics as one Triton GEMM (blocks.FUSE_BN2_CONV3)",
               ((blocks, "FUSE_BN2_CONV3", True),)),
     Candidate("small-tiles", 19, "the Triton GEMMs of changes 9-17 in 64-row blocks of 4 warps instead of 128 rows "
-                                 "of 8 (pallas_fused_conv.BLOCK_M, NUM_WARPS): 3-4 instances per SM where the "
+                                 "of 8 (pallas_fused_conv.BLOCK_M, NUM_WARPS): 2-4 instances per SM where the "
                                  "larger ones fit 1-2, for these bandwidth-bound GEMMs' memory latency",
               ((pallas_fused_conv, "BLOCK_M", 64), (pallas_fused_conv, "NUM_WARPS", 4)), requires="fused-conv"),
     Candidate("fused-bn3", 11, "bn3 inside change 9's op, its input gradient computed in conv3's backward GEMMs "
