@@ -1,4 +1,4 @@
-"""The candidate changes that are built but off by default (docs/performance.md, changes 7 to 17):
+"""The candidate changes that are built but off by default (docs/performance.md, changes 7 to 20):
 chosen on the device by timing the whole train step, then applied to any ``resnet-jax`` command.
 
 A drawn task has 15 minutes of device time, and a warm machine goes back 30 s after a call, so
@@ -12,7 +12,7 @@ makes the step at least ``--min-gain`` faster than the best so far (default 0.5%
 the spread of repeated runs of one step on the H100) with every loss within ``--loss-tolerance``
 of the model's (default 0.05, :data:`LOSS_TOLERANCE`). A candidate that builds on one not kept
 (change 11 on change 9) is tried together with it, since it may pay for it. A greedy choice:
-twelve compiles instead of the 432 combinations. It prints one
+thirteen compiles instead of the 864 combinations. It prints one
 JSON row per run and, after each, the choice so far::
 
     {"part": "choice", "candidates": "fused-conv+fused-bn3", "images_per_second": ..., "vs_model": ..., "final": false}
@@ -45,6 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from resnet_jax.models import blocks, layers, pallas_batch_norm, pallas_fused_conv  # noqa: E402
+from resnet_jax.train import step  # noqa: E402
 
 MIN_GAIN = 0.005
 # bf16 rounding differences grow over a run's ~55 steps: the stem's correct variants differed from
@@ -100,6 +101,10 @@ CANDIDATES = (
               ((layers, "max_pool_3x3_s2", layers.max_pool_planes),)),
     Candidate("min-programs", 8, "the Pallas BatchNorm kernels run >= 4 instances per SM on small activations "
                                  "(pallas_batch_norm.MIN_PROGRAMS = 528)", ((pallas_batch_norm, "MIN_PROGRAMS", 528),)),
+    Candidate("keep-state", 20, "the step's state not donated (step.DONATE_STATE): the updated weights go to fresh "
+                                "buffers instead of being copied into the old ones, ~136 copy kernels fewer per "
+                                "step, peak memory up by about the parameters' size",
+              ((step, "DONATE_STATE", False),)),
 )
 BY_NAME = {c.name: c for c in CANDIDATES}
 NONE = "none"

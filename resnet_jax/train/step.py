@@ -2,8 +2,8 @@
 
 They close over static objects only (the model, the optax transformation, a few
 floats) and are jitted once by :func:`compile_steps` with explicit shardings and
-the state donated. Loss, softmax and metrics are computed in float32 whatever the
-compute dtype. Metrics stay on the device; the loop reads them at log steps.
+the state donated (:data:`DONATE_STATE`). Loss, softmax and metrics are computed in
+float32 whatever the compute dtype. Metrics stay on the device; the loop reads them at log steps.
 """
 
 from __future__ import annotations
@@ -21,6 +21,17 @@ from resnet_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+
+# Whether ``compile_steps``' train step updates the state in place (``donate_argnums``); False is a
+# candidate the device has not yet timed (docs/performance.md, change 20). Donated, XLA adds
+# copy kernels for ResNet-50 on the H100, 136 per step (0.35 GiB): each conv weight and its momentum
+# are updated from a gradient read transposed (cuDNN's filter layout), which XLA will not write over
+# in place, so the result is written to a temporary and copied into the donated buffer; 32 more copy
+# BatchNorm biases. Not donated (False), the new state goes to fresh buffers with no copies, and
+# the old one is freed when the caller drops it: peak memory grows by about the parameters' size
+# (+0.16 GiB for ResNet-50). The results are the same either way. (``compile_multi_step``'s loop
+# has no such copies and donates regardless.)
+DONATE_STATE = True
 
 
 def cross_entropy(
@@ -141,7 +152,8 @@ def compile_steps(
     mixup_alpha: float = 0.0,
     cutmix_alpha: float = 0.0,
 ) -> tuple[Any, Any]:
-    """``jax.jit``-wrapped train and eval steps with explicit shardings; state donated."""
+    """``jax.jit``-wrapped train and eval steps with explicit shardings; the train step's state
+    donated (updated in place) unless :data:`DONATE_STATE` is off."""
     train = jax.jit(
         functools.partial(
             train_step, model=model, tx=tx, label_smoothing=label_smoothing, ema_decay=ema_decay,
@@ -149,7 +161,7 @@ def compile_steps(
         ),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, replicated),
-        donate_argnums=(0,),
+        donate_argnums=(0,) if DONATE_STATE else (),
     )
     evaluate = jax.jit(
         functools.partial(eval_step, model=model, use_ema=bool(ema_decay)),
@@ -173,7 +185,9 @@ def compile_multi_step(
     comes back with that leading axis of k. The k steps run under ``jax.lax.scan`` in one
     compiled program, state donated: the same updates as k calls of ``train``, with one host
     dispatch instead of k (issue 6's "several steps per dispatch"; ``resnet-jax benchmark
-    --steps-per-dispatch K`` times it).
+    --steps-per-dispatch K`` times it). Donated whatever :data:`DONATE_STATE` says: the loop
+    updates its carried state without the copies that flag avoids, and not donating it would
+    copy the whole state into the loop at each call instead.
     """
     return jax.jit(
         lambda state, batches: jax.lax.scan(train, state, batches),

@@ -186,3 +186,30 @@ def test_max_batch_within_a_memory_limit_compiled_for_the_h100(capsys):
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (r["max_batch"], r["max_batch_fails"]) == (16, 24)
     assert r["peak_gib"] == pytest.approx(needed_16)
+
+
+def test_the_step_with_its_state_kept_copies_no_weights_into_the_donated_buffers(monkeypatch):
+    """Change 20's candidate, compiled for the H100 (ResNet-18, batch 16 at 64px). Donated, each
+    conv weight and its momentum are updated in a kernel that reads the gradient in cuDNN's filter
+    layout, then copied into the donated buffers: 16 bytes moved per conv weight element (a float32
+    read and written, twice). With ``step.DONATE_STATE`` off those copies are gone (one kernel
+    each), and the new state is a fresh output the size of the state."""
+    require_cuda_plugin()
+    from benchmarks.gpu_compile_report import compile_report
+    from resnet_jax.models import create_model
+    from resnet_jax.train import step
+
+    params = jax.eval_shape(lambda: create_model("resnet18").init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                                                                  train=False))["params"]
+    conv_elements = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params) if leaf.ndim == 4)
+    found = {}
+    for donate in (True, False):
+        monkeypatch.setattr(step, "DONATE_STATE", donate)
+        report, hlo = compile_report("resnet18", 16, 64, "bfloat16")
+        copies = [k for k in entry_kernels(hlo) if k.kind == "copy"]
+        found[donate] = report, len(copies), sum(k.bytes for k in copies)
+    (donated, donated_copies, donated_bytes), (kept, kept_copies, kept_bytes) = found[True], found[False]
+    assert donated_bytes == pytest.approx(16 * conv_elements, rel=0.01)
+    assert kept_bytes < 1024 and kept_copies <= 1
+    assert kept["kernels"] <= donated["kernels"] - (donated_copies - kept_copies)
+    assert donated["output_gib"] < 1e-3 < kept["output_gib"]

@@ -123,6 +123,34 @@ def test_several_steps_per_dispatch_give_the_same_updates_as_single_steps():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+def test_a_step_with_the_state_kept_gives_the_donated_steps_update_and_leaves_its_input_alive(monkeypatch):
+    """``step.DONATE_STATE`` (change 20's candidate): donated, the input state's buffers are
+    taken by the step (deleted); kept, they stay readable and unchanged, and the update is the
+    donated step's, bit for bit (float32, one device, two steps with EMA)."""
+    from resnet_jax.train import step
+
+    config = tiny_config(**{"schedule.name": "constant", "ema_decay": 0.9})
+    results = {}
+    for donate in (True, False):
+        monkeypatch.setattr(step, "DONATE_STATE", donate)
+        s = setup(config, devices=jax.devices()[:1])
+        state = first = create_state(s)
+        before = [np.asarray(leaf).copy() for leaf in jax.tree_util.tree_leaves(first)]
+        for seed in range(2):
+            state, _ = s.train_step(state, _put(_batch(seed), s.mesh))
+        leaves = jax.tree_util.tree_leaves(first)
+        if donate:
+            assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(first.params))
+        else:
+            assert not any(leaf.is_deleted() for leaf in leaves)
+            for a, b in zip(leaves, before):
+                np.testing.assert_array_equal(np.asarray(a), b)
+        assert int(state.step) == 2
+        results[donate] = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(state)]
+    for a, b in zip(results[True], results[False]):
+        np.testing.assert_array_equal(a, b)
+
+
 def _textbook_relu(x):
     """``jax.nn.relu`` under a name of its own: not one of ``layers.RELUS``, so the Stem keeps
     the textbook order (BatchNorm, ReLU, then the max pool)."""
