@@ -1,4 +1,4 @@
-"""The candidate changes that are built but off by default (docs/performance.md, changes 7 to 20):
+"""The candidate changes that are built but off by default (docs/performance.md, changes 7 to 21):
 chosen on the device by timing the whole train step, then applied to any ``resnet-jax`` command.
 
 A drawn task has 15 minutes of device time, and a warm machine goes back 30 s after a call, so
@@ -12,7 +12,7 @@ makes the step at least ``--min-gain`` faster than the best so far (default 0.5%
 the spread of repeated runs of one step on the H100) with every loss within ``--loss-tolerance``
 of the model's (default 0.05, :data:`LOSS_TOLERANCE`). A candidate that builds on one not kept
 (change 11 on change 9) is tried together with it, since it may pay for it. A greedy choice:
-thirteen compiles instead of the 864 combinations. It prints one
+fourteen compiles instead of the 1,728 combinations. It prints one
 JSON row per run and, after each, the choice so far::
 
     {"part": "choice", "candidates": "fused-conv+fused-bn3", "images_per_second": ..., "vs_model": ..., "final": false}
@@ -101,9 +101,13 @@ CANDIDATES = (
               ((layers, "max_pool_3x3_s2", layers.max_pool_planes),)),
     Candidate("min-programs", 8, "the Pallas BatchNorm kernels run >= 4 instances per SM on small activations "
                                  "(pallas_batch_norm.MIN_PROGRAMS = 528)", ((pallas_batch_norm, "MIN_PROGRAMS", 528),)),
-    Candidate("keep-state", 20, "the step's state not donated (step.DONATE_STATE): the updated weights go to fresh "
-                                "buffers instead of being copied into the old ones, ~136 copy kernels fewer per "
-                                "step, peak memory up by about the parameters' size",
+    Candidate("grad-layout", 21, "the weight gradients laid out as the parameters are before the optimizer "
+                                 "(step.GRADS_IN_PARAM_LAYOUT), so that XLA updates the donated state in place: "
+                                 "one bf16 transpose per conv weight instead of two float32 copies",
+              ((step, "GRADS_IN_PARAM_LAYOUT", True),)),
+    Candidate("keep-state", 20, "the step's state not donated (step.DONATE_STATE): the update writes fresh buffers, "
+                                "with neither the copies into the old ones nor grad-layout's transposes (which "
+                                "it turns off), peak memory up by about the parameters' size",
               ((step, "DONATE_STATE", False),)),
 )
 BY_NAME = {c.name: c for c in CANDIDATES}

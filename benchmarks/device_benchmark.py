@@ -8,7 +8,7 @@ So the measurements are jobs in priority order, and each call runs as many as it
 1. ResNet-50 @224: torchvision (eager, torch.compile) and flax's plain ResNet, the peers of
    the README's headline row;
 2. the ``candidates/`` job (``candidates.py select``): the whole ResNet-50 step as the model
-   has it, then with each change built but off by default (changes 7-17, 19, 20) added in turn, kept
+   has it, then with each change built but off by default (changes 7-17, 19-21) added in turn, kept
    where it is faster; every ``resnet-jax`` job after it runs with that choice
    (``candidates.py apply``), so that the rows a winning candidate changes are measured in
    the same call, and the next call gets it with ``--candidates`` (the owed line says so);
@@ -215,11 +215,11 @@ def plan(
                      limit_s=320)
     # the whole step as the model has it, then with each candidate built but off by default added in
     # turn, kept where it is faster (benchmarks/candidates.py); the resnet-jax jobs after it run with
-    # its choice. Thirteen compiles of the step (stem-variants: ~24 s each), the Triton kernels' on top
-    candidates = Job(f"candidates/{vtag}", 330,
+    # its choice. Fourteen compiles of the step (stem-variants: ~24 s each), the Triton kernels' on top
+    candidates = Job(f"candidates/{vtag}", 355,
                      (PYTHON, "benchmarks/candidates.py", "select", "--model", vmodel, "--batch-size", str(batch),
                       "--image-size", vsize, "--steps", str(max(steps // 2, 5))),
-                     limit_s=430)
+                     limit_s=460)
     recipe = f"configs/imagenet_resnet.py:{vmodel}-modern"
     workdir = "/tmp/device_benchmark_trainer"
     trainer = Job(f"trainer/{vtag}", 95, _shell(

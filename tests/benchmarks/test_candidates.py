@@ -23,7 +23,7 @@ def _flags() -> tuple:
     return (blocks.FUSE_BN2_CONV3, blocks.FUSE_BN3, blocks.FUSE_CONV1_BN1, layers.max_pool_3x3_s2,
             pallas_batch_norm.MIN_PROGRAMS, pallas_fused_conv.INPUT_GRAD_SUMS, layers.FUSE_SHORTCUT,
             pallas_fused_conv.GRAM_BACKWARD, blocks.FUSE_RESIDUAL, blocks.FUSE_PROJECTION, pallas_fused_conv.BLOCK_M,
-            pallas_fused_conv.NUM_WARPS, step.DONATE_STATE)
+            pallas_fused_conv.NUM_WARPS, step.GRADS_IN_PARAM_LAYOUT, step.DONATE_STATE)
 
 
 def test_a_choice_spec_names_known_candidates_once_each_with_what_they_build_on():
@@ -57,11 +57,12 @@ def test_a_choice_spec_names_known_candidates_once_each_with_what_they_build_on(
 def test_applied_switches_each_candidate_on_and_restores_the_model_even_after_an_error():
     before = _flags()
     # the defaults this script exists to change
-    assert before[:3] + before[4:] == (False, False, False, 0, False, False, False, False, False, 128, 8, True)
+    assert before[:3] + before[4:] == (False, False, False, 0, False, False, False, False, False, 128, 8, False,
+                                       True)
     assert before[3] is not layers.max_pool_planes
     with cand.applied(cand.parse_choice("+".join(cand.BY_NAME))):
         assert _flags() == (True, True, True, layers.max_pool_planes, 528, True, True, True, True, True, 64, 4,
-                            False)
+                            True, False)
     assert _flags() == before
     with pytest.raises(RuntimeError, match="compile failed"), cand.applied(cand.parse_choice("planes-pool")):
         assert layers.max_pool_3x3_s2 is layers.max_pool_planes and not blocks.FUSE_BN2_CONV3
@@ -91,7 +92,7 @@ def test_the_greedy_choice_keeps_each_candidate_that_gains_enough_on_what_was_ke
     and fused-projection, with fused-bn3 and fused-residual, 1012 (none kept); fused-conv1
     1050 with a loss 0.04 off (within 0.05: kept); fused-shortcut 1055 (+0.48% on 1050: not
     kept); planes-pool 1100 but a loss 0.06 off (not kept); min-programs NaN losses
-    (not kept); keep-state 1060 (+0.95% on 1050: kept)."""
+    (not kept); grad-layout 1052 (+0.19%: not kept); keep-state 1060 (+0.95% on 1050: kept)."""
     base = [6.9, 6.8, 6.7]
     seen, rows = [], []
     kept = cand.select(_measure({
@@ -107,6 +108,7 @@ def test_the_greedy_choice_keeps_each_candidate_that_gains_enough_on_what_was_ke
         "fused-shortcut": (1055.0, base),
         "planes-pool": (1100.0, [6.9, 6.8, 6.76]),
         "min-programs": (2000.0, [6.9, math.nan, 6.7]),
+        "grad-layout": (1052.0, base),
         "keep-state": (1060.0, base),
     }, seen), emit=rows.append)
     assert cand.spec_of(kept) == "fused-conv+fused-conv1+keep-state"
@@ -116,12 +118,13 @@ def test_the_greedy_choice_keeps_each_candidate_that_gains_enough_on_what_was_ke
                     "fused-conv+fused-bn3+gram-backward", "fused-conv+fused-bn3+fused-residual",
                     "fused-conv+fused-bn3+fused-residual+fused-projection", "fused-conv+fused-conv1",
                     "fused-conv+fused-conv1+fused-shortcut", "fused-conv+fused-conv1+planes-pool",
-                    "fused-conv+fused-conv1+min-programs", "fused-conv+fused-conv1+keep-state"]
+                    "fused-conv+fused-conv1+min-programs", "fused-conv+fused-conv1+grad-layout",
+                    "fused-conv+fused-conv1+keep-state"]
     steps = [r for r in rows if r["part"] == "train_step"]
     assert [r["kept"] for r in steps] == [True, True, False, False, False, False, False, False, True, False, False,
-                                          False, True]
+                                          False, False, True]
     assert [r["vs_model"] for r in steps] == [1.0, 1.01, 1.012, 1.014, 1.012, 1.013, 1.011, 1.012, 1.05, 1.055, 1.1,
-                                              2.0, 1.06]
+                                              2.0, 1.052, 1.06]
     assert steps[2]["trying"] == "small-tiles" and "with" not in steps[2]  # on top of fused-conv, kept
     assert steps[3]["vs_kept"] == pytest.approx(1014 / 1010, abs=1e-4) and "under the 0.5% asked" in steps[3]["why"]
     # what they build on, not kept, tried with them
@@ -133,9 +136,9 @@ def test_the_greedy_choice_keeps_each_candidate_that_gains_enough_on_what_was_ke
     assert "by nan" in steps[11]["why"]
     # a choice after every run, the last one final: a job killed part-way leaves whole measurements
     choices = [r for r in rows if r["part"] == "choice"]
-    assert [c["candidates"] for c in choices] == ["none", *["fused-conv"] * 7, *["fused-conv+fused-conv1"] * 4,
+    assert [c["candidates"] for c in choices] == ["none", *["fused-conv"] * 7, *["fused-conv+fused-conv1"] * 5,
                                                   *["fused-conv+fused-conv1+keep-state"] * 2]
-    assert [c["final"] for c in choices] == [False] * 13 + [True]
+    assert [c["final"] for c in choices] == [False] * 14 + [True]
     assert choices[-1]["vs_model"] == 1.06 and choices[-1]["images_per_second"] == 1060.0
     json.dumps(rows)  # every row is a JSON line
 
@@ -154,6 +157,7 @@ def test_a_candidate_that_builds_on_one_not_kept_is_tried_with_it_and_may_bring_
         "fused-shortcut": (1000.0, [2.0]),
         "planes-pool": (1000.0, [2.0]),
         "min-programs": (1000.0, [2.0]),
+        "grad-layout": (1000.0, [2.0]),
         "keep-state": (1000.0, [2.0]),
     }, seen), emit=rows.append)
     assert cand.spec_of(kept) == "fused-conv+fused-bn3"
@@ -175,6 +179,7 @@ def test_a_candidate_that_fails_is_a_row_one_built_on_it_is_not_run_and_the_mode
         "fused-shortcut": (1000.0, [2.0]),
         "planes-pool": (1030.0, [2.0]),
         "min-programs": (1031.0, [2.0]),
+        "grad-layout": (1030.0, [2.0]),
         "keep-state": (1030.0, [2.0]),
     }, seen), emit=rows.append)
     assert cand.spec_of(kept) == "planes-pool"

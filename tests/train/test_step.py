@@ -123,12 +123,15 @@ def test_several_steps_per_dispatch_give_the_same_updates_as_single_steps():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
-def test_a_step_with_the_state_kept_gives_the_donated_steps_update_and_leaves_its_input_alive(monkeypatch):
+@pytest.mark.parametrize("layout", [False, True])
+def test_a_step_with_the_state_kept_gives_the_donated_steps_update_and_leaves_its_input_alive(monkeypatch, layout):
     """``step.DONATE_STATE`` (change 20's candidate): donated, the input state's buffers are
     taken by the step (deleted); kept, they stay readable and unchanged, and the update is the
-    donated step's, bit for bit (float32, one device, two steps with EMA)."""
+    donated step's, bit for bit (float32, one device, two steps with EMA). With the gradients
+    in the parameters' layout (change 21's ``GRADS_IN_PARAM_LAYOUT``, for the donated step) too."""
     from resnet_jax.train import step
 
+    monkeypatch.setattr(step, "GRADS_IN_PARAM_LAYOUT", layout)
     config = tiny_config(**{"schedule.name": "constant", "ema_decay": 0.9})
     results = {}
     for donate in (True, False):
