@@ -13,7 +13,7 @@ So the measurements are jobs in priority order, and each call runs as many as it
    (``candidates.py apply``), so that the rows a winning candidate changes are measured in
    the same call, and the next call gets it with ``--candidates`` (the owed line says so);
 3. ours for ResNet-50 (the headline row and its ratio), ResNet-18, ResNet-101 and
-   ResNet-RS-50 @160 (its recipe's step; by the estimates the last two spill into the next
+   ResNet-RS-50 @160 (its recipe's step; by the estimates the last three spill into the next
    call, as the other models' peers do);
 4. the diagnostics of the candidates: the BatchNorms fused into the 1x1 convolutions alone
    and each kernel, the Pallas BatchNorm kernels alone and with more instances, then the

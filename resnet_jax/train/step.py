@@ -78,7 +78,7 @@ def grads_in_param_layout(grads: Any) -> Any:
     convolution's weight gradient otherwise stays in the layout the backward convolution wrote it
     in (cuDNN's OHWI for an HWIO kernel), and XLA, which will not update a donated buffer in place
     from an operand it reads transposed, writes the update to a temporary and copies it over."""
-    from jax.experimental.layout import Layout, with_layout_constraint  # jax >= 0.7's names
+    from jax.experimental.layout import Layout, with_layout_constraint  # names since mid-2025's jax
 
     def constrain(g: jax.Array) -> jax.Array:
         return with_layout_constraint(g, Layout(major_to_minor=tuple(range(g.ndim)))) if g.ndim >= 2 else g
