@@ -1,4 +1,4 @@
-"""The candidate changes that are built but off by default (docs/performance.md, changes 7 to 21):
+"""The candidate changes that are built but off by default (docs/performance.md, changes 8 to 22):
 chosen on the device by timing the whole train step, then applied to any ``resnet-jax`` command.
 
 A drawn task has 15 minutes of device time, and a warm machine goes back 30 s after a call, so
@@ -25,7 +25,7 @@ there: the model as it is). It prints ``{"part": "candidates", "candidates": SPE
 first, so that the rows after it say what they ran::
 
     python3 benchmarks/candidates.py select --model resnet50 --batch-size 256
-    python3 benchmarks/candidates.py apply --choice fused-conv+planes-pool -- benchmark --json --model resnet50
+    python3 benchmarks/candidates.py apply --choice fused-conv+fused-stem -- benchmark --json --model resnet50
 
 A candidate that wins is then switched on in the library (its flag's default), not left to this
 script: these patches are the benchmarks' way in, as DESIGN.md keeps run-time choices in the config.
@@ -97,8 +97,10 @@ CANDIDATES = (
     Candidate("fused-shortcut", 13, "each projection shortcut's conv and BatchNorm as one op, the BatchNorm's "
                                     "gradient in the conv's backward GEMMs (layers.FUSE_SHORTCUT)",
               ((layers, "FUSE_SHORTCUT", True),)),
-    Candidate("planes-pool", 7, "the stem pool's reverse pass one parity plane at a time (layers.max_pool_planes)",
-              ((layers, "max_pool_3x3_s2", layers.max_pool_planes),)),
+    Candidate("fused-stem", 22, "the stem's BatchNorm, max pool and ReLU as one op whose two backward kernels build "
+                                "the pool's gradient in registers instead of storing it (layers.FUSE_STEM_POOL); "
+                                "it takes change 7's (planes-pool) place, whose reverse pass it replaces",
+              ((layers, "FUSE_STEM_POOL", True),)),
     Candidate("min-programs", 8, "the Pallas BatchNorm kernels run >= 4 instances per SM on small activations "
                                  "(pallas_batch_norm.MIN_PROGRAMS = 528)", ((pallas_batch_norm, "MIN_PROGRAMS", 528),)),
     Candidate("grad-layout", 21, "the weight gradients laid out as the parameters are before the optimizer "

@@ -150,7 +150,7 @@ def plan(
     device compile and the batch search use ``variant_model`` (default ``models[0]``).
     ``choice``: the candidates every ``resnet-jax`` job runs with (``candidates.py apply
     --choice``): ``auto``, what this call's ``candidates/`` job chose (none: the model as it
-    is); or a spec such as ``fused-conv+planes-pool``, or ``none``, where the ``candidates/``
+    is); or a spec such as ``fused-conv+fused-stem``, or ``none``, where the ``candidates/``
     job does not run.
     """
     torchvision_models, flax_models = set(torchvision_models), set(flax_models)

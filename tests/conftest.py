@@ -67,7 +67,7 @@ def require_cuda_plugin() -> None:
 
 def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False, fused_bn3: bool = False,
                      input_grad_sums: bool = False, fused_shortcut: bool = False, gram_backward: bool = False,
-                     fused_residual: bool = False, fused_projection: bool = False):
+                     fused_residual: bool = False, fused_projection: bool = False, fused_stem: bool = False):
     """Swaps in, through ``patch`` (a ``pytest.MonkeyPatch``), the kernels a model runs when it is
     compiled for an NVIDIA GPU (``jax.lax.platform_dependent``), which a CPU otherwise never runs
     inside a whole model: the ReLU whose derivative comes from its output, the max pool over
@@ -84,7 +84,9 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False,
     those two ops' BatchNorm gradient taken without reading z (``pallas_fused_conv.GRAM_BACKWARD``);
     ``fused_residual`` (with ``fused_bn3``): the residual add and ReLU in that op too, z never
     stored (``blocks.FUSE_RESIDUAL``); ``fused_projection`` (with ``fused_residual``): a projection
-    shortcut computed by that op's GEMM too (``blocks.FUSE_PROJECTION``)."""
+    shortcut computed by that op's GEMM too (``blocks.FUSE_PROJECTION``); ``fused_stem``: the
+    classic stem's BatchNorm, max pool and ReLU as one op (``layers.FUSE_STEM_POOL``), its
+    backward kernels under the interpreter."""
     import jax.numpy as jnp
 
     from resnet_jax.models import blocks, layers, pallas_batch_norm, pallas_fused_conv
@@ -131,6 +133,7 @@ def use_cuda_kernels(patch, fused_conv: bool = False, fused_conv1: bool = False,
         patch.setattr(layers, "conv1x1_train_statistics",
                       lambda x, kernel, dtype: layers.pallas_conv1x1_statistics(x, kernel, dtype=dtype, interpret=True))
     patch.setattr(pallas_fused_conv, "GRAM_BACKWARD", gram_backward)
+    patch.setattr(layers, "FUSE_STEM_POOL", fused_stem)
     if fused_shortcut:
         patch.setattr(layers, "FUSE_SHORTCUT", True)
         patch.setattr(layers, "conv1x1_batch_norm_train",

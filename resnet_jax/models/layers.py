@@ -72,6 +72,13 @@ RELUS = (relu, relu_from_output, jax.nn.relu)
 # The parameters are the same either way; benchmarks patch this to time it.
 FUSE_SHORTCUT = False
 
+# A candidate, off until the device times it (docs/performance.md, change 22): in training, the
+# classic stem's BatchNorm, max pool and ReLU as one op, ``BatchNorm(activation=max_pool_relu)``:
+# on an NVIDIA GPU its reverse pass computes the pool's gradient inside the two Pallas kernels of
+# the BatchNorm's backward (:func:`pallas_batch_norm.bn_pool_relu_train`) instead of writing it.
+# The parameters are the same either way; benchmarks patch this to time it.
+FUSE_STEM_POOL = False
+
 
 class ShortcutProjection(NamedTuple):
     """A projection shortcut not yet computed (``Shortcut(..., deferred=True)``): its input (every
@@ -684,6 +691,13 @@ def _max_pool(x: Array) -> Array:
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
+def max_pool_relu(x: Array) -> Array:
+    """``relu(max_pool_3x3_s2(x))``: the classic stem's pool and ReLU, as the activation of its
+    BatchNorm (``BatchNorm(activation=max_pool_relu)``), which then treats the three as one
+    function in training (:func:`pallas_batch_norm.batch_norm_train`)."""
+    return jax.nn.relu(max_pool_3x3_s2(x))
+
+
 # Window tap d (0, 1, 2) of output o reads input 2o - 1 + d: block o - 1 parity 1, block o
 # parity 0, block o parity 1. (shift in blocks, parity) per tap:
 _TAPS = ((1, 1), (0, 0), (0, 1))
@@ -732,7 +746,7 @@ def max_pool_parity(x: Array) -> Array:
     return functools.reduce(jnp.maximum, _window_taps(x, -jnp.inf))
 
 
-def _pool_with_first_max(x: Array) -> tuple[Array, Array]:
+def pool_with_first_max(x: Array) -> tuple[Array, Array]:
     """The 3x3/2 max pool of ``x`` and, per output, the int8 row-major index (0-8) of the first
     window tap that equals the maximum: where ``nn.max_pool``'s derivative goes."""
     taps = _window_taps(x, -jnp.inf)
@@ -743,8 +757,9 @@ def _pool_with_first_max(x: Array) -> tuple[Array, Array]:
     return y, first_max
 
 
-def _pool_tangent(first_max: Array, t: Array) -> Array:
-    """The pool's tangent: each output's first maximal tap of the input tangent ``t``."""
+def pool_tangent(first_max: Array, t: Array) -> Array:
+    """The pool's tangent: each output's first maximal tap of the input tangent ``t`` (0 where
+    ``first_max`` is 9, no tap: how the fused stem marks the outputs its ReLU zeroes)."""
     t_out = jnp.zeros(first_max.shape, t.dtype)
     for k, tap in enumerate(_window_taps(t, 0.0)):
         t_out = t_out + jnp.where(first_max == k, tap, jnp.zeros_like(tap))
@@ -754,12 +769,12 @@ def _pool_tangent(first_max: Array, t: Array) -> Array:
 @max_pool_parity.defjvp
 def _max_pool_parity_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
     (x,), (t,) = primals, tangents
-    y, first_max = _pool_with_first_max(x)
-    return y, _pool_tangent(first_max, t)
+    y, first_max = pool_with_first_max(x)
+    return y, pool_tangent(first_max, t)
 
 
 def _pool_cotangent_by_plane(first_max: Array, ct: Array, height: int, width: int) -> Array:
-    """The transpose of :func:`_pool_tangent`: the input's (N, height, width, C) cotangent from
+    """The transpose of :func:`pool_tangent`: the input's (N, height, width, C) cotangent from
     the output's ``ct``, built one 2x2 parity plane at a time. An input element of parity 0 in
     a dimension is tap 1 of one window; one of parity 1 is tap 2 of window o and tap 0 of
     window o + 1. So plane (0, 0) takes one term, (0, 1) and (1, 0) two, (1, 1) four, 9 in
@@ -802,9 +817,9 @@ def max_pool_planes(x: Array) -> Array:
 @max_pool_planes.defjvp
 def _max_pool_planes_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
     (x,), (t,) = primals, tangents
-    y, first_max = _pool_with_first_max(x)
+    y, first_max = pool_with_first_max(x)
     transpose = functools.partial(_pool_cotangent_by_plane, height=x.shape[1], width=x.shape[2])
-    return y, jax.custom_derivatives.linear_call(_pool_tangent, transpose, first_max, t)
+    return y, jax.custom_derivatives.linear_call(pool_tangent, transpose, first_max, t)
 
 
 def conv_7x7_s2_direct(x: Array, kernel: Array) -> Array:
@@ -917,6 +932,8 @@ class Stem(nn.Module):
             x = self.conv(self.width, kernel_size=3, strides=1, name="conv1")(x)
         else:
             raise ValueError(f"unknown stem {self.kind!r}; choose classic, deep or cifar")
+        if self.pool == "max" and self.act in RELUS and FUSE_STEM_POOL:
+            return self.norm(name="bn1", activation=max_pool_relu)(x, train)
         x = self.norm(name="bn1")(x, train)
         if self.pool == "max" and self.act in RELUS:
             return self.act(max_pool_3x3_s2(x))

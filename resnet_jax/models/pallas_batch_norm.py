@@ -13,7 +13,10 @@ reductions, at the same compiled peak memory:
   sum(g * (x - mean)), g the ReLU-masked dy, in one kernel that reads x and dy and recomputes
   the mask in registers. XLA writes the masked dy and reads it back (7 passes over the
   activation, 5 here). A BatchNorm before a residual add keeps XLA's backward: its masked
-  dy is the shortcut's gradient too, so it is written anyway.
+  dy is the shortcut's gradient too, so it is written anyway;
+- **the classic stem's BatchNorm + max pool + ReLU** (:func:`bn_pool_relu_train`, a candidate
+  off by default: ``layers.FUSE_STEM_POOL``): two backward kernels that build the pool's
+  gradient in registers from the pooled cotangent, so it is never stored.
 
 The function and its derivatives are the textbook BatchNorm's (tests compare values and
 gradients with torch's ``batch_norm`` + ``relu``, and forward mode with plain autodiff).
@@ -351,6 +354,251 @@ def _bn_relu_apply_jvp(epsilon: float, dtype: Dtype, interpret: bool, primals: t
 bn_relu_apply.defjvp(_bn_relu_apply_jvp, symbolic_zeros=True)
 
 
+# ---------------------------------------------------------------- BatchNorm + max pool + ReLU
+# The classic stem's tail (layers.FUSE_STEM_POOL): y = BatchNorm(x), then the 3x3/2 max pool
+# (padding 1) and ReLU. The forward pass is XLA's (layers.pool_with_first_max), which also keeps,
+# per pooled output, the int8 index of the window tap its gradient goes to, or 9 where the ReLU
+# zeroes it ("code"). The reverse pass is two kernels that read x, the output's cotangent and the
+# code and build the pool's input gradient in registers, one pooled row (two rows of x) at a
+# time: one sums the BatchNorm's backward reductions, one writes dx. XLA instead writes that
+# gradient (a full-resolution bf16 tensor) and reads it twice (docs/performance.md, change 22).
+
+# Pooled rows per kernel instance (a power of two dividing N * H / 2), channels per instance,
+# warps. Not timed on a device yet.
+POOL_ROWS, POOL_CHANNELS, POOL_WARPS = 4, 32, 4
+_NO_TAP = 9
+
+
+def stem_pool_fusable(shape: Sequence[int]) -> bool:
+    """Whether :func:`bn_pool_relu_train` takes an (N, H, W, C) input: H and W even (the pool's
+    2x2 parity planes are then whole) and at least 4 (a pooled row fills a tile of 2 or more),
+    and C a multiple of 16 (the kernels' channel blocks)."""
+    return len(shape) == 4 and shape[1] % 2 == 0 and shape[2] % 2 == 0 and shape[1] >= 4 and shape[2] >= 4 \
+        and shape[3] % 16 == 0
+
+
+def _pool_grad_tiles(ct_ref, code_ref, q: Array, ho: int, wo: int, wp: int, cols: Any) -> tuple[Array, ...]:
+    """The pool's input gradient for pooled row ``q`` (image q // ho, row q % ho), float32, as
+    four (wp, channels) tiles: x's pixels (2o + r, 2p + s) for (r, s) = (0, 0), (0, 1), (1, 0),
+    (1, 1), p = 0 .. wp - 1 (those >= wo are 0). Pixel parity 0 in a dimension is tap 1 of
+    window p; parity 1 is tap 2 of window p and tap 0 of window p + 1. Terms are added in
+    window order (row-major), as XLA's select-and-scatter adds them."""
+    p = jax.lax.broadcasted_iota(jnp.int32, (wp, cols.size), 0)
+    own, right = p < wo, p + 1 < wo
+    below = (q % ho) + 1 < ho
+    base = q * wo
+
+    def load(offset: int | Array, mask: Array) -> tuple[Array, Array]:
+        rows = pl.ds(base + offset, wp)
+        g = plgpu.load(ct_ref.at[rows, cols], mask=mask, other=0).astype(jnp.float32)
+        k = plgpu.load(code_ref.at[rows, cols], mask=mask, other=_NO_TAP)
+        return g, k
+
+    (g00, k00), (g01, k01) = load(0, own), load(1, right)
+    (g10, k10), (g11, k11) = load(wo, own & below), load(wo + 1, right & below)
+
+    def tap(k: Array, g: Array, index: int) -> Array:
+        return jnp.where(k == index, g, 0.0)
+
+    return (tap(k00, g00, 4),
+            tap(k00, g00, 5) + tap(k01, g01, 3),
+            tap(k00, g00, 7) + tap(k10, g10, 1),
+            tap(k00, g00, 8) + tap(k01, g01, 6) + tap(k10, g10, 2) + tap(k11, g11, 0))
+
+
+def _x_rows(q: Array, r: int, wo: int, wp: int) -> Any:
+    return pl.ds((q * 2 + r) * wo, wp)
+
+
+def _pool_grad_sums_kernel(x_ref, ct_ref, code_ref, mean_ref, out_ref, *, rows: int, ho: int, wo: int, wp: int,
+                           channels: int, block: int) -> None:
+    """out[0] = sum of the pool's input gradient g, out[1] = sum of g * (x - mean), over ``rows``
+    pooled rows and one block of channels."""
+    i, j = pl.program_id(0), pl.program_id(1)
+    mean = mean_ref[...]
+    valid = jax.lax.broadcasted_iota(jnp.int32, (wp, block), 0) < wo
+
+    def body(k: int, acc: tuple[Array, Array]) -> tuple[Array, Array]:
+        q = i * rows + k
+        grads = _pool_grad_tiles(ct_ref, code_ref, q, ho, wo, wp, pl.ds(j * block, block))
+        sum_g, sum_gc = acc
+        for n, g in enumerate(grads):
+            r, s = divmod(n, 2)
+            x = plgpu.load(x_ref.at[_x_rows(q, r, wo, wp), pl.ds(s * channels + j * block, block)], mask=valid, other=0)
+            sum_g, sum_gc = sum_g + g, sum_gc + g * (x.astype(jnp.float32) - mean)
+        return sum_g, sum_gc
+
+    zeros = jnp.zeros((wp, block), jnp.float32)
+    sum_g, sum_gc = jax.lax.fori_loop(0, rows, body, (zeros, zeros))
+    out_ref[0, :] = jnp.sum(sum_g, axis=0)
+    out_ref[1, :] = jnp.sum(sum_gc, axis=0)
+
+
+def _pool_grad_x_kernel(x_ref, ct_ref, code_ref, mean_ref, a_ref, k1_ref, k0_ref, dx_ref, *, rows: int, ho: int,
+                        wo: int, wp: int, channels: int, block: int) -> None:
+    """dx = a * g + k1 * (x - mean) + k0 over ``rows`` pooled rows and one block of channels,
+    g the pool's input gradient: the BatchNorm's input gradient, in x's dtype."""
+    i, j = pl.program_id(0), pl.program_id(1)
+    mean, a, k1, k0 = mean_ref[...], a_ref[...], k1_ref[...], k0_ref[...]
+    valid = jax.lax.broadcasted_iota(jnp.int32, (wp, block), 0) < wo
+
+    def body(k: int, carry: int) -> int:
+        q = i * rows + k
+        grads = _pool_grad_tiles(ct_ref, code_ref, q, ho, wo, wp, pl.ds(j * block, block))
+        for n, g in enumerate(grads):
+            r, s = divmod(n, 2)
+            at = (_x_rows(q, r, wo, wp), pl.ds(s * channels + j * block, block))
+            x = plgpu.load(x_ref.at[at], mask=valid, other=0).astype(jnp.float32)
+            plgpu.store(dx_ref.at[at], (a * g + k1 * (x - mean) + k0).astype(dx_ref.dtype), mask=valid)
+        return carry
+
+    jax.lax.fori_loop(0, rows, body, 0)
+
+
+def _pool_grad_call(kernel: Callable, name: str, x: Array, ct: Array, code: Array, vectors: Sequence[Array],
+                    sums: bool, interpret: bool) -> Array:
+    """Runs a pool-gradient kernel over (N, H, W, C) ``x``, its pooled (N, H/2, W/2, C) ``ct`` and
+    ``code``, with float32 (C,) ``vectors``: the (2, C) sums, or dx like x."""
+    n, h, w, c = x.shape
+    ho, wo = h // 2, w // 2
+    wp = 1 << (wo - 1).bit_length()
+    rows = _largest_power_of_two_divisor(n * ho, POOL_ROWS)
+    block = _largest_power_of_two_divisor(c, POOL_CHANNELS)
+    grid = (n * ho // rows, c // block)
+    whole = [pl.BlockSpec()] * 3  # whole arrays: the kernels address their rows themselves
+    vector = pl.BlockSpec((1, block), lambda i, j: (0, j))
+    if sums:
+        out_specs = pl.BlockSpec((None, 2, block), lambda i, j: (i, 0, j))
+        out_shape = jax.ShapeDtypeStruct((grid[0], 2, c), jnp.float32)
+    else:
+        out_specs = pl.BlockSpec()
+        out_shape = jax.ShapeDtypeStruct((n * ho * 2 * wo, 2 * c), x.dtype)
+    out = pl.pallas_call(
+        functools.partial(kernel, rows=rows, ho=ho, wo=wo, wp=wp, channels=c, block=block),
+        grid=grid,
+        in_specs=whole + [vector] * len(vectors),
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=POOL_WARPS, num_stages=1),
+        name=name,
+    )(x.reshape(n * ho * 2 * wo, 2 * c), ct.reshape(n * ho * wo, c), code.reshape(n * ho * wo, c),
+      *(v.reshape(1, c) for v in vectors))
+    return jnp.sum(out, axis=0) if sums else out.reshape(x.shape)
+
+
+def _pool_grad_ops(interpret: bool) -> tuple[Callable, Callable]:
+    """The two kernels as :func:`row_sharded_op`s: each device runs them on its own images."""
+    def grad_sums(x: Array, ct: Array, code: Array, mean: Array) -> Array:
+        return _pool_grad_call(_pool_grad_sums_kernel, "batch_norm_pool_relu_grad_sums", x, ct, code, (mean,),
+                               True, interpret)
+
+    def grad_x(x: Array, ct: Array, code: Array, mean: Array, a: Array, k1: Array, k0: Array) -> Array:
+        return _pool_grad_call(_pool_grad_x_kernel, "batch_norm_pool_relu_grad_x", x, ct, code, (mean, a, k1, k0),
+                               False, interpret)
+
+    images = "m h w c, m i j c, m i j c"
+    return (row_sharded_op(grad_sums, (True, True, True, False), (False,), f"{images}, c -> t c", ("m",)),
+            row_sharded_op(grad_x, (True, True, True) + (False,) * 4, (True,), f"{images}, c, c, c, c -> m h w c"))
+
+
+_POOL_GRAD = {interpret: _pool_grad_ops(interpret) for interpret in (False, True)}
+
+
+def _bn_pool_relu_forward(x: Array, scale: Array, bias: Array, epsilon: float, dtype: Dtype,
+                          interpret: bool) -> tuple[Array, Array, Array, Array]:
+    from resnet_jax.models.layers import pool_with_first_max
+
+    c = x.shape[-1]
+    sums = _MOMENTS[interpret](x.reshape(-1, c))
+    mean, mean_sq = sums[0] / (x.size // c), sums[1] / (x.size // c)
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    y = ((x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias).astype(dtype)
+    pooled, first_max = pool_with_first_max(y)
+    code = jnp.where(pooled > 0, first_max, jnp.int8(_NO_TAP))
+    return jnp.maximum(pooled, jnp.zeros((), pooled.dtype)), mean, var, code
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def bn_pool_relu_train(x: Array, scale: Array, bias: Array, epsilon: float, dtype: Dtype,
+                       interpret: bool = False) -> tuple[Array, Array, Array]:
+    """``relu(max_pool_3x3_s2(BatchNorm(x)))`` in training mode with whole-batch statistics: x
+    is (N, H, W, C) with H, W even and C a multiple of 16 (:func:`stem_pool_fusable`), ``scale``
+    and ``bias`` float32 (C,). Returns the (N, H/2, W/2, C) output in ``dtype`` and the float32
+    (C,) mean and biased variance of x.
+
+    The values are those of the layers one after another (the BatchNorm's output rounded to
+    ``dtype`` before the pool). The derivative goes, as ``nn.max_pool``'s, to the first maximum
+    of each window, and is 0 where the output is 0. Reverse mode reads x, the output's
+    cotangent and one int8 per output (which tap, if any, gets it), in two kernels (the
+    BatchNorm's sums, then dx), and adds the pool's gradient in float32. Forward mode works;
+    second-order derivatives through it do not (``linear_call``). The statistics' derivative
+    assumes a positive variance. A GPU only, unless ``interpret``."""
+    out, mean, var, _ = _bn_pool_relu_forward(x, scale, bias, epsilon, dtype, interpret)
+    return out, mean, var
+
+
+def _bn_pool_relu_tangent(epsilon: float, dtype: Dtype, present: tuple[bool, ...], res: tuple,
+                          lin: tuple) -> tuple[Array, Array, Array]:
+    from resnet_jax.models.layers import pool_tangent
+
+    x, mean, var, scale, bias, code = res
+    inv = jax.lax.rsqrt(var + epsilon)
+    centred, a = x.astype(jnp.float32) - mean, inv * scale
+    axes = tuple(range(x.ndim - 1))
+    it = iter(lin)
+    tx, tscale, tbias = (next(it) if p else None for p in present)
+    ty = jnp.zeros_like(centred)
+    tmean = tvar = jnp.zeros_like(mean)
+    if tx is not None:
+        txf = tx.astype(jnp.float32)
+        tmean, tvar = jnp.mean(txf, axis=axes), jnp.mean(2 * centred * txf, axis=axes)
+        ty = ty + (txf - tmean) * a + centred * (-0.5 * scale * inv**3 * tvar)
+    if tscale is not None:
+        ty = ty + centred * (inv * tscale)
+    if tbias is not None:
+        ty = ty + tbias
+    return pool_tangent(code, ty.astype(dtype)), tmean, tvar
+
+
+def _bn_pool_relu_transpose(epsilon: float, interpret: bool, present: tuple[bool, ...], res: tuple,
+                            cts: tuple[Array, Array, Array]) -> tuple:
+    x, mean, var, scale, bias, code = res
+    ct, ct_mean, ct_var = cts
+    grad_sums, grad_x = _POOL_GRAD[interpret]
+    inv = jax.lax.rsqrt(var + epsilon)
+    a = inv * scale
+    m = x.size // x.shape[-1]
+    sums = grad_sums(x, ct, code, mean)
+    sum_g, sum_gc = sums[0], sums[1]
+    # y's derivative in mean and var, plus the cotangents of the returned statistics; x reaches
+    # them through mean = E[x] and var = E[x^2] - mean^2, so dx = a g + k1 (x - mean) + k0
+    d_mean = -sum_g * a + ct_mean
+    d_var = sum_gc * (-0.5 * scale * inv**3) + ct_var
+    cts_in = []
+    if present[0]:
+        cts_in.append(grad_x(x, ct, code, mean, a, 2 * d_var / m, d_mean / m))
+    if present[1]:
+        cts_in.append(sum_gc * inv)
+    if present[2]:
+        cts_in.append(sum_g)
+    return tuple(cts_in)
+
+
+def _bn_pool_relu_jvp(epsilon: float, dtype: Dtype, interpret: bool, primals: tuple, tangents: tuple) -> tuple:
+    x, scale, bias = primals
+    out, mean, var, code = _bn_pool_relu_forward(x, scale, bias, epsilon, dtype, interpret)
+    present, linear = present_tangents(tangents)
+    res = (x, mean, var, scale.astype(jnp.float32), bias.astype(jnp.float32), code)
+    tangent = jax.custom_derivatives.linear_call(
+        functools.partial(_bn_pool_relu_tangent, epsilon, dtype, present),
+        functools.partial(_bn_pool_relu_transpose, epsilon, interpret, present), res, linear)
+    return (out, mean, var), tangent
+
+
+bn_pool_relu_train.defjvp(_bn_pool_relu_jvp, symbolic_zeros=True)
+
+
 def batch_norm_train(
     x: Array, scale: Array, bias: Array, epsilon: float, dtype: Dtype,
     activation: Callable[[Array], Array] | None = None, *,
@@ -364,8 +612,12 @@ def batch_norm_train(
     ``jnp.mean``, for benchmarks). A ReLU activation (one of ``layers.RELUS``) goes through
     :func:`bn_relu_apply`; another function, or None, gets the plain formula. The kernels are
     compiled for a GPU; ``interpret=True`` runs them under the Pallas interpreter instead."""
-    from resnet_jax.models.layers import RELUS
+    from resnet_jax.models.layers import RELUS, max_pool_relu
 
+    if activation is max_pool_relu and kernel_statistics and stem_pool_fusable(x.shape):
+        y, mean, var = bn_pool_relu_train(x, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon, dtype,
+                                          interpret)
+        return y, mean[None], var[None]
     c, xf = x.shape[-1], x.astype(jnp.float32)
     if kernel_statistics:
         mean, mean_sq = batch_moments(xf.reshape(-1, c), x.dtype, interpret)

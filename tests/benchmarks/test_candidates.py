@@ -20,7 +20,7 @@ from resnet_jax.train import step
 
 
 def _flags() -> tuple:
-    return (blocks.FUSE_BN2_CONV3, blocks.FUSE_BN3, blocks.FUSE_CONV1_BN1, layers.max_pool_3x3_s2,
+    return (blocks.FUSE_BN2_CONV3, blocks.FUSE_BN3, blocks.FUSE_CONV1_BN1, layers.FUSE_STEM_POOL,
             pallas_batch_norm.MIN_PROGRAMS, pallas_fused_conv.INPUT_GRAD_SUMS, layers.FUSE_SHORTCUT,
             pallas_fused_conv.GRAM_BACKWARD, blocks.FUSE_RESIDUAL, blocks.FUSE_PROJECTION, pallas_fused_conv.BLOCK_M,
             pallas_fused_conv.NUM_WARPS, step.GRADS_IN_PARAM_LAYOUT, step.DONATE_STATE)
@@ -29,13 +29,13 @@ def _flags() -> tuple:
 def test_a_choice_spec_names_known_candidates_once_each_with_what_they_build_on():
     assert cand.parse_choice("none") == cand.parse_choice("") == ()
     # written in any order, kept in the order they are tried; spec_of writes it back
-    choice = cand.parse_choice("planes-pool+fused-bn3+fused-conv")
-    assert [c.name for c in choice] == ["fused-conv", "fused-bn3", "planes-pool"]
-    assert cand.spec_of(choice) == "fused-conv+fused-bn3+planes-pool" and cand.spec_of(()) == "none"
+    choice = cand.parse_choice("fused-stem+fused-bn3+fused-conv")
+    assert [c.name for c in choice] == ["fused-conv", "fused-bn3", "fused-stem"]
+    assert cand.spec_of(choice) == "fused-conv+fused-bn3+fused-stem" and cand.spec_of(()) == "none"
     with pytest.raises(ValueError, match="unknown candidate.*'fused-conv3'.*known: fused-conv, "):
         cand.parse_choice("fused-conv3")
     with pytest.raises(ValueError, match="twice"):
-        cand.parse_choice("planes-pool+planes-pool")
+        cand.parse_choice("fused-stem+fused-stem")
     with pytest.raises(ValueError, match="'fused-bn3' builds on 'fused-conv'"):
         cand.parse_choice("fused-bn3")
     with pytest.raises(ValueError, match="'grad-sums' builds on 'fused-bn3'"):
@@ -57,15 +57,12 @@ def test_a_choice_spec_names_known_candidates_once_each_with_what_they_build_on(
 def test_applied_switches_each_candidate_on_and_restores_the_model_even_after_an_error():
     before = _flags()
     # the defaults this script exists to change
-    assert before[:3] + before[4:] == (False, False, False, 0, False, False, False, False, False, 128, 8, False,
-                                       True)
-    assert before[3] is not layers.max_pool_planes
+    assert before == (False, False, False, False, 0, False, False, False, False, False, 128, 8, False, True)
     with cand.applied(cand.parse_choice("+".join(cand.BY_NAME))):
-        assert _flags() == (True, True, True, layers.max_pool_planes, 528, True, True, True, True, True, 64, 4,
-                            True, False)
+        assert _flags() == (True, True, True, True, 528, True, True, True, True, True, 64, 4, True, False)
     assert _flags() == before
-    with pytest.raises(RuntimeError, match="compile failed"), cand.applied(cand.parse_choice("planes-pool")):
-        assert layers.max_pool_3x3_s2 is layers.max_pool_planes and not blocks.FUSE_BN2_CONV3
+    with pytest.raises(RuntimeError, match="compile failed"), cand.applied(cand.parse_choice("fused-stem")):
+        assert layers.FUSE_STEM_POOL and not blocks.FUSE_BN2_CONV3
         raise RuntimeError("compile failed")
     assert _flags() == before
 
@@ -91,7 +88,7 @@ def test_the_greedy_choice_keeps_each_candidate_that_gains_enough_on_what_was_ke
     with fused-bn3, 1012 (not kept); gram-backward, with fused-bn3, 1013, fused-residual 1011
     and fused-projection, with fused-bn3 and fused-residual, 1012 (none kept); fused-conv1
     1050 with a loss 0.04 off (within 0.05: kept); fused-shortcut 1055 (+0.48% on 1050: not
-    kept); planes-pool 1100 but a loss 0.06 off (not kept); min-programs NaN losses
+    kept); fused-stem 1100 but a loss 0.06 off (not kept); min-programs NaN losses
     (not kept); grad-layout 1052 (+0.19%: not kept); keep-state 1060 (+0.95% on 1050: kept)."""
     base = [6.9, 6.8, 6.7]
     seen, rows = [], []
@@ -106,7 +103,7 @@ def test_the_greedy_choice_keeps_each_candidate_that_gains_enough_on_what_was_ke
         "fused-projection": (1012.0, base),
         "fused-conv1": (1050.0, [6.9, 6.84, 6.7]),
         "fused-shortcut": (1055.0, base),
-        "planes-pool": (1100.0, [6.9, 6.8, 6.76]),
+        "fused-stem": (1100.0, [6.9, 6.8, 6.76]),
         "min-programs": (2000.0, [6.9, math.nan, 6.7]),
         "grad-layout": (1052.0, base),
         "keep-state": (1060.0, base),
@@ -117,7 +114,7 @@ def test_the_greedy_choice_keeps_each_candidate_that_gains_enough_on_what_was_ke
                     "fused-conv+fused-bn3+grad-sums",
                     "fused-conv+fused-bn3+gram-backward", "fused-conv+fused-bn3+fused-residual",
                     "fused-conv+fused-bn3+fused-residual+fused-projection", "fused-conv+fused-conv1",
-                    "fused-conv+fused-conv1+fused-shortcut", "fused-conv+fused-conv1+planes-pool",
+                    "fused-conv+fused-conv1+fused-shortcut", "fused-conv+fused-conv1+fused-stem",
                     "fused-conv+fused-conv1+min-programs", "fused-conv+fused-conv1+grad-layout",
                     "fused-conv+fused-conv1+keep-state"]
     steps = [r for r in rows if r["part"] == "train_step"]
@@ -155,7 +152,7 @@ def test_a_candidate_that_builds_on_one_not_kept_is_tried_with_it_and_may_bring_
         "grad-sums": (1041.0, [2.0]), "gram-backward": (1041.0, [2.0]), "fused-residual": (1041.0, [2.0]),
         "fused-projection": (1041.0, [2.0]), "fused-conv1": (1041.0, [2.0]),
         "fused-shortcut": (1000.0, [2.0]),
-        "planes-pool": (1000.0, [2.0]),
+        "fused-stem": (1000.0, [2.0]),
         "min-programs": (1000.0, [2.0]),
         "grad-layout": (1000.0, [2.0]),
         "keep-state": (1000.0, [2.0]),
@@ -177,19 +174,19 @@ def test_a_candidate_that_fails_is_a_row_one_built_on_it_is_not_run_and_the_mode
         "fused-conv": RuntimeError("Triton: out of shared memory"),
         "fused-conv1": (990.0, [2.0]),
         "fused-shortcut": (1000.0, [2.0]),
-        "planes-pool": (1030.0, [2.0]),
+        "fused-stem": (1030.0, [2.0]),
         "min-programs": (1031.0, [2.0]),
         "grad-layout": (1030.0, [2.0]),
         "keep-state": (1030.0, [2.0]),
     }, seen), emit=rows.append)
-    assert cand.spec_of(kept) == "planes-pool"
+    assert cand.spec_of(kept) == "fused-stem"
     assert not [s for s in seen if "fused-conv+" in s or "grad-sums" in s]
     by = {r["trying"]: r for r in rows if r["part"] == "train_step"}
     assert "out of shared memory" in by["fused-conv"]["error"] and not by["fused-conv"]["kept"]
     assert by["fused-bn3"]["why"] == by["small-tiles"]["why"] == "builds on fused-conv, which failed"
     assert by["grad-sums"]["why"] == "builds on fused-conv, fused-bn3, which failed"
     assert "-1.00% on what was kept" in by["fused-conv1"]["why"]
-    assert rows[-1] == {"part": "choice", "candidates": "planes-pool", "images_per_second": 1030.0,
+    assert rows[-1] == {"part": "choice", "candidates": "fused-stem", "images_per_second": 1030.0,
                         "vs_model": 1.03, "final": True}
 
     with pytest.raises(RuntimeError, match="no device"):
@@ -222,13 +219,13 @@ def test_apply_reads_the_last_choice_of_the_call_and_runs_the_command_with_it(tm
          "final": False},
     ]) + "\n{not json\n")
     assert cand.main(["apply", "--choice", "auto", *args]) == 0
-    assert cand.main(["apply", "--choice", "planes-pool", *args]) == 0
+    assert cand.main(["apply", "--choice", "fused-stem", *args]) == 0
     assert [argv for argv, _ in seen] == [args[1:]] * 3
     assert [flags[:3] for _, flags in seen] == [(False, False, False), (True, True, False), (False, False, False)]
-    assert seen[2][1][3] is layers.max_pool_planes
+    assert seen[2][1][3] is True
     assert _flags() == before
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [p["candidates"] for p in printed] == ["none", "fused-conv+fused-bn3", "planes-pool"]
+    assert [p["candidates"] for p in printed] == ["none", "fused-conv+fused-bn3", "fused-stem"]
     assert "no choice in" in printed[0]["source"] and "the model as it is" in printed[0]["source"]
     assert printed[1]["source"] == "candidates/resnet50@224's partial choice (1.040x the model's step there)"
 

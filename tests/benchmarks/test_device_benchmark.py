@@ -94,9 +94,9 @@ def test_the_headline_peers_come_first_then_the_choice_and_our_rows_and_the_long
     assert all("resnet_jax.cli" not in " ".join(j.argv) for j in cli)
     assert all("candidates.py apply --choice auto --" in " ".join(j.argv) for j in cli)
     # a choice given: every command runs with it, and no candidates job
-    fixed = plan(choice="fused-conv+planes-pool")
+    fixed = plan(choice="fused-conv+fused-stem")
     assert "candidates/resnet50@224" not in [j.id for j in fixed]
-    assert "--choice fused-conv+planes-pool --" in " ".join(next(j for j in fixed if j.id.startswith("ours/")).argv)
+    assert "--choice fused-conv+fused-stem --" in " ".join(next(j for j in fixed if j.id.startswith("ours/")).argv)
     # the candidates' jobs, whose estimates are guesses, stop at a limit above their estimate
     limited = {j.id: (j.estimate_s, j.limit_s) for j in jobs if j.limit_s}
     assert set(limited) == {"candidates/resnet50@224", "stem-variants/resnet50@224", "fused-conv/b256",
@@ -290,5 +290,5 @@ def test_the_summary_says_what_was_chosen_what_each_row_ran_with_and_passes_the_
     assert no_choice.splitlines()[-1] == ("owed (2): bash benchmarks/device_benchmark.sh "
                                           "--only candidates/resnet50@224,ours/resnet18@224")
     # a choice given to the call is passed on
-    given = summary([], [db.Outcome("ours/resnet18@224", "skipped", 0.0, 25.0)], choice="planes-pool")
-    assert given.splitlines()[-1] == "owed (1): bash benchmarks/device_benchmark.sh --candidates planes-pool --only ours/resnet18@224"
+    given = summary([], [db.Outcome("ours/resnet18@224", "skipped", 0.0, 25.0)], choice="fused-stem")
+    assert given.splitlines()[-1] == "owed (1): bash benchmarks/device_benchmark.sh --candidates fused-stem --only ours/resnet18@224"

@@ -223,3 +223,33 @@ def test_the_step_copies_no_weights_into_the_donated_state_with_its_gradients_la
     assert laid_out["peak_gib"] <= donated["peak_gib"] and laid_out["output_gib"] < 1e-3
     assert kept["kernels"] < laid_out["kernels"]
     assert donated["output_gib"] < 1e-3 < kept["output_gib"]
+
+
+def test_the_fused_stem_backward_reads_its_input_twice_and_writes_one_gradient(monkeypatch):
+    """Change 22's candidate (``layers.FUSE_STEM_POOL``), compiled for the H100 (ResNet-18, batch
+    16 at 64px). In units of the stem BatchNorm's bf16 input x (16 x 32 x 32 x 64), the
+    BatchNorm + pool + ReLU backward is two kernels: the sums read x, the pooled cotangent
+    (1/4) and one int8 per pooled output (1/8); dx reads them again and writes 1: 3.75 units.
+    The layers one after another move more: at this size XLA builds the pool's gradient inside
+    its two BatchNorm reductions, which read the pooled cotangent with its ReLU mask and the
+    pool's tap index at full resolution (5.7 units); in ResNet-50's step at batch 256 it writes
+    that gradient and reads it twice (7.1 units, docs/performance.md). The peak does not grow."""
+    require_cuda_plugin()
+    from benchmarks.gpu_compile_report import compile_report
+    from resnet_jax.models import layers
+
+    unit = 16 * 32 * 32 * 64 * 2
+    found = {}
+    for fused in (False, True):
+        monkeypatch.setattr(layers, "FUSE_STEM_POOL", fused)
+        report, hlo = compile_report("resnet18", 16, 64, "bfloat16")
+        stem_backward = [k for k in entry_kernels(hlo) if k.phase == "backward" and "/stem/" in k.op_name
+                         and "/stem/conv1/" not in k.op_name]  # the BatchNorm, pool and ReLU
+        found[fused] = report, stem_backward
+    (plain, plain_kernels), (fused, fused_kernels) = found[False], found[True]
+    names = " ".join(k.op_name for k in fused_kernels)
+    assert "batch_norm_pool_relu_grad_sums" in names and "batch_norm_pool_relu_grad_x" in names
+    fused_bytes = sum(k.bytes for k in fused_kernels)
+    assert fused_bytes == pytest.approx(3.75 * unit, rel=0.03)
+    assert sum(k.bytes for k in plain_kernels) >= fused_bytes + 1.5 * unit
+    assert fused["peak_gib"] <= plain["peak_gib"]

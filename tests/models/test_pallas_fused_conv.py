@@ -1013,7 +1013,8 @@ def _net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet
     ``layers.FUSE_SHORTCUT``; ``gram``: those ops' BatchNorm gradient without z,
     ``pallas_fused_conv.GRAM_BACKWARD``; ``residual``: bn3, the add and ReLU in conv3's op,
     ``blocks.FUSE_RESIDUAL``; ``projection``: the projection shortcut in that op too,
-    ``blocks.FUSE_PROJECTION``), and the CPU's layers (``default``) or the GPU kernels under the
+    ``blocks.FUSE_PROJECTION``; ``stem``: the stem's BatchNorm, pool and ReLU as one op,
+    ``layers.FUSE_STEM_POOL``), and the CPU's layers (``default``) or the GPU kernels under the
     interpreter (``cuda``). ``model_name``: ResNet-50 (a stride-1 projection in its first
     stage, stride 2 in the others), ResNet-50-D (every stage's projection after an average
     pool, stride 1) or ResNet-18 (basic blocks: stride-2 projections only)."""
@@ -1025,7 +1026,8 @@ def _net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet
             use_cuda_kernels(patch, fused_conv="conv3" in fused, fused_conv1="conv1" in fused,
                              fused_bn3="bn3" in fused, input_grad_sums="sums" in fused,
                              fused_shortcut="shortcut" in fused, gram_backward="gram" in fused,
-                             fused_residual="residual" in fused, fused_projection="projection" in fused)
+                             fused_residual="residual" in fused, fused_projection="projection" in fused,
+                             fused_stem="stem" in fused)
         else:
             patch.setattr(blocks, "FUSE_PROJECTION", "projection" in fused)
             patch.setattr(blocks, "FUSE_BN2_CONV3", "conv3" in fused)
@@ -1033,6 +1035,7 @@ def _net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet
             patch.setattr(blocks, "FUSE_BN3", "bn3" in fused)
             patch.setattr(blocks, "FUSE_RESIDUAL", "residual" in fused)
             patch.setattr(layers, "FUSE_SHORTCUT", "shortcut" in fused)
+            patch.setattr(layers, "FUSE_STEM_POOL", "stem" in fused)
         model = create_model(model_name, widths=(16, 16, 16, 16), stem_width=16, num_classes=5, dtype=dtype)
         x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
         labels = jnp.arange(4) % 5
@@ -1064,6 +1067,9 @@ def _net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet
     *((kernels, ("conv3", "bn3", "residual", "projection"), "resnet50") for kernels in ("default", "cuda")),
     ("cuda", ("conv3", "bn3", "residual", "projection"), "resnet50d"),
     ("cuda", ("conv3", "bn3", "sums", "conv1", "shortcut", "gram", "residual", "projection"), "resnet50"),
+    # change 22: the stem's BatchNorm, pool and ReLU as one op, alone and with every other change
+    *((kernels, ("stem",), "resnet50") for kernels in ("default", "cuda")),
+    ("cuda", ("conv3", "bn3", "sums", "conv1", "shortcut", "gram", "residual", "projection", "stem"), "resnet50"),
 ], ids=lambda v: v if isinstance(v, str) else "+".join(v))
 def test_a_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fused, model_name):
     """Each candidate changes no parameter (names, shapes, initial values) and no number: with it,

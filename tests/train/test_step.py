@@ -174,8 +174,8 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32, width=Non
       with bn1's statistics, and the projection shortcut's conv and BatchNorm as one op);
     * ``cuda-fused-all``: those, with the BatchNorm gradients of bn3 and the shortcut taken
       without reading z (change 15), bn3, the residual add and ReLU in conv3's GEMM
-      (change 16), and in projection blocks the shortcut's convolution in that GEMM too
-      (change 17).
+      (change 16), in projection blocks the shortcut's convolution in that GEMM too
+      (change 17), and the stem's BatchNorm, max pool and ReLU as one op (change 22).
 
     ``width``: every stage's (and the stem's) width instead of the tiny config's 8.
     """
@@ -188,7 +188,8 @@ def _loss_curve(monkeypatch, kernels, dtype, model, steps=20, size=32, width=Non
             fused = kernels != "cuda"
             use_cuda_kernels(patch, fused_conv=fused, fused_conv1=fused, fused_bn3=fused, input_grad_sums=fused,
                              fused_shortcut=fused, gram_backward=kernels == "cuda-fused-all",
-                             fused_residual=kernels == "cuda-fused-all", fused_projection=kernels == "cuda-fused-all")
+                             fused_residual=kernels == "cuda-fused-all", fused_projection=kernels == "cuda-fused-all",
+                             fused_stem=kernels == "cuda-fused-all")
         widths = {"model.overrides.widths": (width,) * 4, "model.overrides.stem_width": width} if width else {}
         config = tiny_config(**{"model.name": model, "model.dtype": dtype, "data.image_size": size,
                                 "schedule.name": "constant", "optimizer.base_lr": 0.1, **widths})
@@ -243,7 +244,8 @@ def test_the_fused_bottleneck_candidates_keep_the_loss_curve(monkeypatch):
     ``blocks.FUSE_CONV1_BN1``; the projection shortcut as one op, ``layers.FUSE_SHORTCUT``;
     with and without changes 15-17, the BatchNorm gradients taken without z,
     ``pallas_fused_conv.GRAM_BACKWARD``, z never stored, ``blocks.FUSE_RESIDUAL``, and neither
-    is the projection shortcut's, ``blocks.FUSE_PROJECTION``): a
+    is the projection shortcut's, ``blocks.FUSE_PROJECTION``, and the stem's BatchNorm, max pool
+    and ReLU as one op, ``layers.FUSE_STEM_POOL``): a
     ResNet-50 16 channels wide (the narrowest their kernels take; they run under the
     interpreter) trains as the model's GPU path does. In float32 the 20-step curves agree to
     1e-5; in bf16 the fused curve stays within 4x the distance the model's own bf16 curve
