@@ -30,9 +30,16 @@ BatchNorm apply + max pool 3x3/2 + ReLU (forward + input gradient):
                       out plane by plane (9 terms per 2x2 block where XLA's transpose of
                       ``parity`` adds 9 per element: 1.31 ms at 430 GB/s in the H100 step)
 
+BatchNorm in training (statistics included) + max pool + ReLU (forward + x, scale, bias gradients):
+  ``layers``          the model's Pallas BatchNorm, then ``max_pool_parity`` and ReLU (the model
+                      on a GPU)
+  ``fused``           ``pallas_batch_norm.bn_pool_relu_train``: one op whose backward kernels
+                      build the pool's gradient in registers (docs/performance.md, change 22)
+
 Every candidate computes the same function: the convolutions agree to float32 rounding, and
 the pools agree exactly (max is exact, and all three route the gradient to the first maximum
-of the window in row-major order). The tests check this on CPU. On the device, one line per
+of the window in row-major order), the training BatchNorms to bf16 rounding (the fused op adds
+the pool's gradient in float32). The tests check this on CPU. On the device, one line per
 candidate: ``{"part", "variant", "ms", "vs_current", "max_rel_diff_vs_first"}``, then a table.
 
 Then the whole train step (``resnet-jax benchmark``'s measurement, ResNet-50 by default) as
@@ -82,7 +89,7 @@ CONV_VARIANTS: dict[str, Callable[[Array, Array], Array]] = {
     "s2d": functools.partial(layers.conv_7x7_s2_space_to_depth, channels=None),
     "s2d16": functools.partial(layers.conv_7x7_s2_space_to_depth, channels=16),
 }
-CURRENT = {"stem_conv": "s2d16", "bn_max_pool_relu": "parity"}  # what the model runs on a GPU
+CURRENT = {"stem_conv": "s2d16", "bn_max_pool_relu": "parity", "bn_pool_relu_train": "layers"}  # what a GPU runs
 
 
 # ---------------------------------------------------------------- max pool candidates
@@ -125,6 +132,30 @@ POOL_VARIANTS: dict[str, Callable[[Array], Array]] = {
     "parity": layers.max_pool_parity,
     "planes": layers.max_pool_planes,
 }
+
+
+# ---------------------------------------------------------------- the training BatchNorm with them
+def _interpret() -> bool:
+    return jax.default_backend() != "gpu"  # the Pallas kernels under the interpreter off a GPU (the tests)
+
+
+def bn_pool_relu_layers(x: Array, scale: Array, bias: Array, dtype) -> Array:
+    """The stem's BatchNorm in training (the model's Pallas statistics and backward sums), then
+    ``max_pool_parity`` and ReLU: what the model runs on a GPU."""
+    from resnet_jax.models import pallas_batch_norm
+
+    y = pallas_batch_norm.batch_norm_train(x, scale, bias, 1e-5, dtype, None, interpret=_interpret())[0]
+    return jax.nn.relu(layers.max_pool_parity(y))
+
+
+def bn_pool_relu_fused(x: Array, scale: Array, bias: Array, dtype) -> Array:
+    """The same as one op (``layers.FUSE_STEM_POOL``, docs/performance.md change 22)."""
+    from resnet_jax.models import pallas_batch_norm
+
+    return pallas_batch_norm.bn_pool_relu_train(x, scale, bias, 1e-5, dtype, _interpret())[0]
+
+
+TRAIN_VARIANTS: dict[str, Callable[..., Array]] = {"layers": bn_pool_relu_layers, "fused": bn_pool_relu_fused}
 
 
 # ---------------------------------------------------------------- in the whole train step
@@ -247,6 +278,18 @@ def pool_step(variant: str, dtype) -> Callable:
     return jax.jit(step)
 
 
+def train_step(variant: str, dtype) -> Callable:
+    """The stem's BatchNorm in training + max pool + ReLU, forward and the x, scale and bias
+    gradients: (x, scale, bias, cotangent) -> (y, dx, dscale, dbias)."""
+    impl = TRAIN_VARIANTS[variant]
+
+    def step(x: Array, scale: Array, bias: Array, cotangent: Array) -> tuple[Array, ...]:
+        y, pullback = jax.vjp(lambda *a: impl(*a, dtype), x, scale, bias)
+        return (y, *pullback(cotangent))
+
+    return jax.jit(step)
+
+
 def run(batch: int, image: int, width: int, dtype_name: str, conv_variants: Sequence[str],
         pool_variants: Sequence[str], warmup: int, repeats: int, inner: int) -> list[dict]:
     """Times every candidate; one result dict each (also printed as a JSON line)."""
@@ -268,6 +311,7 @@ def run(batch: int, image: int, width: int, dtype_name: str, conv_variants: Sequ
     for part, variants, make, args in (
         ("stem_conv", conv_variants, conv_step, (x, kernel, conv_ct)),
         ("bn_max_pool_relu", pool_variants, pool_step, (pool_x, scale, bias, pool_ct)),
+        ("bn_pool_relu_train", list(TRAIN_VARIANTS), train_step, (pool_x, scale, bias, pool_ct)),
     ):
         current = CURRENT[part]
         rows = []

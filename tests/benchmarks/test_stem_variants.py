@@ -42,12 +42,13 @@ def test_padded_stem_convolutions_and_weight_gradients_equal_torch_conv2d(varian
 def test_the_benchmark_runs_and_every_candidate_agrees(capsys):
     """The device job's path on CPU at a tiny size: one JSON row per candidate, each within
     bf16 rounding of the first candidate of its part (relative to that part's largest value)."""
-    rows = stem_variants.run(batch=2, image=20, width=8, dtype_name="bfloat16",
+    rows = stem_variants.run(batch=2, image=20, width=16, dtype_name="bfloat16",
                              conv_variants=list(stem_variants.CONV_VARIANTS),
                              pool_variants=list(stem_variants.POOL_VARIANTS), warmup=1, repeats=1, inner=1)
     assert [(r["part"], r["variant"]) for r in rows] == (
         [("stem_conv", v) for v in stem_variants.CONV_VARIANTS]
-        + [("bn_max_pool_relu", v) for v in stem_variants.POOL_VARIANTS])
+        + [("bn_max_pool_relu", v) for v in stem_variants.POOL_VARIANTS]
+        + [("bn_pool_relu_train", v) for v in stem_variants.TRAIN_VARIANTS])
     for r in rows:
         assert r["ms"] > 0 and r["vs_current"] > 0
         assert r["max_rel_diff_vs_first"] < 2e-2, r

@@ -1067,8 +1067,9 @@ def _net_step(monkeypatch, fused, kernels, dtype=jnp.float32, model_name="resnet
     *((kernels, ("conv3", "bn3", "residual", "projection"), "resnet50") for kernels in ("default", "cuda")),
     ("cuda", ("conv3", "bn3", "residual", "projection"), "resnet50d"),
     ("cuda", ("conv3", "bn3", "sums", "conv1", "shortcut", "gram", "residual", "projection"), "resnet50"),
-    # change 22: the stem's BatchNorm, pool and ReLU as one op, alone and with every other change
-    *((kernels, ("stem",), "resnet50") for kernels in ("default", "cuda")),
+    # change 22: the stem's BatchNorm, pool and ReLU as one op, alone (after ResNet-D's deep stem
+    # too) and with every other change
+    *((kernels, ("stem",), "resnet50") for kernels in ("default", "cuda")), ("cuda", ("stem",), "resnet50d"),
     ("cuda", ("conv3", "bn3", "sums", "conv1", "shortcut", "gram", "residual", "projection", "stem"), "resnet50"),
 ], ids=lambda v: v if isinstance(v, str) else "+".join(v))
 def test_a_network_trains_the_same_with_the_fused_path(monkeypatch, kernels, fused, model_name):
