@@ -610,8 +610,10 @@ def batch_norm_train(
 
     The statistics come from :func:`batch_moments` (``kernel_statistics=False``: XLA's
     ``jnp.mean``, for benchmarks). A ReLU activation (one of ``layers.RELUS``) goes through
-    :func:`bn_relu_apply`; another function, or None, gets the plain formula. The kernels are
-    compiled for a GPU; ``interpret=True`` runs them under the Pallas interpreter instead."""
+    :func:`bn_relu_apply`; ``layers.max_pool_relu`` (the stem's pool and ReLU) through
+    :func:`bn_pool_relu_train` where :func:`stem_pool_fusable` allows; another function, or
+    None, gets the plain formula. The kernels are compiled for a GPU; ``interpret=True`` runs
+    them under the Pallas interpreter instead."""
     from resnet_jax.models.layers import RELUS, max_pool_relu
 
     if activation is max_pool_relu and kernel_statistics and stem_pool_fusable(x.shape):
