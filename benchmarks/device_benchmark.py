@@ -188,8 +188,9 @@ def plan(
         f"tar -czf \"$OUT/profile.tar.gz\" -C {os.path.dirname(profile_dir)} {os.path.basename(profile_dir)}\n"
         f"{PYTHON} benchmarks/kernel_bandwidth.py {profile_dir} --top 30 | tee \"$OUT/kernel_bandwidth.txt\""))
     # the stem's candidate kernels (benchmarks/stem_variants.py), timed alone at the step's shapes
-    # (the training BatchNorm + pool + ReLU as layers and as change 22's op too), then the whole step as the model has it, with each of its GPU kernel choices undone, and with
-    # all three undone (H100, 2026-11-26: 169 s with seven whole-step runs; five now)
+    # (the training BatchNorm + pool + ReLU as layers and as change 22's op too), then the whole
+    # step as the model has it, with each of its GPU kernel choices undone, and with all three
+    # undone (H100, 2026-11-26: 169 s with seven whole-step runs; five now)
     stem = Job(f"stem-variants/{vtag}", 170, (PYTHON, "benchmarks/stem_variants.py", "--batch-size", str(batch),
                                                "--image-size", vsize, "--full-step-model", vmodel,
                                                "--full-step-steps", str(max(steps // 2, 5))),
