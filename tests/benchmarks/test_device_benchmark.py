@@ -174,10 +174,12 @@ def test_a_cpu_dry_run_of_every_job_returns_what_a_device_call_can_bring_back(tm
     # step six ways: the model's own first, with the candidate pool, each GPU choice undone,
     # then all three undone
     stem = [line for line in text.splitlines() if line.startswith("stem ")]
-    assert len(stem) == 9 + 6 and sum("(1.00x" in line for line in stem) == 2, stem
-    assert "stem in the resnet18 step, conv model's, pool model's, BatchNorm model" in stem[9]
-    assert "(1.000x" in stem[9] and "conv model's, pool planes, BatchNorm model" in stem[10]
-    assert all("; compiled in " in line for line in stem[9:])  # with and without the kernels: their compile cost
+    # (the kernels: 5 convolutions, 4 pools, the training BatchNorm + pool + ReLU as layers and fused)
+    assert len(stem) == 11 + 6 and sum("(1.00x" in line for line in stem) == 3, stem
+    assert "stem bn_pool_relu_train layers @32" in stem[9] and "stem bn_pool_relu_train fused @32" in stem[10]
+    assert "stem in the resnet18 step, conv model's, pool model's, BatchNorm model" in stem[11]
+    assert "(1.000x" in stem[11] and "conv model's, pool planes, BatchNorm model" in stem[12]
+    assert all("; compiled in " in line for line in stem[11:])  # with and without the kernels: their compile cost
     assert "conv direct, pool slices, BatchNorm xla" in stem[-1]
     # the BatchNorm + ReLU alone: the model's, XLA's and the backward kernel alone at each of the 4 inner
     # shapes; the statistics, Pallas and XLA, at each of the 9 BatchNorm shapes (the
