@@ -542,7 +542,7 @@ def _bn_pool_relu_tangent(epsilon: float, dtype: Dtype, present: tuple[bool, ...
                           lin: tuple) -> tuple[Array, Array, Array]:
     from resnet_jax.models.layers import pool_tangent
 
-    x, mean, var, scale, bias, code = res
+    x, mean, var, scale, code = res
     inv = jax.lax.rsqrt(var + epsilon)
     centred, a = x.astype(jnp.float32) - mean, inv * scale
     axes = tuple(range(x.ndim - 1))
@@ -563,7 +563,7 @@ def _bn_pool_relu_tangent(epsilon: float, dtype: Dtype, present: tuple[bool, ...
 
 def _bn_pool_relu_transpose(epsilon: float, interpret: bool, present: tuple[bool, ...], res: tuple,
                             cts: tuple[Array, Array, Array]) -> tuple:
-    x, mean, var, scale, bias, code = res
+    x, mean, var, scale, code = res
     ct, ct_mean, ct_var = cts
     grad_sums, grad_x = _POOL_GRAD[interpret]
     inv = jax.lax.rsqrt(var + epsilon)
@@ -589,7 +589,7 @@ def _bn_pool_relu_jvp(epsilon: float, dtype: Dtype, interpret: bool, primals: tu
     x, scale, bias = primals
     out, mean, var, code = _bn_pool_relu_forward(x, scale, bias, epsilon, dtype, interpret)
     present, linear = present_tangents(tangents)
-    res = (x, mean, var, scale.astype(jnp.float32), bias.astype(jnp.float32), code)
+    res = (x, mean, var, scale.astype(jnp.float32), code)  # the bias's derivative needs no residual
     tangent = jax.custom_derivatives.linear_call(
         functools.partial(_bn_pool_relu_tangent, epsilon, dtype, present),
         functools.partial(_bn_pool_relu_transpose, epsilon, interpret, present), res, linear)
