@@ -13,6 +13,13 @@ kernels of its body and condition once per iteration, from the trip count XLA
 annotates; a fusion operand that the fused computation only slices (a scan reading
 its step's batch) counts the bytes of the slices.
 
+A scatter updates its operand in place (XLA gives the result the operand's buffer, or copies
+the operand first in a kernel of its own, which counts). A fused scatter whose positions the
+program fixes (indices built inside the fusion from iotas, as a strided ``.at[::s].add``
+builds them) reads and writes only the elements it updates, plus its updates; one whose
+indices are data (a max pool's gradient) counts its operand whole, since its updates land
+in nearly every sector of it.
+
 Approximations: an operand otherwise counts whole, even where a fusion reads only part
 of it, and L2 hits are ignored, so this is an upper estimate of DRAM traffic. An
 asynchronous operation counts once, at its ``-start``; collectives count the local
@@ -147,10 +154,16 @@ def entry_kernels(hlo_text: str) -> list[Kernel]:
             continue  # "-done" waits for its "-start" (async collective or copy), which moved the bytes
         operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
         read_sizes = [sizes.get(o, 0) for o in operands]
+        write = sizes[name]
         if opcode == "fusion":
             kind = "fusion:" + re.search(r"kind=(\w+)", rest).group(1)
-            sliced = _sliced_parameter_bytes(bodies[re.search(r"calls=%([\w.\-]+)", rest).group(1)])
+            fused = bodies[re.search(r"calls=%([\w.\-]+)", rest).group(1)]
+            sliced = _sliced_parameter_bytes(fused)
             read_sizes = [min(size, sliced.get(i, size)) for i, size in enumerate(read_sizes)]
+            in_place = _in_place_scatter(fused)
+            if in_place:
+                parameter, write = in_place
+                read_sizes[parameter] = write
         elif opcode == "custom-call":
             kind = re.search(r'custom_call_target="([^"]+)"', rest).group(1)
         else:
@@ -159,8 +172,54 @@ def entry_kernels(hlo_text: str) -> list[Kernel]:
         op_name = op.group(1) if op else ""
         phase = "backward" if "transpose(jvp(" in op_name else "forward" if "jvp(" in op_name else "other"
         read = sum(read_sizes)
-        kernels.append(Kernel(name, kind, phase, op_name, read, sizes[name]))
+        kernels.append(Kernel(name, kind, phase, op_name, read, write))
     return kernels
+
+
+def _updated_bytes(result_shape: str, updates_shape: str) -> int:
+    """Bytes of a scatter's result that its updates touch: the updates' elements at the
+    result's element size."""
+    (result_dtype, _), = _ARRAY.findall(result_shape)
+    (updates_dtype, _), = _ARRAY.findall(updates_shape)
+    return shape_bytes(updates_shape) // ELEMENT_BYTES[updates_dtype] * ELEMENT_BYTES[result_dtype]
+
+
+def _in_place_scatter(fused: list[str]) -> tuple[int, int] | None:
+    """``(parameter number, bytes updated)`` where a fused computation's root is a single-operand
+    scatter into one of its parameters at positions fixed by the program (indices built from
+    iotas and constants inside the fusion, as a strided ``.at[::s].add`` is), which the fusion
+    then updates in place."""
+    parameters: dict[str, int] = {}
+    shapes: dict[str, str] = {}
+    reads_a_parameter: set[str] = set()
+    uses: collections.Counter[str] = collections.Counter()
+    scatter = None
+    for line in fused:
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        shapes[name] = shape
+        if opcode == "parameter":
+            parameters[name] = int(rest.split(")", 1)[0])
+            reads_a_parameter.add(name)
+            continue
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        uses.update(operands)
+        if reads_a_parameter.intersection(operands):
+            reads_a_parameter.add(name)
+        if opcode == "scatter" and line.lstrip().startswith("ROOT ") and len(operands) == 3:
+            scatter = shape, operands
+    if scatter is None:
+        return None
+    shape, (operand, indices, updates) = scatter
+    if operand not in parameters or uses[operand] != 1:  # read elsewhere in the fusion: whole
+        return None
+    if indices in reads_a_parameter:
+        # positions that depend on the data (a max pool's gradient to each window's maximum)
+        # land all over the operand, touching nearly every 32-byte sector of it: count it whole
+        return None
+    return parameters[operand], _updated_bytes(shape, shapes[updates])
 
 
 def _sliced_parameter_bytes(fused: list[str]) -> dict[int, int]:

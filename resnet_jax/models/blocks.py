@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from resnet_jax.models import layers
 from resnet_jax.models.layers import Conv1x1Kernel, Shortcut, ShortcutProjection, SqueezeExcite, conv_param_dtype
 
 Array = jax.Array
@@ -104,14 +105,23 @@ class _Block(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         out_features = self.planes * self.expansion
         identity = self.strides == 1 and x.shape[-1] == out_features
-        if self.shortcut != "none" and not self.se_ratio and not self.drop_path_rate and self.takes_shortcut(train):
+        tail_takes_shortcut = (self.shortcut != "none" and not self.se_ratio and not self.drop_path_rate
+                               and self.takes_shortcut(train))
+        # (without FUSE_PROJECTION a projection's output is left to XLA, which applies its
+        # BatchNorm in the add's kernel: handing it to the op would store it and read it back)
+        deferred = (tail_takes_shortcut and not identity and FUSE_PROJECTION
+                    and self.shortcut in ("projection", "avg_down"))
+        subsampled = None
+        if (not identity and layers.SUBSAMPLE_GRAD_IN_PLACE
+                and layers.shortcut_subsamples(self.shortcut, self.strides, train, deferred)):
+            # the residual branch and the shortcut read x through one op (change 23)
+            x, subsampled = layers.subsample_fanout(x, self.strides)
+        if tail_takes_shortcut:
             if identity:
                 return self.residual(x, train, shortcut=x)
-            # (without FUSE_PROJECTION a projection's output is left to XLA, which applies its
-            # BatchNorm in the add's kernel: handing it to the op would store it and read it back)
-            if FUSE_PROJECTION and self.shortcut in ("projection", "avg_down"):
+            if deferred:
                 projection = Shortcut(self.shortcut, out_features, self.strides, self.conv, self.norm,
-                                      name="downsample")(x, train, deferred=True)
+                                      name="downsample")(x, train, deferred=True, subsampled=subsampled)
                 return self.residual(x, train, shortcut=projection)
         y = self.residual(x, train)
         if self.se_ratio:
@@ -126,7 +136,7 @@ class _Block(nn.Module):
         if not identity:
             x = Shortcut(
                 self.shortcut, out_features, self.strides, self.conv, self.norm, name="downsample"
-            )(x, train)
+            )(x, train, subsampled=subsampled)
         return self.act(y + x.astype(y.dtype))
 
 

@@ -72,6 +72,14 @@ RELUS = (relu, relu_from_output, jax.nn.relu)
 # The parameters are the same either way; benchmarks patch this to time it.
 FUSE_SHORTCUT = False
 
+# Part of changes 13 and 17 (docs/performance.md, change 23): where a block's projection shortcut
+# takes every s-th pixel of the block's input itself (:func:`shortcut_subsamples`: those
+# candidates), the residual branch and the shortcut read the input through
+# :func:`subsample_fanout`, whose reverse pass adds the shortcut's gradient into the branch's at
+# those pixels, in place, instead of padding it to the input's size and adding it everywhere. On
+# whenever those candidates are; the values and gradients are the same either way.
+SUBSAMPLE_GRAD_IN_PLACE = True
+
 # A candidate, off until the device times it (docs/performance.md, change 22): in training, the
 # classic stem's BatchNorm, max pool and ReLU as one op, ``BatchNorm(activation=max_pool_relu)``:
 # on an NVIDIA GPU its reverse pass computes the pool's gradient inside the two Pallas kernels of
@@ -967,10 +975,13 @@ class Shortcut(nn.Module):
     norm: Callable[..., nn.Module]
 
     @nn.compact
-    def __call__(self, x: Array, train: bool, deferred: bool = False) -> Array | ShortcutProjection:
+    def __call__(self, x: Array, train: bool, deferred: bool = False,
+                 subsampled: Array | None = None) -> Array | ShortcutProjection:
         """The shortcut's output; ``deferred`` (a projection or ``avg_down``): a
         :class:`ShortcutProjection` for the block's last BatchNorm to compute (the same
-        parameters)."""
+        parameters). ``subsampled``: ``x[:, ::s, ::s, :]`` already taken by the caller
+        (:func:`subsample_fanout`), used where :func:`shortcut_subsamples` says the shortcut
+        subsamples x itself."""
         if deferred and self.kind not in ("projection", "avg_down"):
             raise ValueError(f"Shortcut: deferred=True needs a projection or avg_down shortcut, not {self.kind!r}")
         if self.kind == "zero_pad":
@@ -989,12 +1000,42 @@ class Shortcut(nn.Module):
             # A 1x1 convolution of stride s (padding 0) reads every s-th pixel: subsample, then
             # run the stride-1 op (change 13). The subsampled x is kept for the backward pass.
             if strides > 1:
-                x = x[:, ::strides, ::strides, :]
+                x = x[:, ::strides, ::strides, :] if subsampled is None else subsampled
             kernel = Conv1x1Kernel(self.features, conv_param_dtype(self.conv), name="conv")(x.shape[-1])
             projection = ShortcutProjection(x, kernel, self.norm(name="bn"))
             return projection if deferred else projection.apply(train)
         x = self.conv(self.features, kernel_size=1, strides=strides, name="conv")(x)
         return self.norm(name="bn")(x, train)
+
+
+def shortcut_subsamples(kind: str, strides: int, train: bool, deferred: bool) -> bool:
+    """Whether ``Shortcut(kind, strides=strides)(x, train, deferred)`` takes every s-th pixel of
+    x itself (a strided projection on the path of changes 13 and 17) rather than running a
+    strided convolution: then a block can hand it that subsample from :func:`subsample_fanout`."""
+    return kind == "projection" and strides > 1 and ((FUSE_SHORTCUT and train) or deferred)
+
+
+def subsample_fanout(x: Array, stride: int) -> tuple[Array, Array]:
+    """``(x, x[:, ::stride, ::stride, :])`` of an NHWC x: the block input that the residual
+    branch reads whole and a projection shortcut reads every ``stride``-th pixel of.
+
+    The values, and the gradient of x (the branch's gradient plus the shortcut's at the
+    subsampled pixels), are plain slicing's. Only the reverse pass's cost differs: it adds the
+    shortcut's gradient into the branch's in place, an XLA scatter that reads and writes
+    1/stride^2 of x, where slicing's transpose pads it to x's size (one kernel writing all of x)
+    and adds it everywhere (a second read of all of x). A ``linear_call``: forward and reverse
+    mode both work.
+    """
+
+    def both(_, x):
+        return x, x[:, ::stride, ::stride, :]
+
+    def add_at_subsample(_, cotangents):
+        g, g_sub = cotangents
+        return g.at[:, ::stride, ::stride, :].add(g_sub.astype(g.dtype), indices_are_sorted=True,
+                                                  unique_indices=True)
+
+    return jax.custom_derivatives.linear_call(both, add_at_subsample, (), x)
 
 
 def stage_drop_path_rates(stage_sizes: Sequence[int], drop_path_rate: float) -> list[list[float]]:

@@ -253,3 +253,68 @@ def test_the_fused_stem_backward_reads_its_input_twice_and_writes_one_gradient(m
     assert fused_bytes == pytest.approx(3.75 * unit, rel=0.03)
     assert sum(k.bytes for k in plain_kernels) >= fused_bytes + 1.5 * unit
     assert fused["peak_gib"] <= plain["peak_gib"]
+
+
+def test_a_scatter_reads_and_writes_only_the_elements_it_updates():
+    """``g.at[:, ::2, ::2, :].add(u)`` compiled for the H100, g a donated 2 MiB bf16 buffer and u
+    its 512 KiB subsample: one in-place scatter fusion that reads u and the quarter of g it
+    updates and writes that quarter (the indices are built inside the fusion). Not donated, XLA
+    first copies g whole, a kernel of its own (2 MiB read, 2 MiB written). With g in float32,
+    the quarter it touches is float32. Rows given as data count g whole, read and written."""
+    require_cuda_plugin()
+    from benchmarks.gpu_compile_report import DEFAULT_TARGET, target_devices
+
+    on = jax.sharding.SingleDeviceSharding(target_devices(DEFAULT_TARGET)[0])
+    u = jax.ShapeDtypeStruct((16, 16, 16, 64), jnp.bfloat16, sharding=on)
+    quarter = 16 * 16 * 16 * 64 * 2
+
+    def counted(g_dtype, donate):
+        g = jax.ShapeDtypeStruct((16, 32, 32, 64), g_dtype, sharding=on)
+        add = jax.jit(lambda g, u: g.at[:, ::2, ::2, :].add(u.astype(g.dtype), indices_are_sorted=True,
+                                                           unique_indices=True),
+                      donate_argnums=(0,) if donate else ())
+        return [(k.kind, k.read_bytes, k.write_bytes) for k in entry_kernels(add.lower(g, u).compile().as_text())]
+
+    assert counted(jnp.bfloat16, True) == [("fusion:kInput", 2 * quarter, quarter)]
+    assert counted(jnp.bfloat16, False) == [("copy", 4 * quarter, 4 * quarter), ("fusion:kInput", 2 * quarter, quarter)]
+    assert counted(jnp.float32, True) == [("fusion:kInput", 3 * quarter, 2 * quarter)]
+    # positions given as data (as a max pool's gradient has them) may land anywhere: g counts whole
+    g = jax.ShapeDtypeStruct((16 * 32 * 32, 64), jnp.bfloat16, sharding=on)
+    rows = jax.ShapeDtypeStruct((16 * 16 * 16,), jnp.int32, sharding=on)
+    updates = jax.ShapeDtypeStruct((16 * 16 * 16, 64), jnp.bfloat16, sharding=on)
+    add = jax.jit(lambda g, rows, u: g.at[rows].add(u, unique_indices=True), donate_argnums=0)
+    kernels = entry_kernels(add.lower(g, rows, updates).compile().as_text())
+    assert sum(k.bytes for k in kernels) >= 2 * 4 * quarter + quarter, kernels
+
+
+def test_the_strided_shortcuts_gradient_is_added_in_place(monkeypatch):
+    """Change 23, on with change 13's projection shortcut (``layers.FUSE_SHORTCUT``), compiled for
+    the H100 (ResNet-18, batch 16 at 64px). Each of the three stride-2 projections hands its
+    input gradient to the block input's as one in-place scatter: it reads the subsample's
+    gradient q and the quarter of the input's gradient it updates (q) and writes that quarter,
+    3 q, and no backward kernel pads. Slicing's transpose makes XLA write or read the padded
+    gradient at full size; adding it to the branch's reads the branch's gradient u = 4 q and
+    writes the sum, at least 2 u + q, so the step moves at least 1.5 u of layer2_0's input less
+    (measured: 1.06 MiB, 1.5 u = 0.75 MiB). The peak does not grow."""
+    require_cuda_plugin()
+    from benchmarks.gpu_compile_report import compile_report
+    from resnet_jax.models import layers
+
+    monkeypatch.setattr(layers, "FUSE_SHORTCUT", True)
+    found = {}
+    for in_place in (False, True):
+        monkeypatch.setattr(layers, "SUBSAMPLE_GRAD_IN_PLACE", in_place)
+        found[in_place] = compile_report("resnet18", 16, 64, "bfloat16")
+    (plain, plain_hlo), (fanned, fanned_hlo) = found[False], found[True]
+    backward = [k for k in entry_kernels(fanned_hlo) if k.phase == "backward"]
+    scatters = {k.op_name.split("/")[-2]: (k.read_bytes, k.write_bytes) for k in backward if "scatter" in k.op_name}
+    # the subsample's gradient q of layer{2,3,4}_0's input: 16 x 16 x 16 x 64 bf16, then half the
+    # pixels and twice the channels each stage
+    q = {f"layer{stage}_0": 16 * 8 * 8 * 64 * 2 // 2 ** (stage - 2) for stage in (2, 3, 4)}
+    assert scatters == {name: (2 * bytes_, bytes_) for name, bytes_ in q.items()}, scatters
+    assert not [k for k in backward if k.op_name.endswith("/pad")]
+    assert any(k.op_name.endswith("/pad") or "add_any" in k.op_name
+               for k in entry_kernels(plain_hlo) if k.phase == "backward" and "layer2_0" in k.op_name)
+    saved = sum(k.bytes for k in entry_kernels(plain_hlo)) - sum(k.bytes for k in entry_kernels(fanned_hlo))
+    assert saved >= 1.5 * 4 * q["layer2_0"], saved
+    assert fanned["peak_gib"] <= plain["peak_gib"]

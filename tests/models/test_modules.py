@@ -561,6 +561,56 @@ def test_option_a_zero_pad_shortcut_closed_form():
     np.testing.assert_array_equal(y, ref)
 
 
+@pytest.mark.parametrize("shape,stride", [((2, 6, 6, 3), 2), ((2, 7, 5, 4), 2), ((1, 9, 9, 2), 3)])
+def test_subsample_fanout_is_the_input_and_its_subsample_with_slicings_derivatives(shape, stride):
+    """``subsample_fanout`` (change 23): the values are (x, every stride-th pixel); the gradient
+    of x is the branch's cotangent plus the subsample's, zero-padded back to x's pixels (closed
+    form, odd sizes included); forward mode gives the tangent and its subsample; a cotangent on
+    one output alone works (the other is a symbolic zero)."""
+    from resnet_jax.models.layers import subsample_fanout
+
+    x, g, t = (jax.random.normal(jax.random.key(i), shape) for i in range(3))
+    whole, sub = subsample_fanout(x, stride)
+    chex.assert_trees_all_equal((whole, sub), (x, x[:, ::stride, ::stride, :]))
+    g_sub = jax.random.normal(jax.random.key(3), sub.shape)
+    _, vjp = jax.vjp(lambda x: subsample_fanout(x, stride), x)
+    padded = np.zeros(shape, np.float32)
+    padded[:, ::stride, ::stride, :] = g_sub
+    np.testing.assert_array_equal(vjp((g, g_sub))[0], np.asarray(g) + padded)
+    _, (t_whole, t_sub) = jax.jvp(lambda x: subsample_fanout(x, stride), (x,), (t,))
+    chex.assert_trees_all_equal((t_whole, t_sub), (t, t[:, ::stride, ::stride, :]))
+    only_sub = jax.grad(lambda x: jnp.sum(subsample_fanout(x, stride)[1] * g_sub))(x)
+    np.testing.assert_array_equal(only_sub, padded)
+    bf16 = jax.grad(lambda x: jnp.sum(jnp.sin(subsample_fanout(x, stride)[0]))
+                    + jnp.sum(subsample_fanout(x, stride)[1]).astype(jnp.float32))(x.astype(jnp.bfloat16))
+    reference = jax.grad(lambda x: jnp.sum(jnp.sin(x)) + jnp.sum(x[:, ::stride, ::stride, :]).astype(jnp.float32))(
+        x.astype(jnp.bfloat16))
+    assert bf16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(bf16, reference)
+
+
+def test_subsample_fanout_split_by_examples_over_devices_adds_each_devices_rows():
+    """The batch split over 4 devices: the same gradient as on one device, and the reverse pass
+    needs no collective (each device adds its own examples' subsample)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from resnet_jax.models.layers import subsample_fanout
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 4))
+    g_sub = jax.random.normal(jax.random.key(1), (8, 4, 4, 4))
+
+    def loss(x):
+        whole, sub = subsample_fanout(x, 2)
+        return jnp.sum(jnp.cos(whole)) + jnp.sum(sub * g_sub)
+
+    want = jax.grad(loss)(x)
+    split = NamedSharding(mesh, PartitionSpec("data"))
+    step = jax.jit(jax.grad(loss), in_shardings=split, out_shardings=split)
+    np.testing.assert_allclose(step(x), want, rtol=1e-6)
+    hlo = step.lower(x).compile().as_text()
+    assert not any(op in hlo for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute")), hlo
+
+
 def test_avg_down_pool_is_ceil_mode_without_padding_counts():
     x = np.arange(25, dtype=np.float32).reshape(1, 5, 5, 1)
     y = np.asarray(avg_pool_ceil(jnp.asarray(x), 2))[0, :, :, 0]
